@@ -1,0 +1,78 @@
+"""The one interface every model is reached through: ``D(x, sigma, label) -> predicted clean image``.
+
+``x`` is a noisy image in the sigma parameterization of Karras et al. 2022 (EDM),
+``x = x0 + sigma * noise``; ``sigma`` is a float or a tensor of shape (B,); ``label`` is a
+LongTensor (B,) or None. Samplers (``diffusion_core.samplers``) only ever call this interface.
+
+A denoiser also tells samplers its range of noise levels (``sigma_min``, ``sigma_max``) and, for
+models trained on a discrete schedule, the levels it was trained on (``discrete_sigmas``).
+Wrappers (classifier-free guidance, MCL routing) are denoisers themselves.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def as_sigma_batch(sigma, x: torch.Tensor) -> torch.Tensor:
+    """Sigma as a float tensor of shape (B,) on x's device."""
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    return sigma.reshape(-1).expand(x.shape[0])
+
+
+def _bcast(v: torch.Tensor) -> torch.Tensor:
+    return v[:, None, None, None]
+
+
+class Denoiser(nn.Module):
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    discrete_sigmas: torch.Tensor | None = None  # increasing training levels, if any
+
+    def forward(self, x: torch.Tensor, sigma, label: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reset(self, batch_size: int, generator: torch.Generator | None = None) -> None:
+        """Called once before a trajectory; stateful wrappers (pooled routing) draw here."""
+
+
+class EpsDenoiser(Denoiser):
+    """A DDPM epsilon-prediction network on a discrete schedule, as a denoiser.
+
+    ``x_t = x / sqrt(sigma^2 + 1)`` is what the network saw in training at the (fractional)
+    timestep ``t = schedule.sigma_to_t(sigma)``; then ``D = x - sigma * eps``.
+    ``net`` is any callable ``net(x_t, t, label) -> eps`` (our UNet, or a diffusers UNet in tests).
+    """
+
+    def __init__(self, net, schedule):
+        super().__init__()
+        self.net = net
+        self.schedule = schedule
+        self.sigma_min = schedule.sigma_min
+        self.sigma_max = schedule.sigma_max
+        self.discrete_sigmas = schedule.sigmas.float()
+
+    def forward(self, x, sigma, label=None):
+        sigma = as_sigma_batch(sigma, x)
+        c_in = 1 / torch.sqrt(sigma**2 + 1)
+        t = self.schedule.sigma_to_t(sigma).to(x.dtype)
+        eps = self.net(x * _bcast(c_in), t, label)
+        return x - _bcast(sigma) * eps.to(x.dtype)
+
+
+class FlowDenoiser(Denoiser):
+    """A rectified-flow velocity network as a denoiser: ``t = sigma / (1 + sigma)``,
+    ``x_t = x / (1 + sigma)``, ``v = net(x_t, 1000 t, label)``, ``D = x_t - t v``."""
+
+    def __init__(self, net, sigma_min: float = 0.002, sigma_max: float = 80.0):
+        super().__init__()
+        self.net = net
+        self.sigma_min = sigma_min
+        self.sigma_max = sigma_max
+
+    def forward(self, x, sigma, label=None):
+        sigma = as_sigma_batch(sigma, x)
+        t = sigma / (1 + sigma)
+        x_t = x / _bcast(1 + sigma)
+        v = self.net(x_t, 1000 * t, label)
+        return x_t - _bcast(t) * v.to(x.dtype)

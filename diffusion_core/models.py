@@ -1,0 +1,119 @@
+"""Models as stored in checkpoints, and the denoisers built from them.
+
+A checkpoint's config (see ``diffusion_core.checkpoints``) says what the file holds::
+
+    {"model": "ddpm" | "cfg" | "mcl" | "gating" | "classifier",
+     "network": {"kind": "unet" | "gating" | "classifier", "config": {...}},
+     "objective": {...},          # diffusion models (see objectives.objective_from_dict)
+     "num_experts": K,            # mcl: tensors "experts.<k>.<param>", otherwise "net.<param>"
+     "training": {...}, "quality": {...}}   # metadata for model cards
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoints import CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .guidance import CFGDenoiser
+from .mcl import MCLDenoiser, make_router
+from .nets import build_network, count_parameters
+from .objectives import Objective, objective_from_dict
+
+MODEL_KINDS = ("ddpm", "cfg", "mcl", "gating", "classifier")
+
+
+@dataclass
+class LoadedModel:
+    kind: str
+    config: dict
+    nets: list[nn.Module]  # one network, or the K experts of an MCL ensemble
+    objective: Objective | None = None
+    path: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def net(self) -> nn.Module:
+        return self.nets[0]
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.nets) if self.kind == "mcl" else 1
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.config["network"]["config"].get("num_classes")
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(count_parameters(n) for n in self.nets)
+
+    def to(self, device) -> "LoadedModel":
+        for n in self.nets:
+            n.to(device)
+        return self
+
+    def denoiser(self, guidance: float | None = None, routing: str | None = None, gate: nn.Module | None = None):
+        """The model as a denoiser: CFG-wrapped for class-conditional models (guidance scale
+        ``guidance``), routed for MCL ensembles (``routing``, gated/soft need ``gate``)."""
+        if self.objective is None:
+            raise ValueError(f"a {self.kind} model is not a diffusion model")
+        if self.kind == "mcl":
+            experts = [self.objective.denoiser(n) for n in self.nets]
+            den = MCLDenoiser(experts, make_router(routing or "gated", len(experts)), gate)
+        else:
+            den = self.objective.denoiser(self.net)
+        if self.num_classes:
+            den = CFGDenoiser(den, 1.0 if guidance is None else guidance, null_label=self.num_classes)
+        return den
+
+
+def _state(tensors: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def model_from_tensors(tensors: dict, config: dict, path="<memory>") -> LoadedModel:
+    try:
+        kind = config["model"]
+        net_kind = config["network"]["kind"]
+        net_config = config["network"]["config"]
+    except (KeyError, TypeError):
+        raise CheckpointError(path, "config lacks model/network entries") from None
+    if kind not in MODEL_KINDS:
+        raise CheckpointError(path, f"unknown model kind {kind!r}; expected one of {MODEL_KINDS}")
+    try:
+        objective = objective_from_dict(config["objective"]) if "objective" in config else None
+        k = int(config.get("num_experts", 1)) if kind == "mcl" else 1
+        prefixes = [f"experts.{i}." for i in range(k)] if kind == "mcl" else ["net."]
+        nets = []
+        for prefix in prefixes:
+            net = build_network(net_kind, net_config)
+            net.load_state_dict(_state(tensors, prefix), strict=True)
+            net.eval().requires_grad_(False)
+            nets.append(net)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise CheckpointError(path, f"tensors do not match the config: {str(e).splitlines()[0]}") from None
+    expected = sum(len(n.state_dict()) for n in nets)
+    if expected != len(tensors):
+        raise CheckpointError(path, f"holds {len(tensors)} tensors, its config describes {expected}")
+    return LoadedModel(kind, config, nets, objective, str(path))
+
+
+def load_model(name_or_path, device="cpu") -> LoadedModel:
+    """Load ``ddpm``/``cfg``/``mcl``/``gating``/``classifier`` or a path; see ``resolve_checkpoint``."""
+    path = resolve_checkpoint(name_or_path)
+    tensors, config = load_checkpoint(path)
+    return model_from_tensors(tensors, config, path).to(device)
+
+
+def save_model(path, kind: str, nets: list[nn.Module], config: dict, half: bool = False) -> Path:
+    """Save networks under the naming ``load_model`` expects; ``config`` must hold network/objective."""
+    config = dict(config, model=kind)
+    if kind == "mcl":
+        config["num_experts"] = len(nets)
+        tensors = {f"experts.{i}.{k}": v for i, n in enumerate(nets) for k, v in n.state_dict().items()}
+    else:
+        tensors = {f"net.{k}": v for k, v in nets[0].state_dict().items()}
+    return save_checkpoint(path, tensors, config, half=half)

@@ -1,0 +1,173 @@
+"""Training objectives over one shared definition of the noise level.
+
+The noise level is Karras et al.'s (EDM) sigma: a noisy image is ``x = x0 + sigma * noise``.
+Each objective draws training inputs, returns per-example losses (MCL needs them) and turns a
+trained network into a denoiser ``D(x, sigma, label) -> x0`` (see ``diffusion_core.denoisers``).
+
+* ``EpsilonObjective``: DDPM epsilon-prediction on a discrete schedule (Ho et al. 2020). The
+  network sees ``x_t = sqrt(alphabar_t) x0 + sqrt(1 - alphabar_t) eps`` which is the sigma-space
+  image scaled by ``1 / sqrt(sigma^2 + 1)`` with ``sigma_t = sqrt((1 - alphabar_t) / alphabar_t)``.
+* ``FlowObjective``: rectified flow (velocity prediction, Liu et al. 2022):
+  ``x_t = (1 - t) x0 + t eps``, target ``eps - x0``, which is sigma-space at ``sigma = t / (1 - t)``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .denoisers import EpsDenoiser, FlowDenoiser
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "linear"  # "linear" or "cosine"
+    num_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+
+class DiscreteSchedule:
+    """A discrete DDPM noise schedule and its map between timesteps and sigmas.
+
+    ``sigma_to_t`` interpolates linearly in log-sigma between the discrete levels, so a denoiser
+    can be queried at any sigma in ``[sigma_min, sigma_max]`` (as k-diffusion and diffusers do).
+    """
+
+    def __init__(self, config: ScheduleConfig | dict | None = None, **kwargs):
+        if config is None:
+            config = ScheduleConfig(**kwargs)
+        elif isinstance(config, dict):
+            config = ScheduleConfig(**config)
+        self.config = config
+        n = config.num_timesteps
+        if n < 2:
+            raise ValueError("num_timesteps must be at least 2")
+        if config.kind == "linear":
+            betas = torch.linspace(config.beta_start, config.beta_end, n, dtype=torch.float64)
+        elif config.kind == "cosine":  # Nichol & Dhariwal 2021
+            s = 0.008
+            steps = torch.arange(n + 1, dtype=torch.float64) / n
+            f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+            betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+        else:
+            raise ValueError(f"unknown schedule kind {config.kind!r}; expected 'linear' or 'cosine'")
+        self.betas = betas
+        self.alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()  # float64, increasing
+        self.log_sigmas = self.sigmas.log()
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.config.num_timesteps
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Fractional timestep of ``sigma`` by linear interpolation in log-sigma (clamped to the range)."""
+        log_sigma = torch.as_tensor(sigma, dtype=torch.float64).log()
+        log_sigmas = self.log_sigmas.to(log_sigma.device)
+        idx = torch.searchsorted(log_sigmas, log_sigma.clamp(log_sigmas[0], log_sigmas[-1]).contiguous())
+        low = (idx - 1).clamp(0, len(log_sigmas) - 2)
+        lo, hi = log_sigmas[low], log_sigmas[low + 1]
+        w = ((log_sigma - lo) / (hi - lo)).clamp(0, 1)
+        return low + w
+
+    def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=torch.float64).clamp(0, self.num_timesteps - 1)
+        low = t.floor().long().clamp(max=self.num_timesteps - 2)
+        w = t - low
+        log_sigmas = self.log_sigmas.to(t.device)
+        return ((1 - w) * log_sigmas[low] + w * log_sigmas[low + 1]).exp()
+
+
+def _per_example_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (pred.float() - target.float()).square().flatten(1).mean(dim=1)
+
+
+class Objective:
+    """Base class. A batch from ``training_batch`` holds the network inputs and the target, so
+    several networks (MCL experts) can be scored on the same noise and noise levels."""
+
+    name = "objective"
+
+    def training_batch(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> dict:
+        raise NotImplementedError
+
+    def loss(self, net, batch: dict, label: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-example loss (B,) of ``net`` on a batch from ``training_batch``."""
+        return _per_example_mse(net(batch["net_input"], batch["net_time"], label), batch["target"])
+
+    def denoiser(self, net):
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        raise NotImplementedError
+
+
+class EpsilonObjective(Objective):
+    name = "ddpm_eps"
+
+    def __init__(self, schedule: DiscreteSchedule | ScheduleConfig | dict | None = None):
+        self.schedule = schedule if isinstance(schedule, DiscreteSchedule) else DiscreteSchedule(schedule)
+
+    def training_batch(self, x0, generator=None):
+        n = x0.shape[0]
+        dev = generator.device if generator is not None else x0.device
+        t = torch.randint(0, self.schedule.num_timesteps, (n,), generator=generator, device=dev).to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=dev).to(x0.device, x0.dtype)
+        ab = self.schedule.alphas_cumprod.to(x0.device)[t].float()[:, None, None, None]
+        x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        sigma = self.schedule.sigmas.to(x0.device)[t].float()
+        return {"net_input": x_t, "net_time": t.float(), "target": noise, "sigma": sigma, "x_sigma": x0 + sigma[:, None, None, None] * noise}
+
+    def denoiser(self, net):
+        return EpsDenoiser(net, self.schedule)
+
+    def to_dict(self):
+        return {"name": self.name, "schedule": asdict(self.schedule.config)}
+
+
+class FlowObjective(Objective):
+    """Rectified flow; the network's time input is ``1000 * t``."""
+
+    name = "rectified_flow"
+
+    def __init__(self, sigma_max: float = 80.0, sigma_min: float = 0.002):
+        self.sigma_max = sigma_max
+        self.sigma_min = sigma_min
+
+    def training_batch(self, x0, generator=None):
+        n = x0.shape[0]
+        dev = generator.device if generator is not None else x0.device
+        t = torch.rand((n,), generator=generator, device=dev).to(x0.device)
+        t_max = self.sigma_max / (1 + self.sigma_max)
+        t = (t * t_max).clamp_min(self.sigma_min / (1 + self.sigma_min))
+        noise = torch.randn(x0.shape, generator=generator, device=dev).to(x0.device, x0.dtype)
+        tt = t[:, None, None, None]
+        x_t = (1 - tt) * x0 + tt * noise
+        sigma = t / (1 - t)
+        return {"net_input": x_t, "net_time": 1000 * t, "target": noise - x0, "sigma": sigma, "x_sigma": x0 + sigma[:, None, None, None] * noise}
+
+    def denoiser(self, net):
+        return FlowDenoiser(net, sigma_min=self.sigma_min, sigma_max=self.sigma_max)
+
+    def to_dict(self):
+        return {"name": self.name, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
+
+
+def objective_from_dict(d: dict) -> Objective:
+    d = dict(d)
+    name = d.pop("name", None)
+    if name == EpsilonObjective.name:
+        return EpsilonObjective(ScheduleConfig(**d.get("schedule", {})))
+    if name == FlowObjective.name:
+        return FlowObjective(**d)
+    raise ValueError(f"unknown objective {name!r}; expected {EpsilonObjective.name!r} or {FlowObjective.name!r}")

@@ -1,0 +1,172 @@
+"""Settings -> images: the one path from a person's choices to pixels, shared by the sampling
+CLI, the app and the evaluation.
+
+``Settings`` holds every choice (model, sampler, steps, seed, number of images, digit, guidance
+scale, routing, eta) and validates it with clear messages. ``trajectory`` yields the sampler's
+per-step records; ``generate`` runs it to the end. All randomness comes from one CPU
+``torch.Generator`` seeded with ``seed``, so the same settings give the same images anywhere.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Iterator
+
+import torch
+
+from .mcl import make_router
+from .samplers import SAMPLERS, Step, get_sampler, get_sigmas
+
+MAX_SEED = 2**63 - 1
+MAX_STEPS = 1000
+MAX_GUIDANCE = 20.0
+
+
+@dataclass
+class Settings:
+    model: str = "cfg"
+    sampler: str = "dpmpp_2m"
+    steps: int = 16
+    seed: int = 0
+    n: int = 1
+    digit: int | None = None  # CFG: the requested digit; None cycles 0-9
+    guidance: float = 2.0  # CFG scale: 0 unconditional, 1 conditional, > 1 guided
+    routing: str = "gated"  # MCL: expert:K, heuristic, gated, soft, pooled
+    eta: float = 0.0  # DDIM stochasticity
+
+    def validate(self, max_n: int = 10000, num_experts: int | None = None) -> "Settings":
+        """Check every field; raise ValueError with a message a person can act on."""
+        def as_int(name, v):
+            if isinstance(v, int) and not isinstance(v, bool):
+                return v
+            if isinstance(v, float) and v.is_integer():
+                return int(v)
+            if isinstance(v, str):
+                try:
+                    return int(v.strip())
+                except ValueError:
+                    pass
+            raise ValueError(f"{name} must be an integer, got {v!r}")
+
+        def as_float(name, v):
+            try:
+                f = float(v)
+            except (TypeError, ValueError):
+                raise ValueError(f"{name} must be a number, got {v!r}") from None
+            if not math.isfinite(f):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+            return f
+
+        self.steps = as_int("steps", self.steps)
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise ValueError(f"steps must be between 1 and {MAX_STEPS}, got {self.steps}")
+        self.seed = as_int("seed", self.seed)
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be between 0 and 2^63-1, got {self.seed}")
+        self.n = as_int("n", self.n)
+        if not 1 <= self.n <= max_n:
+            raise ValueError(f"number of images must be between 1 and {max_n}, got {self.n}")
+        if self.digit is not None and self.digit != "":
+            self.digit = as_int("digit", self.digit)
+            if not 0 <= self.digit <= 9:
+                raise ValueError(f"digit must be between 0 and 9, got {self.digit}")
+        else:
+            self.digit = None
+        self.guidance = as_float("guidance", self.guidance)
+        if not 0 <= self.guidance <= MAX_GUIDANCE:
+            raise ValueError(f"guidance must be between 0 and {MAX_GUIDANCE:g}, got {self.guidance:g}")
+        self.eta = as_float("eta", self.eta)
+        if not 0 <= self.eta <= 1:
+            raise ValueError(f"eta must be between 0 and 1, got {self.eta:g}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; expected one of {', '.join(SAMPLERS)}")
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError("model must be a name (ddpm, cfg, mcl) or a checkpoint path")
+        self.routing = str(self.routing).strip().lower()
+        make_router(self.routing, num_experts or 10**6)  # validates the spelling
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Settings":
+        if not isinstance(d, dict):
+            raise ValueError("settings must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown settings {unknown}; expected some of {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Settings":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"settings are not valid JSON: {e}") from None
+        return cls.from_dict(d)
+
+
+def labels_for(settings: Settings, conditional: bool) -> torch.Tensor | None:
+    """The digit of each image: the chosen digit, or 0..9 cycling when none is chosen."""
+    if not conditional:
+        return None
+    if settings.digit is not None:
+        return torch.full((settings.n,), settings.digit, dtype=torch.long)
+    return torch.arange(settings.n, dtype=torch.long) % 10
+
+
+def build_denoiser(settings: Settings, model, gate=None):
+    """The denoiser for these settings from a ``LoadedModel`` (and gating net for MCL)."""
+    if model.kind == "mcl":
+        make_router(settings.routing, model.num_experts)  # index in range for this ensemble
+        if settings.routing in ("gated", "soft") and gate is None:
+            raise ValueError(f"routing {settings.routing!r} needs the gating checkpoint, which is not available")
+    return model.denoiser(guidance=settings.guidance, routing=settings.routing, gate=gate)
+
+
+def trajectory(settings: Settings, model, gate=None, device="cpu") -> Iterator[Step]:
+    """Yield one ``Step`` per sampler step for these settings (validated first)."""
+    settings.validate(num_experts=model.num_experts if model.kind == "mcl" else None)
+    denoiser = build_denoiser(settings, model, gate)
+    sigmas = get_sigmas(settings.sampler, denoiser, settings.steps)
+    g = torch.Generator(device="cpu").manual_seed(settings.seed)
+    noise = torch.randn((settings.n, 1, 28, 28), generator=g, dtype=torch.float32)
+    x = (noise * math.sqrt(float(sigmas[0]) ** 2 + 1)).to(device)
+    label = labels_for(settings, bool(model.num_classes))
+    label = None if label is None else label.to(device)
+    denoiser.reset(settings.n, g)
+    kwargs = {"eta": settings.eta} if settings.sampler == "ddim" else {}
+    yield from get_sampler(settings.sampler)(denoiser, x, sigmas, label, g, **kwargs)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (N,1,H,W) -> uint8 (N,H,W)."""
+    return ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0]
+
+
+@dataclass
+class Result:
+    images: torch.Tensor  # (N, 28, 28) uint8
+    labels: torch.Tensor | None  # (N,) when conditional
+    experts: torch.Tensor | None  # (steps, N) when MCL
+    settings: Settings
+
+
+def generate(settings: Settings, model, gate=None, device="cpu") -> Result:
+    last, experts = None, []
+    for step in trajectory(settings, model, gate, device):
+        last = step
+        if step.expert is not None:
+            experts.append(step.expert)
+    return Result(
+        images=to_uint8(last.x),
+        labels=labels_for(settings, bool(model.num_classes)),
+        experts=torch.stack(experts) if experts else None,
+        settings=settings,
+    )
