@@ -196,7 +196,7 @@ class GatingNet(nn.Module):
             config = GatingConfig.from_dict(config)
         self.config = config
         ch = config.channels
-        self.emb = nn.Sequential(nn.Linear(ch, 2 * ch), nn.SiLU(), nn.Linear(2 * ch, 2 * ch))
+        self.emb = nn.Sequential(nn.Linear(ch, 2 * ch), nn.SiLU(), nn.Linear(2 * ch, 4 * ch))
         self.conv1 = nn.Conv2d(1, ch, 3, padding=1)
         self.conv2 = nn.Conv2d(ch, 2 * ch, 3, stride=2, padding=1)
         self.conv3 = nn.Conv2d(2 * ch, 2 * ch, 3, stride=2, padding=1)

@@ -1,0 +1,22 @@
+"""Train the unconditional DDPM (epsilon-prediction, linear schedule, T=1000).
+
+    python train/ddpm.py                # the shipped checkpoints/ddpm.safetensors (GPU)
+    python train/ddpm.py --quick        # a smoke run on 512 images
+    torchrun --nproc_per_node 2 train/ddpm.py
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from diffusion_core.tasks import DiffusionTask, add_diffusion_args  # noqa: E402
+from diffusion_core.training import common_parser, train  # noqa: E402
+
+
+def main(argv=None):
+    args = add_diffusion_args(common_parser(__doc__.splitlines()[0])).parse_args(argv)
+    train(DiffusionTask(args, name="ddpm", conditional=False), args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""Train the gating network on a frozen MCL checkpoint (target: each example's winning expert).
+
+    python train/gating.py                        # uses checkpoints/mcl.safetensors
+    python train/gating.py --mcl PATH --quick
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from diffusion_core.tasks import GatingTask  # noqa: E402
+from diffusion_core.training import common_parser, train  # noqa: E402
+
+
+def main(argv=None):
+    p = common_parser(__doc__.splitlines()[0], epochs=5, lr=1e-3)
+    p.add_argument("--mcl", default="mcl", help="MCL checkpoint (name or path)")
+    args = p.parse_args(argv)
+    train(GatingTask(args), args)
+
+
+if __name__ == "__main__":
+    main()
