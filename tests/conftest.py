@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny random checkpoints of every kind, and MNIST from ../shared/mnist."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffusion_core.models import save_model
+from diffusion_core.nets import Classifier, ClassifierConfig, GatingConfig, GatingNet, UNet, UNetConfig
+from diffusion_core.objectives import EpsilonObjective
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_MNIST = ROOT.parent / "shared" / "mnist"
+
+TINY_UNET = dict(base_channels=8, channel_mults=(1, 2, 2), blocks_per_level=1, attention=True)
+
+
+def make_tiny_checkpoints(directory: Path, num_experts: int = 3, seed: int = 0) -> Path:
+    """Write ddpm/cfg/mcl/gating/classifier checkpoints with small random weights to ``directory``.
+
+    The UNets' output convolutions are zero-initialised, so they are perturbed to give non-trivial
+    predictions."""
+    torch.manual_seed(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    objective = EpsilonObjective()
+
+    def unet(num_classes=None):
+        net = UNet(UNetConfig(num_classes=num_classes, **TINY_UNET))
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        return net.eval()
+
+    def cfg_of(net, **extra):
+        return {"network": {"kind": "unet", "config": net.config.to_dict()}, "objective": objective.to_dict(), "training": {"note": "tiny random test model"}, **extra}
+
+    save_model(directory / "ddpm.safetensors", "ddpm", [n := unet()], cfg_of(n))
+    save_model(directory / "cfg.safetensors", "cfg", [n := unet(10)], cfg_of(n))
+    experts = [unet() for _ in range(num_experts)]
+    save_model(directory / "mcl.safetensors", "mcl", experts, cfg_of(experts[0]))
+    gate = GatingNet(GatingConfig(num_experts=num_experts, channels=8))
+    save_model(directory / "gating.safetensors", "gating", [gate], {"network": {"kind": "gating", "config": gate.config.to_dict()}, "training": {}})
+    clf = Classifier(ClassifierConfig(channels=8, feature_dim=32)).eval()
+    save_model(directory / "classifier.safetensors", "classifier", [clf], {"network": {"kind": "classifier", "config": clf.config.to_dict()}, "training": {}})
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> Path:
+    """A folder with tiny random ddpm/cfg/mcl/gating/classifier checkpoints (K=3 experts)."""
+    return make_tiny_checkpoints(tmp_path_factory.mktemp("tiny_checkpoints"))
+
+
+@pytest.fixture(scope="session")
+def mnist_root(tmp_path_factory) -> Path:
+    """A torchvision MNIST root: $MNIST_DIR if it holds the files, else prepared from ../shared/mnist."""
+    from diffusion_core.data import prepare_mnist
+
+    env = os.environ.get("MNIST_DIR")
+    if env and (Path(env) / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
+        return Path(env)
+    if (ROOT / "data" / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").is_file():
+        return ROOT / "data"
+    if not SHARED_MNIST.is_dir():
+        pytest.skip("MNIST not available (expected ../shared/mnist or $MNIST_DIR)")
+    root = tmp_path_factory.mktemp("mnist")
+    prepare_mnist(SHARED_MNIST, root)
+    return root
