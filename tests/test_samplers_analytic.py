@@ -124,7 +124,8 @@ def _moments(name, n_samples, sigmas, seed=0):
     return out.mean(0), out.var(0)
 
 
-@pytest.mark.parametrize("name", ANCESTRAL)
+# (``sample_ddpm`` is ``sample_ddim`` with eta=1, so "ddim_eta1" would repeat "ddpm" here to the bit.)
+@pytest.mark.parametrize("name", ["ddpm", "ddim_eta0.5"])
 def test_ancestral_samplers_match_gaussian_moments(name):
     # The full T=1000 DDPM chain (the default grid for 1000 steps).
     n = 10_000
@@ -140,7 +141,7 @@ def test_ancestral_samplers_match_gaussian_moments(name):
 
 
 def test_ancestral_variance_bias_shrinks_at_weak_order_one():
-    # With few steps DDPM under-disperses (by ~40%, ~20%, ~10% at 25, 50, 100 Karras steps); the
+    # With few steps DDPM under-disperses (by ~35%, ~19%, ~10% at 25, 50, 100 Karras steps); the
     # deficit must vanish like 1/steps, i.e. the sampler converges to the true distribution.
     ns, deficits = [25, 50, 100], []
     for n in ns:
@@ -167,7 +168,7 @@ def _mixture_run(name, steps, n_samples=4000, seed=0):
     return sigmas, records
 
 
-def _check_mixture(sigmas, records, n_samples=4000, residual_tol=None):
+def _check_mixture(sigmas, records, n_samples=4000):
     # the samples are the points ...
     idx, dist = MIX.nearest(records[-1].x)
     assert (dist < 1e-6).float().mean() > 0.999, dist.max()
@@ -180,11 +181,11 @@ def _check_mixture(sigmas, records, n_samples=4000, residual_tol=None):
     sigma = float(sigmas[-2])
     _, dist = MIX.nearest(records[-2].x)
     stat = (dist**2).mean().item() / sigma**2
-    assert abs(stat - 2) < (residual_tol or 4.5 * 2 / math.sqrt(n_samples)), stat
+    assert abs(stat - 2) < 4.5 * 2 / math.sqrt(n_samples), stat
     return stat
 
 
-@pytest.mark.parametrize("name", ["ddpm", "ddim_eta1"])
+@pytest.mark.parametrize("name", ANCESTRAL)
 def test_ancestral_samplers_on_point_mixture(name):
     _check_mixture(*_mixture_run(name, 100))
 
