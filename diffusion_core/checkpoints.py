@@ -1,8 +1,9 @@
 """Checkpoints: one safetensors file per model, its full config in the safetensors metadata.
 
-Loading never unpickles. Tensor bytes are covered by a SHA-256 in the metadata, so a truncated or
-corrupted file, a pickle, or a file whose tensors do not fit its config gives a ``CheckpointError``
-that names the file and what is wrong.
+Loading never unpickles. Tensor bytes and the config are covered by SHA-256 digests in the
+metadata, so a truncated or corrupted file, a pickle, or a file whose tensors do not fit its config
+gives a ``CheckpointError`` that names the file and what is wrong. (Files written before the config
+digest existed, without ``config_sha256``, still load; only their tensors are verified.)
 
 Resolution order for a model name such as ``cfg``: an explicit existing path, then
 ``checkpoints/<name>.safetensors`` (or ``$DIFFUSION_CHECKPOINT_DIR``), then a Hugging Face Hub repo
@@ -45,6 +46,10 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def save_checkpoint(path, tensors: dict[str, torch.Tensor], config: dict, half: bool = False) -> Path:
     """Write tensors and their config atomically (temp file, then rename). ``half`` stores floats as fp16."""
     path = Path(path)
@@ -54,7 +59,8 @@ def save_checkpoint(path, tensors: dict[str, torch.Tensor], config: dict, half: 
         if half and t.is_floating_point():
             t = t.half()
         out[name] = t
-    meta = {"format": FORMAT, "config": json.dumps(config, sort_keys=True), "sha256": _digest(out)}
+    config_json = json.dumps(config, sort_keys=True)
+    meta = {"format": FORMAT, "config": config_json, "sha256": _digest(out), "config_sha256": _text_digest(config_json)}
     data = st_save(out, metadata=meta)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -72,18 +78,29 @@ def load_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict]:
     if not path.is_file():
         raise CheckpointError(path, "file not found")
     data = path.read_bytes()
-    if data[:2] == b"PK" or data[:1] == b"\x80":
-        raise CheckpointError(path, "looks like a pickled PyTorch file; only safetensors checkpoints are accepted (loading never unpickles)")
+    # A torch.save file is a zip ("PK") or a legacy pickle (protocol byte 0x80). The pickle check
+    # only applies when the bytes are not a readable safetensors header: a valid safetensors file
+    # whose header length has 0x80 as its low byte also starts with 0x80.
+    pickle_error = CheckpointError(path, "looks like a pickled PyTorch file (torch.save); only safetensors checkpoints are accepted (loading never unpickles)")
+    looks_pickled = data[:2] == b"PK" or data[:1] == b"\x80"
     if len(data) < 8:
         raise CheckpointError(path, f"truncated ({len(data)} bytes; not a safetensors file)")
     header_len = int.from_bytes(data[:8], "little")
     if header_len > len(data) - 8:
+        if looks_pickled:
+            raise pickle_error
         raise CheckpointError(path, f"truncated: header says {header_len} bytes, file has {len(data) - 8} after the length field")
     try:
         header = json.loads(data[8 : 8 + header_len])
     except (UnicodeDecodeError, json.JSONDecodeError):
+        if looks_pickled:
+            raise pickle_error from None
         raise CheckpointError(path, "corrupted: the safetensors header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(path, "corrupted: the safetensors header is not a JSON object")
     meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise CheckpointError(path, "corrupted: the safetensors metadata is not a JSON object")
     if meta.get("format") != FORMAT:
         raise CheckpointError(path, f"not a diffusion_core checkpoint (metadata format {meta.get('format')!r}, expected {FORMAT!r})")
     try:
@@ -92,6 +109,8 @@ def load_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict]:
         raise CheckpointError(path, f"truncated or corrupted safetensors data ({e})") from None
     if _digest(tensors) != meta.get("sha256"):
         raise CheckpointError(path, "corrupted: tensor data does not match the SHA-256 recorded in its metadata")
+    if "config_sha256" in meta and _text_digest(meta.get("config", "")) != meta["config_sha256"]:
+        raise CheckpointError(path, "corrupted: config metadata does not match the SHA-256 recorded in its metadata")
     try:
         config = json.loads(meta["config"])
     except (KeyError, json.JSONDecodeError):
@@ -112,17 +131,19 @@ def read_config(path) -> dict:
         raise CheckpointError(path, f"cannot read metadata ({e})") from None
 
 
-def checkpoint_dir() -> Path:
-    return Path(os.environ.get(DIR_ENV) or DEFAULT_DIR)
+def checkpoint_dir(directory=None) -> Path:
+    """``directory`` when given, else ``$DIFFUSION_CHECKPOINT_DIR``, else ``checkpoints/``."""
+    return Path(directory or os.environ.get(DIR_ENV) or DEFAULT_DIR).expanduser()
 
 
-def resolve_checkpoint(name_or_path) -> Path:
-    """Explicit path, then ``checkpoints/<name>.safetensors``, then the configured Hub repo."""
+def resolve_checkpoint(name_or_path, directory=None) -> Path:
+    """Explicit path, then ``<dir>/<name>.safetensors`` (``dir`` from ``checkpoint_dir(directory)``),
+    then the configured Hub repo."""
     p = Path(str(name_or_path)).expanduser()
     if p.is_file():
         return p
     name = str(name_or_path)
-    local = checkpoint_dir() / (name if name.endswith(".safetensors") else f"{name}.safetensors")
+    local = checkpoint_dir(directory) / (name if name.endswith(".safetensors") else f"{name}.safetensors")
     if local.is_file():
         return local
     looked = [str(p), str(local)]

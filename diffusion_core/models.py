@@ -74,6 +74,15 @@ def _state(tensors: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
+def _first_problem(e: Exception, limit: int = 300) -> str:
+    """The first specific line of an error (load_state_dict puts a generic header first)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+        lines = lines[1:]
+    text = lines[0] if lines else type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def model_from_tensors(tensors: dict, config: dict, path="<memory>") -> LoadedModel:
     try:
         kind = config["model"]
@@ -94,16 +103,17 @@ def model_from_tensors(tensors: dict, config: dict, path="<memory>") -> LoadedMo
             net.eval().requires_grad_(False)
             nets.append(net)
     except (RuntimeError, ValueError, TypeError) as e:
-        raise CheckpointError(path, f"tensors do not match the config: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(path, f"tensors do not match the config: {_first_problem(e)}") from None
     expected = sum(len(n.state_dict()) for n in nets)
     if expected != len(tensors):
         raise CheckpointError(path, f"holds {len(tensors)} tensors, its config describes {expected}")
     return LoadedModel(kind, config, nets, objective, str(path))
 
 
-def load_model(name_or_path, device="cpu") -> LoadedModel:
-    """Load ``ddpm``/``cfg``/``mcl``/``gating``/``classifier`` or a path; see ``resolve_checkpoint``."""
-    path = resolve_checkpoint(name_or_path)
+def load_model(name_or_path, device="cpu", directory=None) -> LoadedModel:
+    """Load ``ddpm``/``cfg``/``mcl``/``gating``/``classifier`` or a path; see ``resolve_checkpoint``
+    (``directory`` replaces ``$DIFFUSION_CHECKPOINT_DIR``/``checkpoints/`` for names)."""
+    path = resolve_checkpoint(name_or_path, directory)
     tensors, config = load_checkpoint(path)
     return model_from_tensors(tensors, config, path).to(device)
 

@@ -79,7 +79,7 @@ class Settings:
         self.eta = as_float("eta", self.eta)
         if not 0 <= self.eta <= 1:
             raise ValueError(f"eta must be between 0 and 1, got {self.eta:g}")
-        if self.sampler not in SAMPLERS:
+        if not isinstance(self.sampler, str) or self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; expected one of {', '.join(SAMPLERS)}")
         if not isinstance(self.model, str) or not self.model:
             raise ValueError("model must be a name (ddpm, cfg, mcl) or a checkpoint path")

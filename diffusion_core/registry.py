@@ -1,0 +1,143 @@
+"""Loading and caching the models a person's settings ask for; shared by the sampling CLI and the app.
+
+::
+
+    registry = ModelRegistry()                    # checkpoints/ (or $DIFFUSION_CHECKPOINT_DIR)
+    registry.available()                          # {"cfg": PosixPath(...), ...}: what is on disk
+    model, gate = registry.for_settings(settings)
+    result = pipeline.generate(settings, model, gate, device=registry.device)
+
+A model is loaded once per name and kept; when its file changes (a training run wrote a new
+checkpoint), the next request loads it again. Loading is thread-safe: concurrent requests for the
+same name load it once, requests for different names load in parallel. Names resolve as
+``models.load_model`` does: an existing path, then ``<checkpoint_dir>/<name>.safetensors``, then
+the Hugging Face Hub repo in ``$DIFFUSION_HF_REPO``.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from .checkpoints import CheckpointError, checkpoint_dir, resolve_checkpoint
+from .models import LoadedModel, load_model
+
+DIFFUSION_MODELS = ("ddpm", "cfg", "mcl")  # what a person samples from
+AUXILIARY_MODELS = ("gating", "classifier")  # MCL's gating network; the metrics' classifier
+GATING = "gating"
+NEEDS_GATE = ("gated", "soft")  # MCL routings that use the gating network
+
+
+@dataclass
+class _Entry:
+    model: LoadedModel
+    path: Path
+    stamp: tuple | None  # (mtime_ns, size) of the file when it was loaded
+
+
+def _stamp(path: Path) -> tuple | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size)
+
+
+class ModelRegistry:
+    """Lazily loads and caches models by name (or path).
+
+    ``checkpoint_dir``: where names are looked up (default ``$DIFFUSION_CHECKPOINT_DIR``, else
+    ``checkpoints/``). ``device``: where models are placed when loaded.
+    """
+
+    def __init__(self, checkpoint_dir: str | os.PathLike | None = None, device: str = "cpu"):
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir).expanduser()
+        self.device = str(device)
+        self._entries: dict[str, _Entry] = {}
+        self._lock = threading.Lock()  # guards _entries and _name_locks
+        self._name_locks: dict[str, threading.Lock] = {}
+
+    @property
+    def directory(self) -> Path:
+        """The folder names are looked up in."""
+        return checkpoint_dir(self.checkpoint_dir)
+
+    def available(self) -> dict[str, Path]:
+        """The known models (``ddpm``, ``cfg``, ``mcl``, ``gating``, ``classifier``) whose file is in
+        the checkpoint folder, or that were already loaded (e.g. from the Hub): name -> file."""
+        found = {}
+        for name in DIFFUSION_MODELS + AUXILIARY_MODELS:
+            path = self.directory / f"{name}.safetensors"
+            if path.is_file():
+                found[name] = path
+            else:
+                with self._lock:
+                    entry = self._entries.get(name)
+                if entry is not None:
+                    found[name] = entry.path
+        return found
+
+    def available_diffusion_models(self) -> list[str]:
+        """The subset of ``available()`` a person can sample from, in the usual order."""
+        found = self.available()
+        return [n for n in DIFFUSION_MODELS if n in found]
+
+    def get(self, name: str | os.PathLike) -> LoadedModel:
+        """The model for a name or path, loaded on first use (raises ``CheckpointError``)."""
+        key = str(name)
+        with self._lock:
+            name_lock = self._name_locks.setdefault(key, threading.Lock())
+        with name_lock:
+            with self._lock:
+                entry = self._entries.get(key)
+            if entry is not None:
+                now = _stamp(entry.path)
+                if now is None or now == entry.stamp:  # unchanged (or gone: keep serving it)
+                    return entry.model
+            path = resolve_checkpoint(key, self.checkpoint_dir)
+            stamp = _stamp(path)
+            model = load_model(path, device=self.device)
+            with self._lock:
+                self._entries[key] = _Entry(model, path, stamp)
+            return model
+
+    def gate_for(self, model: LoadedModel, model_name: str | os.PathLike | None = None) -> nn.Module:
+        """The gating network for an MCL ensemble: ``gating.safetensors`` beside the ensemble's file
+        when ``model_name`` is a path and one is there, else the ``gating`` model. Its number of
+        experts must match the ensemble's."""
+        name: str | Path = GATING
+        if model_name is not None and Path(str(model_name)).expanduser().is_file():
+            sibling = Path(str(model_name)).expanduser().resolve().parent / f"{GATING}.safetensors"
+            if sibling.is_file():
+                name = sibling
+        gate = self.get(name)
+        if gate.kind != GATING:
+            raise CheckpointError(gate.path, f"is a {gate.kind} checkpoint, expected a gating network")
+        k = gate.config["network"]["config"].get("num_experts")
+        if k != model.num_experts:
+            raise ValueError(f"the gating network {gate.path} routes to {k} experts but the MCL ensemble {model.path} has {model.num_experts}")
+        return gate.net
+
+    def for_settings(self, settings) -> tuple[LoadedModel, nn.Module | None]:
+        """(model, gate) for ``pipeline.Settings``: the gating network is loaded only for an MCL
+        model with gated or soft routing (else ``None``). Raises ``CheckpointError`` (a
+        ``ValueError``) when a file is missing or bad, ``ValueError`` when the model cannot sample."""
+        model = self.get(settings.model)
+        if model.kind not in DIFFUSION_MODELS:
+            raise ValueError(f"{model.path} is a {model.kind} checkpoint, not a diffusion model ({', '.join(DIFFUSION_MODELS)})")
+        gate = None
+        if model.kind == "mcl" and str(settings.routing).strip().lower() in NEEDS_GATE:
+            try:
+                gate = self.gate_for(model, settings.model)
+            except CheckpointError as e:
+                raise CheckpointError(e.path, f"{e.reason} (routing {settings.routing!r} needs the gating network; routings heuristic, pooled and expert:K do not)") from None
+        return model, gate
+
+    def clear(self) -> None:
+        """Forget every loaded model."""
+        with self._lock:
+            self._entries.clear()
+

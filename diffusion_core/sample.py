@@ -1,0 +1,189 @@
+"""Sample images from the command line, with the app's defaults.
+
+    python -m diffusion_core.sample --model cfg --digit 7 --n 16 --out sevens.npz --grid sevens.png
+    python -m diffusion_core.sample --model mcl --routing pooled --sampler heun --steps 20 --out m.npz
+    python -m diffusion_core.sample --settings shared.json --out replay.npz      # replay a saved setting
+    python -m diffusion_core.sample --settings replay.npz --seed 5 --out other.npz  # ...with one change
+
+The ``.npz`` holds ``images`` (N, 28, 28) uint8, ``labels`` (N,) for class-conditional models,
+``experts`` (steps, N) for MCL ensembles (the expert that served each image at each step) and
+``settings``: the JSON of the settings used, which ``--settings`` replays to the identical images
+(on the same kind of device). Flags given alongside ``--settings`` override it. Bad input exits with
+status 2 and a one-line message.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoints import DIR_ENV, CheckpointError
+from .pipeline import Settings, generate
+from .samplers import SAMPLERS
+
+PROG = "python -m diffusion_core.sample"
+# flag -> Settings field, for the flags that are settings
+SETTING_FLAGS = ("model", "sampler", "steps", "seed", "n", "digit", "guidance", "routing", "eta")
+
+
+class UsageError(Exception):
+    """Bad input found after parsing: reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the whole usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = Settings()
+    p = _Parser(
+        prog=PROG,
+        description="Sample MNIST digits from a ddpm, cfg or mcl checkpoint. Defaults are the app's.",
+        # Setting flags default to None so that only the ones given override --settings.
+        argument_default=None,
+    )
+    p.add_argument("--model", metavar="{ddpm,cfg,mcl,PATH}", help=f"model name or checkpoint path (default {d.model})")
+    p.add_argument("--sampler", choices=list(SAMPLERS), help=f"(default {d.sampler})")
+    p.add_argument("--steps", type=int, metavar="N", help=f"sampling steps (default {d.steps})")
+    p.add_argument("--seed", type=int, metavar="S", help=f"random seed, 0..2^63-1 (default {d.seed})")
+    p.add_argument("--n", type=int, metavar="N", help=f"number of images (default {d.n})")
+    p.add_argument("--digit", type=int, metavar="D", help="digit 0-9 for cfg (default: cycle 0-9)")
+    p.add_argument("--guidance", type=float, metavar="G", help=f"cfg guidance scale: 0 unconditional, 1 conditional, >1 guided (default {d.guidance:g})")
+    p.add_argument("--routing", metavar="{expert:K,heuristic,gated,soft,pooled}", help=f"mcl routing (default {d.routing})")
+    p.add_argument("--eta", type=float, metavar="E", help=f"ddim stochasticity 0..1 (default {d.eta:g})")
+    p.add_argument("--out", required=True, metavar="FILE.npz", help="where to write the images")
+    p.add_argument("--grid", metavar="FILE.png", help="also write the images as a PNG grid")
+    p.add_argument("--settings", metavar="FILE.json", help="start from saved settings (a JSON file, or an .npz written by this command)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="(default cpu; images are bit-identical across runs on CPU)")
+    p.add_argument("--checkpoint-dir", metavar="DIR", help=f"where model names are looked up (default ${DIR_ENV} or checkpoints/)")
+    return p
+
+
+def read_settings_file(path: str) -> Settings:
+    """Settings from a JSON file, or from the ``settings`` entry of an ``.npz`` this command wrote."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UsageError(f"--settings {path}: file not found")
+    if p.suffix == ".npz":
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                if "settings" not in z:
+                    raise UsageError(f"--settings {path}: the npz holds no 'settings' entry")
+                text = str(z["settings"])
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--settings {path}: cannot read the npz ({e})") from None
+    else:
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--settings {path}: cannot read ({e})") from None
+    try:
+        return Settings.from_json(text)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--settings {path}: {e}") from None
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """The saved settings (or the defaults), with the flags that were given applied on top."""
+    settings = read_settings_file(args.settings) if args.settings else Settings()
+    for name in SETTING_FLAGS:
+        value = getattr(args, name)
+        if value is not None:
+            setattr(settings, name, value)
+    return settings
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def save_npz(path: Path, result) -> None:
+    arrays = {"images": result.images.numpy().astype(np.uint8), "settings": np.array(result.settings.to_json())}
+    if result.labels is not None:
+        arrays["labels"] = result.labels.numpy().astype(np.int64)
+    if result.experts is not None:
+        arrays["experts"] = result.experts.numpy().astype(np.int64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
+    os.replace(tmp, path)
+
+
+def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:
+    """(N, H, W) uint8 -> one (rows*(H+pad)+pad, cols*(W+pad)+pad) uint8 image, row-major."""
+    n, h, w = images.shape
+    cols = columns or min(n, 10)
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad), dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        grid[y : y + h, x : x + w] = img
+    return grid
+
+
+def save_grid(path: Path, images: np.ndarray) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image_grid(images), mode="L").save(path, format="PNG")
+
+
+def run(args: argparse.Namespace) -> Path:
+    import torch
+
+    from .registry import ModelRegistry
+
+    out = Path(args.out).expanduser()
+    grid = Path(args.grid).expanduser() if args.grid else None
+    for flag, p in (("--out", out), ("--grid", grid)):
+        if p is not None and p.is_dir():
+            raise UsageError(f"{flag} {p} is a directory; give a file name")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: CUDA is not available on this machine")
+    settings = settings_from_args(args)
+    settings.validate()
+    registry = ModelRegistry(args.checkpoint_dir, device=args.device)
+    model, gate = registry.for_settings(settings)
+    settings.validate(num_experts=model.num_experts if model.kind == "mcl" else None)
+    ignored = {
+        "digit": (not model.num_classes, f"the {model.kind} model is unconditional"),
+        "guidance": (not model.num_classes, f"the {model.kind} model is unconditional"),
+        "routing": (model.kind != "mcl", f"the {model.kind} model is not an MCL ensemble"),
+        "eta": (settings.sampler != "ddim", f"only the ddim sampler uses it, not {settings.sampler}"),
+    }
+    for name, (is_ignored, why) in ignored.items():
+        if getattr(args, name) is not None and is_ignored:
+            print(f"note: --{name} has no effect: {why}", file=sys.stderr)
+    with torch.inference_mode():
+        result = generate(settings, model, gate, device=args.device)
+    save_npz(out, result)
+    if grid is not None:
+        save_grid(grid, result.images.numpy())
+    what = f"{len(result.images)} image(s) from {model.kind} ({model.path}), {settings.sampler} {settings.steps} steps, seed {settings.seed}"
+    print(f"wrote {what} to {out}" + (f" and {grid}" if grid else ""))
+    return out
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except (UsageError, CheckpointError, ValueError) as e:
+        print(f"{parser.prog}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an unwritable --out/--grid, a full disk
+        print(f"{parser.prog}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
