@@ -1,0 +1,253 @@
+import json
+import math
+import shutil
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+
+from diffusion_core import evaluate as ev
+from diffusion_core import metrics
+from diffusion_core.data import load_mnist
+from diffusion_core.denoisers import Denoiser
+from diffusion_core.models import load_model
+from diffusion_core.palette import EXPERT_COLORS, expert_color
+from diffusion_core.pipeline import Settings
+from diffusion_core.samplers import SAMPLERS, get_sampler, karras_sigmas
+
+# ----------------------------------------------------------------------------- helpers with known answers
+
+
+class CountingDenoiser(Denoiser):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x, sigma, label=None):
+        self.calls += 1
+        return 0.5 * x
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+@pytest.mark.parametrize("steps", [1, 2, 5])
+def test_nfe_counts_denoiser_calls(sampler, steps):
+    den = CountingDenoiser()
+    sigmas = karras_sigmas(steps, 0.01, 10.0)
+    x = torch.randn(2, 1, 4, 4)
+    for _ in get_sampler(sampler)(den, x, sigmas, None, torch.Generator().manual_seed(0)):
+        pass
+    assert den.calls == ev.nfe(sampler, steps)
+
+
+def test_batch_settings_split_and_seeds():
+    s = Settings(model="cfg", sampler="ddim", steps=3, seed=7, n=25, guidance=3.0)
+    batches = ev.batch_settings(s, 10)
+    assert [b.n for b in batches] == [10, 10, 5]
+    assert [b.seed for b in batches] == [7, 8, 9]
+    assert all(replace(b, n=s.n, seed=s.seed) == s for b in batches)
+    assert [b.n for b in ev.batch_settings(s, 100)] == [25]
+
+
+def test_expert_usage_by_sigma_known_fractions():
+    sigmas = [0.1, 10.0, 1.0]  # any order in, decreasing out
+    experts = torch.tensor([[2, 2, 2, 0], [0, 0, 0, 0], [1, 1, 2, 2]])
+    s, frac = ev.expert_usage_by_sigma(sigmas, experts, 3)
+    assert torch.allclose(s, torch.tensor([10.0, 1.0, 0.1], dtype=torch.float64))
+    expected = torch.tensor([[1, 0, 0], [0, 0.5, 0.5], [0.25, 0, 0.75]], dtype=torch.float64)
+    assert torch.allclose(frac, expected)
+    assert torch.allclose(frac.sum(1), torch.ones(3, dtype=torch.float64))
+
+
+def test_expert_usage_by_sigma_pools_equal_levels_and_bins():
+    # Two steps at the same sigma are one point.
+    s, frac = ev.expert_usage_by_sigma([2.0, 2.0], torch.tensor([[0, 0], [1, 1]]), 2)
+    assert s.tolist() == [2.0] and frac.tolist() == [[0.5, 0.5]]
+    # Four levels 1e3, 1e2, 1e1, 1e0 in two log bins: {1e3, 1e2} and {1e1, 1e0}.
+    sig = [1e3, 1e2, 1e1, 1e0]
+    exp = torch.tensor([[0, 0], [0, 1], [2, 2], [2, 1]])
+    s, frac = ev.expert_usage_by_sigma(sig, exp, 3, bins=2)
+    assert torch.allclose(s, torch.tensor([10**2.25, 10**0.75], dtype=torch.float64))
+    assert torch.allclose(frac, torch.tensor([[0.75, 0.25, 0], [0, 0.25, 0.75]], dtype=torch.float64))
+    # Random routing: every row of fractions sums to 1, and counts are recovered.
+    e = torch.randint(0, 4, (9, 50), generator=torch.Generator().manual_seed(0))
+    s, frac = ev.expert_usage_by_sigma(torch.logspace(2, -2, 9), e, 4, bins=4)
+    assert torch.allclose(frac.sum(1), torch.ones(len(s), dtype=torch.float64))
+    with pytest.raises(ValueError):
+        ev.expert_usage_by_sigma([1.0], torch.zeros(2, 3, dtype=torch.long), 2)
+
+
+def test_usage_bin_edges_are_geometric_midpoints():
+    edges = ev.usage_bin_edges(torch.tensor([100.0, 10.0, 1.0]))
+    assert torch.allclose(edges, torch.tensor([10**2.5, 10**1.5, 10**0.5, 10**-0.5], dtype=torch.float64))
+
+
+def test_expert_usage_shares():
+    assert ev.expert_usage(torch.tensor([[0, 1], [1, 1]]), 3) == [0.25, 0.75, 0.0]
+
+
+def test_expand_routings_and_labels():
+    assert ev.expand_routings(["experts", "expert_1", "gated", "gated"], 3) == ["expert:0", "expert:1", "expert:2", "gated"]
+    assert ev.routing_label("expert:2") == "expert_2"
+    with pytest.raises(ValueError, match="expert index"):
+        ev.expand_routings(["expert:3"], 3)
+    with pytest.raises(ValueError, match="unknown routing"):
+        ev.expand_routings(["best"], 3)
+
+
+def test_column_steps():
+    assert ev.column_steps(4, 8) == [0, 1, 2, 3]
+    cols = ev.column_steps(16, 8)
+    assert cols[0] == 0 and cols[-1] == 15 and len(cols) == 8 and cols == sorted(set(cols))
+
+
+def test_main_rows_names_and_settings():
+    cfg = ev.EvalConfig(guidance_scales=(1.0, 3.0), routings=("experts", "soft"), n=20, steps=5, samplers=("heun", "ddim"))
+    rows = ev.main_rows(cfg, num_experts=2)
+    assert [r.name for r in rows] == ["ddpm", "cfg g=1", "cfg g=3", "mcl expert_0", "mcl expert_1", "mcl soft"]
+    assert all(r.settings.sampler == "heun" and r.settings.steps == 5 and r.settings.n == 20 for r in rows)
+    assert rows[2].settings.guidance == 3.0 and rows[5].settings.routing == "soft"
+    sweep = ev.sweep_rows(replace(cfg, sweep_steps=(4, 2), sweep_n=10))
+    assert [(r.settings.sampler, r.settings.steps) for r in sweep] == [("heun", 2), ("heun", 4), ("ddim", 2), ("ddim", 4)]
+
+
+def test_palette_one_colour_per_expert():
+    assert len(set(EXPERT_COLORS)) == len(EXPERT_COLORS)
+    assert expert_color(1) == EXPERT_COLORS[1] and expert_color(len(EXPERT_COLORS)) == EXPERT_COLORS[0]
+
+
+def test_inception_message_without_weights(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    assert ev.find_inception_weights() is None
+    msgs = []
+    model, note = ev.load_inception("cpu", msgs.append)
+    assert model is None and msgs == [note]
+    assert "never downloads" in note and str(tmp_path / "hub") in note
+
+
+def test_inception_features_from_local_weights(tmp_path, monkeypatch):
+    """With a weights file in the hub cache (random weights here), features are 2048-d and finite."""
+    from torchvision.models import inception_v3
+
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), tmp_path / "checkpoints" / "inception_v3_google-0cc3c7bd.pth")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    model, note = ev.load_inception("cpu", lambda msg: None)
+    assert model is not None and "inception_v3_google" in note
+    f = model(torch.randint(0, 256, (2, 28, 28), dtype=torch.uint8))
+    assert f.shape == (2, 2048) and torch.isfinite(f).all()
+
+
+# ----------------------------------------------------------------------------- real data and a full small run
+
+
+def test_real_floor_is_computed_from_real_data(tiny_checkpoints, mnist_root):
+    clf = load_model(tiny_checkpoints / "classifier.safetensors")
+    ref = ev.reference_features(clf, mnist_root, max_train=60, seed=3)
+    floor = ev.real_floor(ref, 50, k=3)
+    # Recompute from the MNIST files: the same seeded training draw, against the whole test set.
+    train_x, _ = load_mnist(mnist_root, train=True)
+    test_x, test_y = load_mnist(mnist_root, train=False)
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randperm(len(train_x), generator=g)[:50]
+    order = torch.randperm(len(test_x), generator=g)
+    f_train = metrics.classify(clf.net, train_x[idx])["features"]
+    f_test = metrics.classify(clf.net, test_x)["features"]
+    assert len(ref.test_features) == 10000 and torch.equal(ref.test_labels, test_y)
+    assert floor["n"] == 50
+    assert floor["frechet"] == pytest.approx(metrics.frechet_distance(f_train, f_test), rel=1e-6)
+    p, r = metrics.precision_recall(f_test[order[:50]], f_train, k=3)
+    assert (floor["precision"], floor["recall"]) == (p, r)
+    # Real digits are much closer to the test set than uniform noise images are.
+    noise = torch.randint(0, 256, (50, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    f_noise = metrics.classify(clf.net, ev.to_float(noise))["features"]
+    assert 0 < floor["frechet"] < 0.5 * metrics.frechet_distance(f_noise, f_test)
+
+
+N, STEPS, BATCH = 40, 3, 30  # two batches per main row (30 + 10)
+
+
+@pytest.fixture(scope="module")
+def small_run(tiny_checkpoints, mnist_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    argv = [
+        "--checkpoint-dir", str(tiny_checkpoints), "--data-dir", str(mnist_root), "--out-dir", str(out),
+        "--device", "cpu", "--n", str(N), "--steps", str(STEPS), "--batch-size", str(BATCH),
+        "--samplers", "dpmpp_2m,heun", "--sweep-steps", "2,3", "--sweep-n", "20",
+        "--guidance-scales", "0,2", "--diversity-n", "20", "--usage-n", "16", "--seed", "5",
+    ]
+    # A stand-in for InceptionV3 (which would need its weights and minutes on a CPU) to exercise
+    # the --fid-inception wiring: features are a coarse subsampling of the pixels.
+    def fake_inception(device="cpu", log=None):
+        return (lambda images, batch_size=200: ev.to_float(images)[:, 0, ::4, ::4].flatten(1)), "stand-in features"
+
+    t0 = time.perf_counter()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ev, "load_inception", fake_inception)
+        results = ev.main(argv + ["--fid-inception"])
+    return results, out, time.perf_counter() - t0
+
+
+def test_small_run_rows_metrics_and_figures(small_run, capsys):
+    results, out, seconds = small_run
+    assert seconds < 60
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(results))
+    names = [r["name"] for r in on_disk["rows"]]
+    assert names == ["ddpm", "cfg g=0", "cfg g=2", "mcl expert_0", "mcl expert_1", "mcl expert_2",
+                     "mcl heuristic", "mcl gated", "mcl soft", "mcl pooled"]
+    assert [(r["settings"]["sampler"], r["settings"]["steps"]) for r in on_disk["sweep"]] == [("dpmpp_2m", 2), ("dpmpp_2m", 3), ("heun", 2), ("heun", 3)]
+    assert [r["nfe"] for r in on_disk["sweep"]] == [2, 3, 3, 5]
+    floor = on_disk["floors"][str(N)]
+    assert floor["n"] == N and floor["frechet"] > 0
+    for r in on_disk["rows"] + on_disk["sweep"]:
+        m = r["metrics"]
+        for key in ("frechet", "frechet_floor", "frechet_ratio", "precision", "recall", "entropy", "confident"):
+            assert isinstance(m[key], float) and math.isfinite(m[key]), (r["name"], key)
+        assert 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1 and 0 <= m["entropy"] <= 1
+        assert m["frechet_ratio"] == pytest.approx(m["frechet"] / m["frechet_floor"])
+        assert sum(m["histogram"]) == r["settings"]["n"]
+        assert r["sample_seconds"] > 0 and r["nfe"] == ev.nfe(r["settings"]["sampler"], r["settings"]["steps"])
+        conditional = r["settings"]["model"] == "cfg"
+        assert (m["accuracy"] is not None) == conditional
+        if r["settings"]["model"] == "mcl":
+            assert len(m["expert_usage"]) == 3 and sum(m["expert_usage"]) == pytest.approx(1)
+    rows = {r["name"]: r for r in on_disk["rows"]}
+    assert rows["mcl expert_1"]["metrics"]["expert_usage"] == [0.0, 1.0, 0.0]
+    assert [b["n"] for b in rows["ddpm"]["batches"]] == [30, 10] and [b["seed"] for b in rows["ddpm"]["batches"]] == [5, 6]
+    assert set(on_disk["figures"]) == set(ev.FIGURES)
+    for path in on_disk["figures"].values():
+        assert (out / path.split("/")[-1]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert on_disk["inception"] == {"enabled": True, "note": "stand-in features"}
+    assert all(math.isfinite(r["metrics"]["fid_inception"]) for r in on_disk["rows"])
+    assert all("fid_inception" not in r["metrics"] for r in on_disk["sweep"])
+    assert (out / "results.md").read_text().count("| mcl ") == 2 * 7  # the main table and the InceptionV3 FID table
+
+
+def test_small_run_prints_markdown_table(small_run, capsys):
+    results, _, _ = small_run
+    text = ev.results_markdown(results)
+    table = [ln for ln in text.splitlines() if ln.startswith("|")]
+    assert table[0].startswith("| row | sampler | steps | NFE | FD | FD floor | FD/floor")
+    assert len(table) == 3 * 2 + 10 + 10 + 4  # headers + rules; rows; InceptionV3 FID rows; sweep rows
+
+
+@pytest.mark.parametrize("name", ["cfg g=2", "mcl pooled", "mcl gated"])
+def test_rows_replay_through_generate(small_run, tiny_checkpoints, name):
+    results, _, _ = small_run
+    row = next(r for r in results["rows"] if r["name"] == name)
+    model = load_model(tiny_checkpoints / f"{row['settings']['model']}.safetensors")
+    gate = load_model(tiny_checkpoints / "gating.safetensors").net
+    images = ev.replay_batches(row["batches"], model, gate)
+    assert images.shape == (N, 28, 28)
+    assert ev.images_sha256(images) == row["images_sha256"]
+
+
+def test_missing_gating_is_a_clear_error(tiny_checkpoints, tmp_path):
+    for name in ("mcl", "classifier"):
+        shutil.copy(tiny_checkpoints / f"{name}.safetensors", tmp_path / f"{name}.safetensors")
+    base = ["--checkpoint-dir", str(tmp_path), "--models", "mcl", "--out-dir", str(tmp_path / "out"), "--device", "cpu", "--quick"]
+    with pytest.raises(SystemExit, match="gating checkpoint.*--routings"):
+        ev.main(base)
+    with pytest.raises(SystemExit, match="subset of ddpm,cfg,mcl"):
+        ev.main(base + ["--models", "gan"])
