@@ -8,13 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoints import CheckpointError
 from .guidance import CFGDenoiser
-from .mcl import WTA_MODES, MCLDenoiser, ExpertRouter, annealed_temperature, win_counts, wta_loss
+from .mcl import WTA_MODES, ExpertRouter, GatedRouter, MCLDenoiser, annealed_temperature, win_counts, wta_loss
 from .models import load_model, save_model
-from .nets import Classifier, ClassifierConfig, GatingConfig, GatingNet, UNet, UNetConfig, gating_inputs
+from .nets import Classifier, ClassifierConfig, GatingConfig, GatingNet, UNet, UNetConfig
 from .objectives import EpsilonObjective, FlowObjective, ScheduleConfig
 from .samplers import get_sigmas, sample_dpmpp_2m
-from .training import Task
+from .training import Task, fail
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -29,13 +30,16 @@ def _save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:
 
 
 @torch.no_grad()
-def _sample(denoiser, n: int, label=None, steps: int = 16, seed: int = 0, device="cpu") -> torch.Tensor:
+def _sample(denoiser, n: int, label=None, steps: int = 16, seed: int = 0, device="cpu", on_step=None) -> torch.Tensor:
+    """``n`` samples with DPM++ 2M from a fixed seed (the same noise every epoch)."""
     sigmas = get_sigmas("dpmpp_2m", denoiser, steps)
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn((n, 1, 28, 28), generator=g) * math.sqrt(float(sigmas[0]) ** 2 + 1)).to(device)
     denoiser.reset(n, g)
     for step in sample_dpmpp_2m(denoiser, x, sigmas, label, g):
         x = step.x
+        if on_step is not None:
+            on_step()
     return x
 
 
@@ -56,10 +60,15 @@ class DiffusionTask(Task):
         super().__init__(args)
         self.name = name
         self.conditional = conditional
-        if args.objective == "ddpm_eps":
-            self.objective = EpsilonObjective(ScheduleConfig(args.schedule, args.timesteps, args.beta_start, args.beta_end))
-        else:
-            self.objective = FlowObjective()
+        if conditional and not 0 <= args.p_uncond < 1:
+            fail(f"--p-uncond must be in [0, 1) (got {args.p_uncond})", status=2)
+        try:
+            if args.objective == "ddpm_eps":
+                self.objective = EpsilonObjective(ScheduleConfig(args.schedule, args.timesteps, args.beta_start, args.beta_end))
+            else:
+                self.objective = FlowObjective()
+        except ValueError as e:
+            fail(f"bad noise schedule: {e}", status=2)
 
     def unet_config(self) -> UNetConfig:
         return UNetConfig(base_channels=self.args.channels, blocks_per_level=self.args.blocks,
@@ -96,40 +105,59 @@ class DiffusionTask(Task):
 
 
 class Ensemble(nn.Module):
-    """K UNets trained together; ``forward`` is not used, experts are scored one by one."""
+    """K UNets trained together. ``forward`` runs every expert on the same input, so the training
+    loop calls the ensemble as one module (through DDP and torch.compile: reaching into
+    ``.experts`` from the loss would bypass DDP's gradient synchronisation)."""
 
     def __init__(self, nets):
         super().__init__()
         self.experts = nn.ModuleList(nets)
 
+    def forward(self, x, t, label=None):
+        """Predictions of all experts, (B, K, C, H, W)."""
+        return torch.stack([e(x, t, label) for e in self.experts], dim=1)
+
 
 class MCLTask(DiffusionTask):
     """K expert denoisers with a winner-takes-all loss on the same noisy batch."""
 
+    dead_below = 0.05  # an expert winning fewer than this share of an epoch's examples is reported
+
     def __init__(self, args):
         super().__init__(args, name="mcl", conditional=False)
         if args.wta not in WTA_MODES:
-            raise SystemExit(f"error: --wta must be one of {WTA_MODES}")
+            fail(f"--wta must be one of {WTA_MODES}", status=2)
+        if args.experts < 1:
+            fail("--experts must be at least 1", status=2)
+        if not 0 <= args.relax_eps < 1:
+            fail(f"--relax-eps must be in [0, 1) (got {args.relax_eps})", status=2)
 
     def build(self):
         return Ensemble([UNet(self.unet_config()) for _ in range(self.args.experts)])
 
     def loss(self, model, x0, y, generator, progress):
         batch = self.objective.training_batch(x0, generator)
-        experts = _unwrap(model).experts if not hasattr(model, "module") else model.module.experts
-        losses = torch.stack([self.objective.loss(e, batch) for e in experts], dim=1)  # (B, K)
+        pred = model(batch["net_input"], batch["net_time"])  # (B, K, C, H, W), through DDP
+        losses = (pred.float() - batch["target"].float()[:, None]).square().flatten(2).mean(dim=2)  # (B, K), the objective's MSE
         temp = annealed_temperature(progress, self.args.t_start, self.args.t_end)
         loss = wta_loss(losses, self.args.wta, eps=self.args.relax_eps, temperature=temp)
         return loss, {"wins": win_counts(losses).float(), "temperature": temp}
 
     def epoch_summary(self, sums, count):
-        wins = sums.pop("wins")
+        """Adds ``wins`` (examples won per expert, all ranks) and ``win_rates``; an expert below
+        ``dead_below`` is listed in ``dead_experts`` and gets a warning."""
+        sums = dict(sums)
+        wins = torch.as_tensor(sums.pop("wins")).double().cpu()
         rec = super().epoch_summary(sums, count)
-        rates = (wins / wins.sum()).tolist()
+        rates = (wins / wins.sum().clamp_min(1)).tolist()
+        rec["wins"] = [int(round(w)) for w in wins.tolist()]
         rec["win_rates"] = [round(r, 4) for r in rates]
-        dead = [k for k, r in enumerate(rates) if r < 0.05]
+        dead = [k for k, r in enumerate(rates) if r < self.dead_below]
         if dead:
-            print(f"WARNING: expert(s) {dead} won fewer than 5% of examples this epoch (win rates {rec['win_rates']})", flush=True)
+            rec["dead_experts"] = dead
+            hint = "; hard WTA lets experts die, try --wta annealed or relaxed" if self.args.wta == "hard" else ""
+            rec["warnings"] = [f"expert(s) {dead} won fewer than {self.dead_below:.0%} of the examples "
+                               f"(win rates {rec['win_rates']}){hint}"]
         return rec
 
     def sample_grid(self, model, path):
@@ -158,13 +186,15 @@ class GatingTask(Task):
 
     def __init__(self, args):
         super().__init__(args)
-        self.mcl = load_model(args.mcl)
+        try:
+            self.mcl = load_model(args.mcl)
+        except (CheckpointError, OSError) as e:
+            fail(f"--mcl {args.mcl}: {e}")
         if self.mcl.kind != "mcl":
-            raise SystemExit(f"error: {args.mcl} is a {self.mcl.kind} checkpoint, not an MCL ensemble")
+            fail(f"--mcl {args.mcl} is a {self.mcl.kind} checkpoint, not an MCL ensemble")
 
     def build(self):
-        device = torch.device(self.args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.mcl.to(device)
+        self.mcl.to(self.device)
         return GatingNet(GatingConfig(num_experts=self.mcl.num_experts, channels=self.args.channels))
 
     def loss(self, model, x0, y, generator, progress):
@@ -174,6 +204,15 @@ class GatingTask(Task):
         logits = model(batch["x_sigma"], batch["sigma"])
         acc = (logits.argmax(dim=1) == target).float().mean()
         return F.cross_entropy(logits.float(), target), {"accuracy": acc}
+
+    @torch.no_grad()
+    def sample_grid(self, model, path):
+        """20 samples from the frozen ensemble routed by the gate; logs how often each expert served."""
+        den = MCLDenoiser([self.mcl.objective.denoiser(e) for e in self.mcl.nets], GatedRouter(), gate=model)
+        served = torch.zeros(self.mcl.num_experts)
+        x = _sample(den, 20, device=self.device, on_step=lambda: served.add_(torch.bincount(den.last_expert, minlength=len(served))))
+        _save_grid(x, path, nrow=10)
+        return {"sample_expert_use": [round(v, 4) for v in (served / served.sum()).tolist()]}
 
     def export(self, model, path, training):
         net = _unwrap(model)
@@ -197,15 +236,22 @@ class ClassifierTask(Task):
 
     @torch.no_grad()
     def sample_grid(self, model, path):
+        """Test accuracy (first 1000 test images with --quick), and a grid whose row d shows test
+        images the classifier calls d (blank where it calls fewer than ten so)."""
         from .data import load_mnist
 
-        device = next(model.parameters()).device
         x, y = load_mnist(self.args.data_dir, train=False)
-        acc = sum((model(x[i:i + 1000].to(device)).argmax(1).cpu() == y[i:i + 1000]).sum().item() for i in range(0, len(x), 1000)) / len(x)
-        self.test_accuracy = acc
-        print(f"test accuracy {acc:.4f}", flush=True)
+        if self.args.quick:
+            x, y = x[:1000], y[:1000]
+        pred = torch.cat([model(x[i:i + 1000].to(self.device)).argmax(1).cpu() for i in range(0, len(x), 1000)])
+        grid = torch.ones(10, 10, 1, 28, 28)
+        for d in range(10):
+            chosen = x[pred == d][:10]
+            grid[d, : len(chosen)] = chosen
+        _save_grid(grid.flatten(0, 1), path, nrow=10)
+        return {"test_accuracy": round((pred == y).float().mean().item(), 5)}
 
     def export(self, model, path, training):
         net = _unwrap(model)
-        training = dict(training, test_accuracy=getattr(self, "test_accuracy", None))
+        training = dict(training, test_accuracy=training.get("final", {}).get("test_accuracy"))
         save_model(path, "classifier", [net], {"network": {"kind": "classifier", "config": net.config.to_dict()}, "training": training})

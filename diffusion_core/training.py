@@ -1,12 +1,28 @@
 """The one training loop behind train/{ddpm,cfg,mcl,gating,classifier}.py.
 
-A ``Task`` says what differs between the scripts (which networks, which loss, what to export);
-``train(task, args)`` does the rest, top to bottom: MNIST preloaded as one tensor on the device,
-AdamW with linear warmup and cosine decay, gradient clipping, EMA weights (the ones exported),
-bf16 autocast and channels_last on CUDA, optional torch.compile, DistributedDataParallel under
-torchrun (rank 0 logs and saves), a metrics.jsonl, a loss-curve PNG and a sample grid per epoch,
-and ``--resume`` from a state file written atomically, so a run killed at any moment carries on
-from its last save.
+A ``Task`` (see ``diffusion_core.tasks``) says what differs between the scripts: which network,
+which loss, what a sample grid shows and what gets exported. ``train(task, args)`` does the rest,
+top to bottom:
+
+1. setup: ``--quick`` defaults, argument checks, DistributedDataParallel under torchrun (rank 0
+   logs and saves; ``DIFFUSION_DIST_BACKEND=gloo`` forces gloo on GPUs), the device;
+2. data: the MNIST training set as one tensor on the device (no DataLoader, no per-sample
+   transforms); each epoch is one seeded permutation, rank ``r`` of ``W`` takes every W-th batch;
+3. model: the task's network (channels_last), an EMA copy (the weights exported), AdamW with
+   linear warmup and cosine decay, ``--compile``;
+4. resume: ``<run-dir>/state.pt`` holds everything needed to carry on bit for bit (model, EMA,
+   optimizer, schedule, step / epoch / batch, every rank's random generators and the epoch's
+   running sums); it is written atomically (temp file, fsync, rename) every ``--save-every``
+   steps and at every epoch end, so a run killed with SIGKILL and rerun with ``--resume``
+   continues from its last save, on the same permutation at the same batch;
+5. the loop: bf16 autocast on CUDA, gradient clipping, EMA update, a metrics.jsonl (``step``
+   records every ``--log-every`` steps, one ``epoch`` record per epoch, summed over all ranks),
+   a loss-curve PNG, a sample grid per epoch, and warnings (e.g. a dead MCL expert) printed
+   loudly and logged;
+6. export: the EMA weights with training metadata, through ``task.export``.
+
+The state file's keys: ``model ema opt sched gen step epoch batch_in_epoch wall_s args`` and
+``ranks`` (per-rank random states and epoch sums; optional, older files lack it).
 """
 from __future__ import annotations
 
@@ -16,6 +32,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -48,19 +65,22 @@ def common_parser(description: str, **defaults) -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--no-bf16", action="store_true", help="disable bf16 autocast on CUDA")
     p.add_argument("--data-dir", default=None, help="torchvision MNIST root (default $MNIST_DIR or ./data)")
-    p.add_argument("--run-dir", default=None, help="logs, grids and resume state (default runs/<name>)")
-    p.add_argument("--out", default=None, help="exported checkpoint (default checkpoints/<name>.safetensors)")
+    p.add_argument("--run-dir", default=None, help="logs, grids and resume state (default runs/<name>, runs/<name>-quick with --quick)")
+    p.add_argument("--out", default=None, help="exported checkpoint (default checkpoints/<name>.safetensors, <run-dir>/<name>.safetensors with --quick)")
     p.add_argument("--resume", action="store_true", help="carry on from <run-dir>/state.pt if it exists")
-    p.add_argument("--save-every", type=int, default=500, help="steps between resume saves (and at every epoch end)")
+    p.add_argument("--save-every", type=int, default=500, help="steps between resume saves (and at every epoch end); 0: epoch ends only")
+    p.add_argument("--log-every", type=int, default=50, help="steps between step records in metrics.jsonl")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total")
     p.add_argument("--limit", type=int, default=None, help="train on the first N images only")
-    p.add_argument("--quick", action="store_true", help="smoke run: 512 images, 2 epochs, a tiny network")
+    p.add_argument("--quick", action="store_true", help="smoke run: 512 images, at most 2 epochs, a tiny network, "
+                   "outputs under runs/<name>-quick (never over the shipped checkpoint)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.set_defaults(**defaults)
     return p
 
 
 def apply_quick(args) -> None:
+    """``--quick``: shrink everything for a smoke run (explicit smaller values are kept)."""
     if args.quick:
         args.limit = args.limit or 512
         args.epochs = min(args.epochs, 2)
@@ -68,7 +88,33 @@ def apply_quick(args) -> None:
         args.channels = min(args.channels, 8)
         args.blocks = 1
         args.warmup_steps = min(args.warmup_steps, 5)
-        args.save_every = min(args.save_every, 4)
+        args.save_every = min(args.save_every, 4) if args.save_every else 0
+        args.log_every = 1
+
+
+def check_args(args) -> None:
+    """Reject nonsensical settings with one clear message (exit status 2, like argparse)."""
+    bad = []
+    for name, low in [("epochs", 1), ("batch_size", 1), ("warmup_steps", 0), ("save_every", 0), ("log_every", 1), ("channels", 1), ("blocks", 1)]:
+        if getattr(args, name, low) < low:
+            bad.append(f"--{name.replace('_', '-')} must be at least {low} (got {getattr(args, name)})")
+    for name in ("max_steps", "limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            bad.append(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    if not args.lr > 0:
+        bad.append(f"--lr must be positive (got {args.lr})")
+    if not 0 <= args.ema_decay < 1:
+        bad.append(f"--ema-decay must be in [0, 1) (got {args.ema_decay})")
+    if not args.grad_clip > 0:
+        bad.append(f"--grad-clip must be positive (got {args.grad_clip})")
+    if bad:
+        fail("; ".join(bad), status=2)
+
+
+def fail(message: str, status: int = 1):
+    """Exit with ``error: message`` on stderr (no traceback)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(status)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,10 +122,12 @@ def apply_quick(args) -> None:
 
 
 class Task:
-    """What one training script trains. Subclasses set ``name`` and implement the methods."""
+    """What one training script trains. Subclasses set ``name`` and implement the methods.
+
+    ``train`` sets ``task.device`` before calling ``build``."""
 
     name = "task"
-    needs_labels = False
+    device: torch.device | None = None
 
     def __init__(self, args):
         self.args = args
@@ -88,16 +136,20 @@ class Task:
         raise NotImplementedError
 
     def loss(self, model: nn.Module, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator, progress: float) -> tuple[torch.Tensor, dict]:
-        """Scalar loss and a dict of numbers to log (floats or tensors to be summed over the epoch)."""
+        """Scalar loss and a dict of numbers to log (floats or tensors, summed over the epoch and
+        over ranks). ``model`` is the wrapped model (DDP / compiled): call it, do not reach into it,
+        or DDP will not synchronise gradients."""
         raise NotImplementedError
 
     def epoch_summary(self, sums: dict, count: int) -> dict:
-        """Turn the epoch's summed logs into the epoch record (rank 0 prints it)."""
+        """The epoch record from the summed logs of ``count`` steps (all ranks together). A
+        ``warnings`` list in the record is printed loudly by rank 0 and kept in metrics.jsonl."""
         return {k: float(v) / max(count, 1) for k, v in sums.items()}
 
     @torch.no_grad()
-    def sample_grid(self, model: nn.Module, path: Path) -> None:
-        """Write a PNG of samples from the EMA model (optional)."""
+    def sample_grid(self, model: nn.Module, path: Path) -> dict | None:
+        """Write a PNG from the EMA model (rank 0, every epoch end); may return numbers for the
+        epoch record (e.g. a test accuracy)."""
 
     def export(self, model: nn.Module, path: Path, training: dict) -> None:
         raise NotImplementedError
@@ -107,13 +159,21 @@ class Task:
 # Helpers
 
 
-def _dist_setup():
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("DIFFUSION_DIST_BACKEND", "") != "gloo" else "gloo"
+def _dist_setup() -> tuple[int, int]:
+    """(rank, world size); initialises the process group under torchrun (WORLD_SIZE > 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = os.environ.get("DIFFUSION_DIST_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
         dist.init_process_group(backend)
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def shard_indices(perm: torch.Tensor, batch: int, rank: int, world: int, batch_size: int) -> torch.Tensor:
+    """Indices of global batch ``batch`` of an epoch's permutation that rank ``rank`` trains on:
+    consecutive slices of the permutation, so the ranks never share an image within an epoch."""
+    start = (batch * world + rank) * batch_size
+    return perm[start:start + batch_size]
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -126,19 +186,34 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    ema_p = [p for p in ema.parameters()]
-    model_p = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(ema_p, model_p, 1 - decay)
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
     for eb, mb in zip(ema.buffers(), model.buffers()):
         eb.copy_(mb)
 
 
 def atomic_torch_save(obj, path: Path) -> None:
+    """torch.save to a temp file, fsync, then rename over ``path``: a reader (or a rerun after
+    SIGKILL) sees the old file or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     torch.save(obj, tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(path: Path, step: int) -> list[dict]:
+    """Drop the records a killed run wrote after its last save (``step``); returns the rest."""
+    records = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, path)
+    return records
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> None:
@@ -147,19 +222,15 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps, losses = [], []
-    for line in metrics_path.read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("type") == "step":
-            steps.append(rec["step"])
-            losses.append(rec["loss"])
-    if not steps:
+    recs = [r for r in read_metrics(metrics_path) if r.get("type") == "step"]
+    if not recs:
         return
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, losses, lw=1)
+    ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], lw=1)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
-    ax.set_yscale("log")
+    if all(r["loss"] > 0 for r in recs):
+        ax.set_yscale("log")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
@@ -172,62 +243,114 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def _to(obj, device):
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in obj.items()}
+
+
+def _jsonable(args) -> dict:
+    return json.loads(json.dumps(vars(args), default=str))
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop
 
 
 def train(task: Task, args) -> dict:
+    """Train ``task`` with the shared loop (see the module docstring); returns the training
+    metadata stored in the exported checkpoint."""
+    # -- setup
     apply_quick(args)
+    check_args(args)
     rank, world = _dist_setup()
     is_main = rank == 0
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        fail(f"--device {args.device}: {e}", status=2)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {args.device} asked for CUDA, and no CUDA device is available (use --device cpu)", status=2)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
         torch.cuda.set_device(device)
+    task.device = device
     use_bf16 = device.type == "cuda" and not args.no_bf16
     memory_format = torch.channels_last
-    run_dir = Path(args.run_dir or Path("runs") / task.name)
-    out = Path(args.out or Path("checkpoints") / f"{task.name}.safetensors")
+    default_dir = Path("runs") / (f"{task.name}-quick" if args.quick else task.name)
+    run_dir = Path(args.run_dir or default_dir)
+    out = Path(args.out or (run_dir / f"{task.name}.safetensors" if args.quick else Path("checkpoints") / f"{task.name}.safetensors"))
+    state_path, metrics_path = run_dir / "state.pt", run_dir / "metrics.jsonl"
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
 
-    # Data: the whole training set as one tensor on the device.
+    # -- data: the whole training set as one tensor on the device
     try:
         images, labels = load_mnist(args.data_dir, train=True)
     except MNISTNotFound as e:
-        raise SystemExit(f"error: {e}")
+        fail(str(e))
     if args.limit:
         images, labels = images[: args.limit], labels[: args.limit]
     images = images.to(device).contiguous(memory_format=memory_format)
     labels = labels.to(device)
     n = len(images)
-    per_step = args.batch_size * world
-    steps_per_epoch = max(1, n // per_step)
+    per_step = args.batch_size * world  # images per optimizer step, all ranks together
+    if n < per_step:
+        fail(f"{n} training images are fewer than one batch of {args.batch_size} x {world} process(es); lower --batch-size or raise --limit", status=2)
+    steps_per_epoch = n // per_step  # the remainder of each permutation is skipped
     total_steps = args.epochs * steps_per_epoch
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
 
+    # -- model, EMA, optimizer, schedule (same init on every rank; DDP also broadcasts rank 0's)
+    torch.manual_seed(args.seed)
     model = task.build().to(device, memory_format=memory_format)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.warmup_steps, total_steps))
-    gen = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank)
+    torch.manual_seed(args.seed * 1000 + rank)  # global RNG (dropout): different per rank
+    gen = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank)  # noise, labels, augmentation
     step, epoch, batch_in_epoch, wall_before = 0, 0, 0, 0.0
-    state_path = run_dir / "state.pt"
-    metrics_path = run_dir / "metrics.jsonl"
-    if args.resume and state_path.exists():
-        st = torch.load(state_path, map_location=device, weights_only=True)
-        model.load_state_dict(st["model"])
-        ema.load_state_dict(st["ema"])
+    sums, count = {}, 0  # the epoch's summed logs and its number of steps, on this rank
+
+    # -- resume
+    resumed = args.resume and state_path.exists()
+    if resumed:
+        try:
+            st = torch.load(state_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - unreadable for whatever reason
+            fail(f"cannot read the resume state {state_path} ({type(e).__name__}: {e}); delete it or run without --resume")
+        try:
+            model.load_state_dict(st["model"])
+            ema.load_state_dict(st["ema"])
+        except RuntimeError as e:
+            saved = json.loads(st.get("args", "{}"))
+            diff = {k: (saved[k], v) for k, v in _jsonable(args).items() if k in saved and saved[k] != v and k not in ("resume",)}
+            fail(f"{state_path} holds a different network ({str(e).splitlines()[0]}); flags that differ from the saved run "
+                 f"(saved, now): {diff}. Use the saved run's flags or another --run-dir")
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
-        gen.set_state(st["gen"].cpu())
         step, epoch, batch_in_epoch, wall_before = st["step"], st["epoch"], st["batch_in_epoch"], st["wall_s"]
+        ranks = st.get("ranks")
+        if ranks is not None and len(ranks) == world:
+            mine = ranks[rank]
+            gen.set_state(mine["gen"])
+            torch.set_rng_state(mine["torch_rng"])
+            if device.type == "cuda" and "cuda_rng" in mine:
+                torch.cuda.set_rng_state(mine["cuda_rng"], device)
+            sums, count = _to(mine["sums"], device), mine["count"]
+        elif rank == 0:
+            gen.set_state(st["gen"])  # an older state file (or another world size): rank 0's noise only
+        else:
+            gen.manual_seed(args.seed * 1000 + rank + 7919 * step)
         if is_main:
             print(f"resumed from {state_path} at step {step} (epoch {epoch}, batch {batch_in_epoch})", flush=True)
-    elif is_main and metrics_path.exists():
-        metrics_path.unlink()
+    elif is_main:
+        if args.resume:
+            print(f"no resume state at {state_path}; starting from step 0", flush=True)
+        for stale in (state_path, metrics_path):  # a fresh run replaces an earlier one in this run dir
+            stale.unlink(missing_ok=True)
+    history = truncate_metrics(metrics_path, step) if resumed and is_main else []
+    last_record = next((r for r in reversed(history) if r.get("type") == "epoch"), {})
 
     train_model = model
     if world > 1:
@@ -236,11 +359,19 @@ def train(task: Task, args) -> dict:
         train_model = torch.compile(train_model)
 
     def save_state():
+        mine = {"gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "sums": _to(sums, "cpu"), "count": count}
+        if device.type == "cuda":
+            mine["cuda_rng"] = torch.cuda.get_rng_state(device)
+        ranks = [mine]
+        if world > 1:
+            ranks = [None] * world
+            dist.all_gather_object(ranks, mine)
         if is_main:
             atomic_torch_save(
                 {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                  "gen": gen.get_state(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                 "wall_s": wall_before + time.perf_counter() - t_start, "args": json.dumps(vars(args), default=str)},
+                 "wall_s": wall_before + time.perf_counter() - t_start, "args": json.dumps(vars(args), default=str),
+                 "ranks": ranks},
                 state_path,
             )
         if world > 1:
@@ -251,16 +382,15 @@ def train(task: Task, args) -> dict:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
-    t_start = time.perf_counter()
-    last_record = {}
+    # -- the loop
+    t_start = t_epoch = time.perf_counter()
+    timed = 0  # steps of this epoch run by this process (for images/s after a resume)
     bar = tqdm(total=total_steps, initial=step, disable=not is_main or args.no_progress, desc=task.name, dynamic_ncols=True)
+    model.train()
     while step < total_steps:
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 7919 + epoch)).to(device)
-        sums, count = {}, 0
-        t_epoch = time.perf_counter()
-        model.train()
         while batch_in_epoch < steps_per_epoch and step < total_steps:
-            idx = perm[(batch_in_epoch * world + rank) * args.batch_size:][: args.batch_size]
+            idx = shard_indices(perm, batch_in_epoch, rank, world, args.batch_size)
             x0, y = images[idx], labels[idx]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss, logs = task.loss(train_model, x0, y, gen, step / max(1, total_steps))
@@ -273,40 +403,59 @@ def train(task: Task, args) -> dict:
             step += 1
             batch_in_epoch += 1
             count += 1
-            for k, v in dict(logs, loss=loss.detach()).items():
-                sums[k] = sums.get(k, 0) + v.detach().float() if torch.is_tensor(v) else sums.get(k, 0) + v
-            if step % 50 == 0 or step == total_steps:
+            timed += 1
+            for k, v in dict(logs, loss=loss).items():
+                sums[k] = sums.get(k, 0) + (v.detach().float() if torch.is_tensor(v) else v)
+            if step % args.log_every == 0 or step == total_steps:
                 lv = loss.item()
                 bar.set_postfix(loss=f"{lv:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
                 log({"type": "step", "step": step, "epoch": epoch, "loss": lv, "grad_norm": float(grad_norm), "lr": sched.get_last_lr()[0]})
             bar.update(1)
             if args.save_every and step % args.save_every == 0 and batch_in_epoch < steps_per_epoch:
                 save_state()
-        if batch_in_epoch >= steps_per_epoch or step >= total_steps:
-            if world > 1:
-                for k in sorted(sums):
-                    t = torch.as_tensor(sums[k], device=device, dtype=torch.float32)
-                    dist.all_reduce(t)
-                    sums[k] = t / world
-            dt = time.perf_counter() - t_epoch
-            record = {"type": "epoch", "epoch": epoch, "step": step, "seconds": dt,
-                      "images_per_s": count * per_step / max(dt, 1e-9), **task.epoch_summary(sums, count)}
+
+        # end of an epoch (or of the run, when --max-steps stops it early): sum over ranks, log
+        if world > 1:
+            for k in sorted(sums):
+                t = torch.as_tensor(sums[k], device=device, dtype=torch.float32).clone()
+                dist.all_reduce(t)
+                sums[k] = t
+            t = torch.tensor(float(count), device=device)
+            dist.all_reduce(t)
+            count = int(t.item())
+        dt = time.perf_counter() - t_epoch
+        record = {"type": "epoch", "epoch": epoch, "step": step, "seconds": round(dt, 3),
+                  "images_per_s": round(timed * per_step / max(dt, 1e-9), 1), **task.epoch_summary(sums, count)}
+        if is_main:
+            ema.eval()
+            record.update(task.sample_grid(ema, run_dir / f"samples_epoch{epoch:03d}.png") or {})
             log(record)
-            last_record = record
-            if is_main:
-                bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if k != "type"))
-                ema.eval()
-                task.sample_grid(ema, run_dir / f"samples_epoch{epoch:03d}.png")
-                plot_losses(metrics_path, run_dir / "loss.png")
-            epoch += 1
-            batch_in_epoch = 0
-            save_state()
+            bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if k not in ("type", "warnings")))
+            for w in record.get("warnings", []):
+                bar.write(f"WARNING (epoch {epoch}): {w}", file=sys.stderr)
+            plot_losses(metrics_path, run_dir / "loss.png")
+        last_record = record
+        epoch += 1
+        batch_in_epoch = 0
+        sums, count, timed = {}, 0, 0
+        save_state()
+        t_epoch = time.perf_counter()
     bar.close()
+
+    # -- export the EMA weights (rank 0), after checking that the replicas agree
+    if world > 1:
+        check = torch.stack([p.detach().float().sum() for p in model.parameters()])
+        lo, hi = check.clone(), check.clone()
+        dist.all_reduce(lo, dist.ReduceOp.MIN)
+        dist.all_reduce(hi, dist.ReduceOp.MAX)
+        if not torch.allclose(lo, hi, rtol=1e-5, atol=1e-6):
+            raise RuntimeError(f"DDP replicas diverged (max parameter-sum gap {float((hi - lo).abs().max()):.3g}): gradients were not synchronised")
     wall = wall_before + time.perf_counter() - t_start
     training = {
         "epochs": epoch, "steps": step, "batch_size": per_step, "lr": args.lr, "ema_decay": args.ema_decay,
-        "seed": args.seed, "images": n, "wall_time_s": round(wall, 1), "device": device_name(device),
-        "world_size": world, "bf16": use_bf16, "torch": torch.__version__, "final": {k: v for k, v in last_record.items() if k != "type"},
+        "seed": args.seed, "images": n, "images_seen": step * per_step, "wall_time_s": round(wall, 1), "device": device_name(device),
+        "world_size": world, "bf16": use_bf16, "torch": torch.__version__, "quick": bool(args.quick),
+        "final": {k: v for k, v in last_record.items() if k not in ("type", "warnings")}, "args": _jsonable(args),
     }
     if is_main:
         task.export(ema, out, training)

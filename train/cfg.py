@@ -1,8 +1,17 @@
 """Train the class-conditional DDPM used with classifier-free guidance (label dropout).
 
-    python train/cfg.py                 # the shipped checkpoints/cfg.safetensors (GPU)
-    python train/cfg.py --quick         # a smoke run on 512 images
-    torchrun --nproc_per_node 2 train/cfg.py
+    python train/cfg.py                          # the shipped checkpoints/cfg.safetensors (GPU)
+    python train/cfg.py --quick                  # a smoke run on 512 images (CPU is fine)
+    python train/cfg.py --resume                 # carry on from runs/cfg/state.pt
+    torchrun --nproc_per_node 2 train/cfg.py     # DDP; --batch-size is per process
+
+Labels are replaced by the null class (10) with probability --p-uncond, so one network learns
+the conditional and the unconditional model.
+
+Outputs: <run-dir>/metrics.jsonl, loss.png, samples_epochNNN.png and state.pt (resume with
+--resume after any interruption, SIGKILL included), and the EMA weights in --out. With --quick
+both default under runs/cfg-quick/, so a smoke run never overwrites the shipped checkpoint.
+See diffusion_core/training.py for the loop and every shared flag (python train/cfg.py -h).
 """
 import sys
 from pathlib import Path

@@ -2,6 +2,14 @@
 
     python train/classifier.py
     python train/classifier.py --quick
+
+Cross-entropy with random shifts of up to 2 pixels; each epoch logs the EMA model's test
+accuracy, and its grid shows, row by row, test images classified as 0..9.
+
+Outputs: <run-dir>/metrics.jsonl, loss.png, samples_epochNNN.png and state.pt (resume with
+--resume after any interruption, SIGKILL included), and the EMA weights in --out. With --quick
+both default under runs/classifier-quick/, so a smoke run never overwrites the shipped checkpoint.
+See diffusion_core/training.py for the loop and every shared flag (python train/classifier.py -h).
 """
 import sys
 from pathlib import Path

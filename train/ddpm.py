@@ -1,8 +1,14 @@
 """Train the unconditional DDPM (epsilon-prediction, linear schedule, T=1000).
 
-    python train/ddpm.py                # the shipped checkpoints/ddpm.safetensors (GPU)
-    python train/ddpm.py --quick        # a smoke run on 512 images
-    torchrun --nproc_per_node 2 train/ddpm.py
+    python train/ddpm.py                         # the shipped checkpoints/ddpm.safetensors (GPU)
+    python train/ddpm.py --quick                 # a smoke run on 512 images (CPU is fine)
+    python train/ddpm.py --resume                # carry on from runs/ddpm/state.pt
+    torchrun --nproc_per_node 2 train/ddpm.py    # DDP; --batch-size is per process
+
+Outputs: <run-dir>/metrics.jsonl, loss.png, samples_epochNNN.png and state.pt (resume with
+--resume after any interruption, SIGKILL included), and the EMA weights in --out. With --quick
+both default under runs/ddpm-quick/, so a smoke run never overwrites the shipped checkpoint.
+See diffusion_core/training.py for the loop and every shared flag (python train/ddpm.py -h).
 """
 import sys
 from pathlib import Path

@@ -1,7 +1,15 @@
 """Train the gating network on a frozen MCL checkpoint (target: each example's winning expert).
 
-    python train/gating.py                        # uses checkpoints/mcl.safetensors
+    python train/gating.py                       # uses checkpoints/mcl.safetensors
     python train/gating.py --mcl PATH --quick
+
+The target for a training image is the expert with the lowest loss on it at a random noise
+level; the loss is cross-entropy. The per-epoch grid shows gated samples from the ensemble.
+
+Outputs: <run-dir>/metrics.jsonl, loss.png, samples_epochNNN.png and state.pt (resume with
+--resume after any interruption, SIGKILL included), and the EMA weights in --out. With --quick
+both default under runs/gating-quick/, so a smoke run never overwrites the shipped checkpoint.
+See diffusion_core/training.py for the loop and every shared flag (python train/gating.py -h).
 """
 import sys
 from pathlib import Path

@@ -3,6 +3,17 @@
     python train/mcl.py                          # the shipped checkpoints/mcl.safetensors (GPU), K=5
     python train/mcl.py --experts 3 --wta hard   # hard (stochastic) MCL
     python train/mcl.py --quick                  # a smoke run on 512 images
+    torchrun --nproc_per_node 2 train/mcl.py     # DDP; win counts are summed over processes
+
+Every expert is scored on the same noisy batch; --wta picks how the per-example losses are
+weighted (see diffusion_core/mcl.py). Each epoch record holds the examples each expert won
+(``wins``) and their shares (``win_rates``); an expert winning under 5% is reported with a
+WARNING on stderr and a ``warnings`` entry in metrics.jsonl.
+
+Outputs: <run-dir>/metrics.jsonl, loss.png, samples_epochNNN.png and state.pt (resume with
+--resume after any interruption, SIGKILL included), and the EMA weights in --out. With --quick
+both default under runs/mcl-quick/, so a smoke run never overwrites the shipped checkpoint.
+See diffusion_core/training.py for the loop and every shared flag (python train/mcl.py -h).
 """
 import sys
 from pathlib import Path
