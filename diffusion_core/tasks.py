@@ -1,6 +1,7 @@
 """The five training tasks (what differs between train/*.py); the loop is ``training.train``."""
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -50,7 +51,37 @@ def add_diffusion_args(p):
     p.add_argument("--beta-start", type=float, default=1e-4)
     p.add_argument("--beta-end", type=float, default=0.02)
     p.add_argument("--attention", action=__import__("argparse").BooleanOptionalAction, default=True)
+    p.add_argument("--init", default=None, metavar="CHECKPOINT",
+                   help="fine-tune from a trained ddpm/cfg checkpoint (its network and objective are used); "
+                        "an unconditional model takes a CFG network's unconditional branch, converted exactly")
+    p.add_argument("--init-noise", type=float, default=0.02,
+                   help="MCL with --init: relative noise added to each expert's copy to break their symmetry")
     return p
+
+
+def unet_from_checkpoint(path, conditional: bool):
+    """A trained UNet (and its objective) to start from. For an unconditional target, a
+    class-conditional network becomes unconditional by folding its null-class embedding (the
+    constant it adds to the time embedding when the label is dropped) into the time MLP's last
+    bias: the same function as the CFG network at guidance 0."""
+    import dataclasses
+
+    try:
+        src = load_model(path)
+    except (CheckpointError, ValueError) as e:
+        fail(f"--init: {e}", status=2)
+    if src.kind not in ("ddpm", "cfg"):
+        fail(f"--init: {path} is a {src.kind} checkpoint; expected ddpm or cfg", status=2)
+    net = src.net
+    num_classes = net.config.num_classes
+    if conditional and not num_classes:
+        fail(f"--init: {path} is unconditional; a conditional model needs a conditional start", status=2)
+    if not conditional and num_classes:
+        state = {k: v for k, v in net.state_dict().items() if not k.startswith("label_emb.")}
+        state["time_mlp.2.bias"] = state["time_mlp.2.bias"] + net.label_emb.weight[num_classes]
+        net = UNet(dataclasses.replace(net.config, num_classes=None))
+        net.load_state_dict(state)
+    return net.train().requires_grad_(True), src.objective
 
 
 class DiffusionTask(Task):
@@ -69,13 +100,18 @@ class DiffusionTask(Task):
                 self.objective = FlowObjective()
         except ValueError as e:
             fail(f"bad noise schedule: {e}", status=2)
+        self.init_net = None
+        if getattr(args, "init", None):
+            self.init_net, self.objective = unet_from_checkpoint(args.init, conditional)
 
     def unet_config(self) -> UNetConfig:
+        if self.init_net is not None:
+            return self.init_net.config
         return UNetConfig(base_channels=self.args.channels, blocks_per_level=self.args.blocks,
                           attention=self.args.attention, num_classes=10 if self.conditional else None)
 
     def build(self):
-        return UNet(self.unet_config())
+        return self.init_net if self.init_net is not None else UNet(self.unet_config())
 
     def labels(self, y, generator):
         if not self.conditional:
@@ -98,7 +134,7 @@ class DiffusionTask(Task):
 
     def config(self, training: dict) -> dict:
         return {"network": {"kind": "unet", "config": self.unet_config().to_dict()}, "objective": self.objective.to_dict(),
-                "training": dict(training, p_uncond=getattr(self.args, "p_uncond", None))}
+                "training": dict(training, p_uncond=getattr(self.args, "p_uncond", None), init=getattr(self.args, "init", None))}
 
     def export(self, model, path, training):
         save_model(path, "cfg" if self.conditional else "ddpm", [_unwrap(model)], self.config(training))
@@ -133,7 +169,16 @@ class MCLTask(DiffusionTask):
             fail(f"--relax-eps must be in [0, 1) (got {args.relax_eps})", status=2)
 
     def build(self):
-        return Ensemble([UNet(self.unet_config()) for _ in range(self.args.experts)])
+        if self.init_net is None:
+            return Ensemble([UNet(self.unet_config()) for _ in range(self.args.experts)])
+        experts = []
+        for _ in range(self.args.experts):
+            expert = copy.deepcopy(self.init_net)
+            with torch.no_grad():
+                for p in expert.parameters():
+                    p.add_(self.args.init_noise * p.std().nan_to_num(0) * torch.randn_like(p))
+            experts.append(expert)
+        return Ensemble(experts)
 
     def loss(self, model, x0, y, generator, progress):
         batch = self.objective.training_batch(x0, generator)

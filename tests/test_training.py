@@ -326,3 +326,21 @@ def test_benchmark_loop_smoke(tmp_path, mnist_root):
         assert r["images_per_s"] > 0 and torch.isfinite(torch.tensor(r["final_loss"]))
         assert f"{r['images_per_s']:.0f}" in proc.stdout
     assert report["results"][1]["speedup_vs_plain"] == 1.0
+
+
+def test_init_from_cfg_gives_its_unconditional_branch_exactly(tiny_checkpoints):
+    """--init converts a CFG network into an unconditional UNet computing the same function as the
+    CFG denoiser at guidance 0 (the null class folded into the time-embedding bias)."""
+    from diffusion_core.models import load_model
+    from diffusion_core.tasks import unet_from_checkpoint
+
+    cfg = load_model(tiny_checkpoints / "cfg.safetensors")
+    net, objective = unet_from_checkpoint(tiny_checkpoints / "cfg.safetensors", conditional=False)
+    assert net.config.num_classes is None and net.label_emb is None
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 3
+    sigma = torch.tensor([0.05, 0.5, 5.0, 50.0])
+    with torch.no_grad():
+        want = cfg.denoiser(guidance=0.0)(x, sigma)
+        got = objective.denoiser(net.eval())(x, sigma)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-4), (got - want).abs().max()
+    assert not torch.allclose(got, cfg.denoiser(guidance=1.0)(x, sigma, torch.full((4,), 3)), atol=1e-3)
