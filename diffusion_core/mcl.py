@@ -155,20 +155,23 @@ class PooledRouter(Router):
 ROUTINGS = ("expert:K", "heuristic", "gated", "soft", "pooled")
 
 
-def make_router(spec: str, num_experts: int) -> Router:
-    """``expert:K``, ``heuristic``, ``gated``, ``soft`` or ``pooled``."""
+def make_router(spec: str, num_experts: int | None) -> Router:
+    """``expert:K``, ``heuristic``, ``gated``, ``soft`` or ``pooled``; ``num_experts=None`` checks
+    the spelling only (any K >= 0 is accepted)."""
     spec = str(spec).strip().lower()
     if spec.startswith("expert:"):
         try:
             k = int(spec.split(":", 1)[1])
         except ValueError:
             raise ValueError(f"bad routing {spec!r}: expected expert:K with K an integer") from None
-        if not 0 <= k < num_experts:
-            raise ValueError(f"bad routing {spec!r}: expert index must be in 0..{num_experts - 1}")
+        if k < 0 or (num_experts is not None and k >= num_experts):
+            bound = "be at least 0" if num_experts is None else f"be in 0..{num_experts - 1}"
+            raise ValueError(f"bad routing {spec!r}: expert index must {bound}")
         return ExpertRouter(k)
     routers = {"heuristic": HeuristicRouter, "gated": GatedRouter, "soft": SoftRouter, "pooled": PooledRouter}
     if spec not in routers:
-        raise ValueError(f"unknown routing {spec!r}; expected one of expert:0..expert:{num_experts - 1}, heuristic, gated, soft, pooled")
+        experts = "expert:K" if num_experts is None else f"expert:0..expert:{num_experts - 1}"
+        raise ValueError(f"unknown routing {spec!r}; expected one of {experts}, heuristic, gated, soft, pooled")
     return routers[spec]()
 
 

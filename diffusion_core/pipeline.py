@@ -84,7 +84,7 @@ class Settings:
         if not isinstance(self.model, str) or not self.model:
             raise ValueError("model must be a name (ddpm, cfg, mcl) or a checkpoint path")
         self.routing = str(self.routing).strip().lower()
-        make_router(self.routing, num_experts or 10**6)  # validates the spelling
+        make_router(self.routing, num_experts)  # validates the spelling
         return self
 
     def to_dict(self) -> dict:
