@@ -1,0 +1,18 @@
+"""Start ``app.py`` in a subprocess on a free localhost port (for the API and browser tests)."""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+from diffusion_core.loadtest import PROJECT_ROOT as ROOT
+from diffusion_core.loadtest import running_app as _running_app
+
+__all__ = ["ROOT", "running_app"]
+
+
+@contextmanager
+def running_app(checkpoint_dir, log_path, timeout: float = 120.0):
+    """The app serving ``checkpoint_dir`` (one thread per torch op unless OMP_NUM_THREADS says otherwise)."""
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "DIFFUSION_HF_REPO": ""}
+    with _running_app(checkpoint_dir, log_path, timeout, **env) as url:
+        yield url

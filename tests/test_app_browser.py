@@ -1,0 +1,155 @@
+"""End to end in headless Chromium (Playwright driving Debian's chromium): load the page, change
+controls, generate, watch streamed frames and the final image, open the share link and get the
+pixel-identical image, save a screenshot (``UPDATE_ASSETS=1`` also writes assets/app_screenshot.png)."""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from app_server import ROOT, running_app  # noqa: E402
+
+from diffusion_core import ui  # noqa: E402
+from diffusion_core.pipeline import Settings, generate  # noqa: E402
+from diffusion_core.registry import ModelRegistry  # noqa: E402
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or shutil.which("chromium-browser")
+if not CHROMIUM:
+    pytest.skip("no chromium executable found (apt-get install chromium, or set CHROMIUM_PATH)", allow_module_level=True)
+
+TIMEOUT_MS = 90_000
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_checkpoints):
+    """Tiny random checkpoints; the shipped ones (checkpoints/) when UPDATE_ASSETS=1 and they exist,
+    so that the screenshot in assets/ shows real digits."""
+    shipped = ROOT / "checkpoints"
+    if os.environ.get("UPDATE_ASSETS") == "1" and all((shipped / f"{m}.safetensors").is_file() for m in ("ddpm", "cfg", "mcl", "gating")):
+        return shipped
+    return tiny_checkpoints
+
+
+@pytest.fixture(scope="module")
+def server(checkpoints, tmp_path_factory):
+    with running_app(checkpoints, tmp_path_factory.mktemp("app") / "app.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    ctx = browser.new_context(viewport={"width": 1360, "height": 1000})
+    pg = ctx.new_page()
+    pg.set_default_timeout(TIMEOUT_MS)
+    yield pg
+    ctx.close()
+
+
+def wait_done(page, text: str = "Done"):
+    page.locator("#status").filter(has_text=text).wait_for(timeout=TIMEOUT_MS)
+    page.locator("#final img").wait_for(timeout=TIMEOUT_MS)
+
+
+def image_bytes(page, selector: str) -> bytes:
+    src = page.locator(selector).get_attribute("src")
+    resp = page.request.get(page.evaluate("s => new URL(s, window.location.href).href", src))
+    assert resp.ok, resp.status
+    return resp.body()
+
+
+def set_number(page, elem_id: str, value):
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+COUNT_FRAMES = """() => {
+    window.__frames = new Set();
+    const root = document.querySelector('#noisy');
+    const record = () => { const img = root.querySelector('img'); if (img && img.src) window.__frames.add(img.src); };
+    new MutationObserver(record).observe(root, {subtree: true, childList: true, attributes: true, attributeFilter: ['src']});
+}"""
+
+
+def expected_images(checkpoints, settings: Settings) -> np.ndarray:
+    model, gate = ModelRegistry(checkpoints).for_settings(settings)
+    return generate(settings, model, gate).images.numpy()
+
+
+def test_generate_stream_share_link(server, page, checkpoints, tmp_path):
+    page.goto(server)
+    wait_done(page)  # the page generates the default settings on load
+    assert page.locator("#digit").is_visible() and not page.locator("#routing").is_visible()
+
+    page.locator("#digit label", has_text="7").click()
+    set_number(page, "steps", 300)
+    set_number(page, "n", 2)
+    page.locator("#seed input").fill("4242")
+    page.locator("#sampler input").click()
+    page.get_by_role("option", name="Euler").click()
+    page.evaluate(COUNT_FRAMES)
+    page.locator("#run").click()
+    wait_done(page, "300 steps")
+
+    frames = page.evaluate("() => window.__frames.size")
+    assert frames >= 3, f"saw {frames} distinct streamed frames"  # noise, live steps, final
+    settings = Settings(model="cfg", digit=7, steps=300, seed=4242, sampler="euler", n=2)
+    final = image_bytes(page, "#final img")
+    assert np.array_equal(ui.split_grid(ui.decode_png(final), 2), expected_images(checkpoints, settings))
+    page.locator("#filmstrip img").wait_for()
+
+    link = page.locator("#share_link textarea, #share_link input").first.input_value()
+    assert link.startswith(server) and "digit=7" in link and "seed=4242" in link and "steps=300" in link
+    assert page.url == link  # the address bar is the share link too
+    page.screenshot(path=str(tmp_path / "generate.png"), full_page=True)
+
+    other = page.context.new_page()
+    other.goto(link)
+    wait_done(other, "300 steps")
+    assert other.locator("#digit input[value='7']").is_checked()
+    assert other.locator("#seed input").input_value() == "4242"
+    assert image_bytes(other, "#final img") == final  # pixel-identical (byte-identical PNG)
+    other.screenshot(path=str(tmp_path / "shared.png"), full_page=True)
+    if os.environ.get("UPDATE_ASSETS") == "1":  # the README's picture: sixteen digits, 0-9 then 0-5
+        other.goto(server + "?v=1&model=cfg&digit=any&guidance=2.0&sampler=dpmpp_2m&steps=16&seed=0&n=16")
+        wait_done(other, "16 steps")
+        other.locator("#filmstrip img").wait_for()
+        (ROOT / "assets").mkdir(exist_ok=True)
+        other.screenshot(path=str(ROOT / "assets" / "app_screenshot.png"), full_page=True)
+
+
+def test_mcl_controls_chart_and_compare(server, page, tmp_path):
+    page.goto(server + "?model=mcl&routing=soft&steps=8&n=3&seed=1")
+    wait_done(page, "8 steps")
+    assert page.locator("#routing").is_visible() and not page.locator("#digit").is_visible()
+    page.locator("#chart").wait_for(state="visible")
+    page.locator("#chart img").wait_for()
+    page.get_by_role("tab", name="Compare").click()
+    page.locator("#compare_btn").click()
+    page.locator("#compare_img img").wait_for()
+    page.get_by_role("tab", name="Models").click()
+    assert page.locator(".model-card").count() >= 4
+    page.screenshot(path=str(tmp_path / "mcl.png"), full_page=True)
+
+
+def test_malformed_share_link_shows_error_and_app_still_works(server, page):
+    page.goto(server + "?model=cfg&steps=abc&digit=11")
+    page.get_by_text("share link is malformed").first.wait_for()
+    set_number(page, "steps", 3)
+    page.locator("#run").click()
+    wait_done(page, "3 steps")

@@ -1,0 +1,293 @@
+"""Unit tests of diffusion_core.ui (the app's logic) on tiny random checkpoints; no browser, no server."""
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusion_core import ui
+from diffusion_core.pipeline import Settings, generate
+from diffusion_core.registry import ModelRegistry
+
+
+@pytest.fixture(scope="module")
+def registry(tiny_checkpoints):
+    return ModelRegistry(tiny_checkpoints)
+
+
+@pytest.fixture(scope="module")
+def models(registry):
+    return ui.available_models(registry)
+
+
+def test_available_models_and_visibility(models):
+    assert list(models) == ["ddpm", "cfg", "mcl"]
+    assert models["cfg"].conditional and not models["ddpm"].conditional
+    assert models["mcl"].is_mcl and models["mcl"].num_experts == 3
+    v = ui.visibility(models["cfg"], "dpmpp_2m")
+    assert (v.digit, v.guidance, v.routing, v.eta) == (True, True, False, False)
+    v = ui.visibility(models["mcl"], "ddim")
+    assert (v.digit, v.guidance, v.routing, v.eta, v.num_experts) == (False, False, True, True, 3)
+    assert [c[1] for c in ui.routing_choices(3)][-3:] == ["expert:0", "expert:1", "expert:2"]
+
+
+def test_defaults_are_pipeline_defaults(models):
+    assert ui.parse_settings(models) == Settings().validate()
+
+
+@pytest.mark.parametrize("fields", [
+    dict(model="cfg", digit=7, guidance=3.5, sampler="heun", steps=12, seed=2**63 - 1, n=16),
+    dict(model="cfg", digit="any", guidance=0.0, sampler="ddim", eta=0.3, steps=1, seed=5, n=3),
+    dict(model="mcl", routing="expert:2", sampler="ddpm", steps=1000, seed=12345678901234, n=2),
+    dict(model="mcl", routing="soft", sampler="ddim", eta=1.0, steps=7, seed=0, n=1),
+    dict(model="ddpm", sampler="euler", steps=33, seed=99, n=5),
+])
+def test_share_link_round_trip(models, fields):
+    s = ui.parse_settings(models, **fields)
+    query = ui.share_query(s, models[s.model])
+    assert query.startswith("?v=1&model=")
+    back, notes = ui.settings_from_query(models, query)
+    assert back == s and notes == []
+    # also as the mapping / pairs Gradio's Request gives
+    assert ui.settings_from_query(models, "http://host/space" + query + "#frag")[0] == s
+
+
+def test_share_link_ignores_foreign_parameters(models):
+    assert ui.settings_from_query(models, "") == (None, [])
+    assert ui.settings_from_query(models, "?__theme=dark&view=api") == (None, [])
+    s, notes = ui.settings_from_query(models, {"model": "ddpm", "steps": "5", "__sign": "jwt", "utm_source": "x"})
+    assert s.model == "ddpm" and s.steps == 5
+    assert len(notes) == 1 and "utm_source" in notes[0]
+
+
+@pytest.mark.parametrize("query, words", [
+    ("?v=1&model=cfg&steps=abc", "steps must be an integer"),
+    ("?model=cfg&steps=0", "steps must be between 1 and 1000"),
+    ("?model=cfg&steps=1000000", "steps must be between 1 and 1000"),
+    ("?model=cfg&digit=11", "digit must be between 0 and 9"),
+    ("?model=cfg&guidance=nan", "guidance must be a finite number"),
+    ("?model=cfg&guidance=-1", "guidance must be between 0 and 20"),
+    ("?model=cfg&seed=18446744073709551617", "seed must be between 0 and 2^63-1"),
+    ("?model=cfg&n=17", "number of images must be between 1 and 16"),
+    ("?model=cfg&sampler=magic", "unknown sampler 'magic'"),
+    ("?model=mcl&routing=expert:9", "expert index must be in 0..2"),
+    ("?model=mcl&routing=wat", "unknown routing 'wat'"),
+    ("?model=gpt&steps=3", "unknown model 'gpt'"),
+    ("?model=cfg&steps=3&steps=4", "'steps' is given more than once"),
+    ("?v=2&model=cfg", "version '2' is not supported"),
+    ("?model=cfg&seed=" + "9" * 5000, "seed is too long"),
+])
+def test_malformed_share_links(models, query, words):
+    with pytest.raises(ValueError) as e:
+        ui.settings_from_query(models, query)
+    assert "share link is malformed" in str(e.value) and words in str(e.value)
+
+
+@pytest.mark.parametrize("fields, words", [
+    (dict(steps=0), "steps must be between 1 and 1000, got 0"),
+    (dict(steps=1e6), "steps must be between 1 and 1000"),
+    (dict(steps=2.5), "steps must be a whole number"),
+    (dict(guidance=float("nan")), "guidance must be a finite number"),
+    (dict(guidance="inf"), "guidance must be a finite number"),
+    (dict(guidance=-0.5), "guidance must be between 0 and 20"),
+    (dict(guidance=1e9), "guidance must be between 0 and 20"),
+    (dict(digit=11), "digit must be between 0 and 9, got 11"),
+    (dict(digit=float("nan")), "digit must be between 0 and 9"),
+    (dict(sampler="nope"), "unknown sampler 'nope'"),
+    (dict(sampler=3), "sampler must be a name"),
+    (dict(model="mcl", routing="nope"), "unknown routing 'nope'"),
+    (dict(seed=2**64 + 1), "seed must be between 0 and 2^63-1"),
+    (dict(seed=-1), "seed must be between 0 and 2^63-1"),
+    (dict(n=17), "number of images must be between 1 and 16"),
+    (dict(n=0), "number of images must be between 1 and 16"),
+    (dict(eta=2), "eta must be between 0 and 1"),
+    (dict(model="../../etc/passwd"), "unknown model"),
+])
+def test_validation_messages(models, fields, words):
+    with pytest.raises(ValueError, match=None) as e:
+        ui.parse_settings(models, **fields)
+    assert words in str(e.value)
+
+
+def test_settings_are_canonical(models):
+    s = ui.parse_settings(models, model="ddpm", digit=3, guidance=5, routing="soft", eta=0.5, sampler="euler")
+    assert (s.digit, s.guidance, s.routing, s.eta) == (None, 2.0, "gated", 0.0)
+    s = ui.parse_settings(models, model="cfg", digit="4", seed="  17 ", steps="8", n=2.0, sampler="DDIM", eta="0.25")
+    assert (s.digit, s.seed, s.steps, s.n, s.sampler, s.eta) == (4, 17, 8, 2, "ddim", 0.25)
+    assert ui.settings_from_json(models, s.to_json()) == s
+    with pytest.raises(ValueError, match="not valid JSON"):
+        ui.settings_from_json(models, "{")
+
+
+def test_user_errors_wraps_functions_and_generators():
+    import gradio as gr
+
+    @ui.user_errors
+    def bad(x):
+        raise ValueError(f"bad {x}")
+
+    @ui.user_errors
+    def bad_gen():
+        yield 1
+        raise RuntimeError("boom")
+
+    with pytest.raises(gr.Error, match="bad 3"):
+        bad(3)
+    g = bad_gen()
+    assert next(g) == 1
+    with pytest.raises(gr.Error, match="internal error.*boom"):
+        next(g)
+
+
+def test_grid_upscale_and_split_round_trip():
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 4, 5, 16):
+        imgs = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        rows, cols = ui.grid_shape(n)
+        assert rows * cols >= n and cols - rows in (0, 1)
+        grid = ui.render_grid(imgs)
+        assert grid.shape == (rows * 224 + (rows - 1) * ui.GAP, cols * 224 + (cols - 1) * ui.GAP)
+        assert np.array_equal(ui.split_grid(grid, n), imgs)
+        assert np.array_equal(ui.split_grid(ui.decode_png(ui.png_bytes(grid)), n), imgs)
+    up = ui.upscale(imgs[0], 3)
+    assert up.shape == (84, 84) and np.array_equal(up[::3, ::3], imgs[0]) and np.array_equal(up[2::3, 1::3], imgs[0])
+    framed = ui.render_grid(imgs[:2], 2, border=["#0072B2", None], border_width=3)
+    assert framed.shape == (56 + 6, 2 * 56 + ui.GAP + 6, 3)
+    assert tuple(framed[0, 0]) == (0, 0x72, 0xB2)
+
+
+def test_throttle():
+    t = [0.0]
+    th = ui.Throttle(0.1, clock=lambda: t[0])
+    passed = []
+    for i in range(20):
+        passed.append(th.ready())
+        t[0] += 0.03
+    assert passed[0] and sum(passed) == 5  # t = 0, 0.12, 0.24, 0.36, 0.48
+    assert th.ready(force=True)
+
+
+def _run(registry, models, **fields):
+    s = ui.parse_settings(models, **fields)
+    updates = list(ui.stream(registry, s, models[s.model], min_interval=0.0))
+    return s, updates
+
+
+@pytest.mark.parametrize("fields", [
+    dict(model="cfg", digit=None, n=3, steps=5, seed=1),
+    dict(model="mcl", routing="soft", n=2, steps=4, seed=2),
+    dict(model="mcl", routing="heuristic", n=1, steps=3, sampler="heun"),
+    dict(model="ddpm", steps=3, sampler="ddpm", seed=3),
+])
+def test_stream_final_image_is_pipeline_output(registry, models, fields):
+    s, updates = _run(registry, models, **fields)
+    # noise frame, steps-1 live frames (throttle off), the final update, the extras
+    assert len(updates) == 1 + (s.steps - 1) + 2
+    assert updates[0]["denoised"] is None and "Pure noise" in updates[0]["status"]
+    final = updates[-2]
+    model, gate = registry.for_settings(s)
+    expected = generate(Settings(**s.to_dict()), model, gate).images.numpy()
+    assert np.array_equal(ui.split_grid(final["final"], s.n), expected)
+    assert ui.Settings.from_json(final["settings_json"]) == s
+    assert ui.settings_from_query(models, final["share_query"])[0] == s
+    extras = updates[-1]
+    assert extras["filmstrip"].ndim == 3 and extras["filmstrip"].shape[2] == 3
+    with Image.open(extras["gif"]) as gif:
+        frames = gif.n_frames
+    assert 2 <= frames <= 1 + s.steps  # noise + every step (PIL merges identical consecutive frames)
+    assert [p.rsplit("/", 1)[-1] for p in extras["downloads"]] == ["samples.png", "trajectory.gif", "settings.json"]
+    assert np.array_equal(ui.split_grid(ui.decode_png(open(extras["downloads"][0], "rb").read()), s.n), expected)
+    if s.model == "mcl":
+        fig = extras["chart"]
+        assert len(fig.axes) == (2 if s.routing == "soft" else 1)
+    else:
+        assert extras["chart"] is None
+
+
+def test_generate_image_is_deterministic(registry, models):
+    s = ui.parse_settings(models, model="cfg", digit=5, n=2, steps=3, seed=11)
+    a = ui.png_bytes(ui.generate_image(registry, s, models["cfg"]))
+    b = ui.png_bytes(ui.generate_image(registry, s, models["cfg"]))
+    assert a == b
+
+
+def test_expert_chart_data():
+    experts = np.array([[0, 0, 1, 2], [1, 1, 1, 1], [2, 0, 2, 2]])
+    shares = ui.expert_usage(experts, 3)
+    assert np.allclose(shares, [[0.5, 0.25, 0.25], [0, 1, 0], [0.25, 0, 0.75]])
+    assert np.allclose(shares.sum(1), 1)
+    probs = np.zeros((2, 2, 3))
+    probs[0, 0] = [1, 0, 0]
+    probs[0, 1] = [0, 1, 0]
+    probs[1, :] = [0.2, 0.3, 0.5]
+    assert np.allclose(ui.mean_gate_probs(probs), [[0.5, 0.5, 0], [0.2, 0.3, 0.5]])
+
+
+def test_filmstrip_and_gif_shapes():
+    rng = np.random.default_rng(1)
+    S, n = 20, 3
+    rec = ui.Recording(noise=rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
+                       x=[rng.integers(0, 256, (n, 28, 28), dtype=np.uint8) for _ in range(S)],
+                       denoised=[rng.integers(0, 256, (n, 28, 28), dtype=np.uint8) for _ in range(S)],
+                       sigmas=list(np.linspace(10, 0, S)), experts=rng.integers(0, 3, (S, n)), gate_probs=None, num_experts=3)
+    strip = ui.filmstrip(rec, columns=8)
+    assert strip.shape[2] == 3 and strip.shape[1] > strip.shape[0]  # 8 columns, 3 rows
+    assert ui.snapshot_indices(S, 7) == [0, 3, 6, 10, 13, 16, 19]
+    frames = ui.gif_frames(rec, max_frames=10)
+    assert len(frames) == 11 and frames[0].shape == frames[-1].shape and frames[0].ndim == 3
+    data = ui.write_gif(frames)
+    with Image.open(io.BytesIO(data)) as gif:
+        assert gif.n_frames == 11 and gif.info.get("loop") == 0
+
+
+def test_compare(registry, models):
+    base = ui.parse_settings(models, model="mcl", steps=4, seed=3)
+    rows = ui.parse_compare(models, base, "routing", "expert:0, gated, gated, pooled")
+    assert [r.routing for r in rows] == ["expert:0", "gated", "pooled"] and all(r.n == 1 for r in rows)
+    img, meta = ui.compare(registry, rows, "routing", columns=5)
+    assert img.ndim == 3 and img.shape[0] > img.shape[1] / 3 and meta["axis"] == "routing" and len(meta["rows"]) == 3
+    img2, _ = ui.compare(registry, rows, "routing", columns=5)
+    assert np.array_equal(img, img2)
+    cfg = ui.parse_settings(models, model="cfg", steps=3, digit=2)
+    assert [r.guidance for r in ui.parse_compare(models, cfg, "guidance", None)] == [0, 1, 2, 4, 8]
+    assert [r.sampler for r in ui.parse_compare(models, cfg, "sampler", ["euler", "heun"])] == ["euler", "heun"]
+    with pytest.raises(ValueError, match="needs the MCL model"):
+        ui.parse_compare(models, cfg, "routing", "gated")
+    with pytest.raises(ValueError, match="class-conditional"):
+        ui.parse_compare(models, ui.parse_settings(models, model="ddpm"), "guidance", "1, 2")
+    with pytest.raises(ValueError, match="compare value 'nan'.*finite"):
+        ui.parse_compare(models, cfg, "guidance", "1, nan")
+    with pytest.raises(ValueError, match="at most 12"):
+        ui.parse_compare(models, cfg, "guidance", ",".join(str(g) for g in range(13)))
+    with pytest.raises(ValueError, match="unknown compare axis"):
+        ui.parse_compare(models, cfg, "colour", "red")
+
+
+def test_model_cards(registry):
+    html = ui.model_cards(registry)
+    for name in ("DDPM", "CFG", "MCL", "Gating network", "Classifier"):
+        assert name in html
+    card = ui.model_card("mcl", registry.available()["mcl"])
+    overview = dict(card["sections"][0][1])
+    assert int(overview["parameters"].replace(",", "")) == registry.get("mcl").num_parameters
+    assert overview["experts"] == "3" and "ddpm_eps" in overview["objective"]
+    assert dict(card["sections"][1][1])["note"] == "tiny random test model"
+
+
+def test_output_files(tmp_path):
+    files = ui.OutputFiles(tmp_path)
+    a = files.write("x.json", b"{}")
+    assert files.write("x.json", b"{}") == a and open(a, "rb").read() == b"{}"
+    assert files.write("x.json", b"[]") != a
+
+
+def test_initial_noise_matches_pipeline(registry, models):
+    s = ui.parse_settings(models, model="ddpm", steps=2, seed=42, n=2)
+    g = torch.Generator().manual_seed(42)
+    expected = ((torch.randn((2, 1, 28, 28), generator=g).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0]
+    assert np.array_equal(ui.initial_noise(s), expected.numpy())
+    assert math.isclose(float(ui.vp_frame(torch.zeros(1, 1, 28, 28), 3.0).mean()), 127.5, abs_tol=0.6)
