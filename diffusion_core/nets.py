@@ -6,7 +6,7 @@ metadata and rebuilt without unpickling anything (see ``diffusion_core.checkpoin
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -68,8 +68,24 @@ class SelfAttention(nn.Module):
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, hgt, wid))
 
 
+class _Config:
+    """dict round trip for the network configs stored in checkpoint metadata."""
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
 @dataclass
-class UNetConfig:
+class UNetConfig(_Config):
     in_channels: int = 1
     base_channels: int = 32
     channel_mults: tuple = (1, 2, 2)
@@ -78,21 +94,6 @@ class UNetConfig:
     num_classes: int | None = None  # class-conditional when set; label == num_classes is the "null" class
     dropout: float = 0.0
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "UNetConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown UNet config keys: {sorted(unknown)}")
-        d = dict(d)
-        if "channel_mults" in d:
-            d["channel_mults"] = tuple(d["channel_mults"])
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["channel_mults"] = list(self.channel_mults)
-        return d
 
 
 class UNet(nn.Module):
@@ -166,16 +167,9 @@ class UNet(nn.Module):
 
 
 @dataclass
-class GatingConfig:
+class GatingConfig(_Config):
     num_experts: int = 5
     channels: int = 32
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "GatingConfig":
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def gating_inputs(x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,17 +207,10 @@ class GatingNet(nn.Module):
 
 
 @dataclass
-class ClassifierConfig:
+class ClassifierConfig(_Config):
     channels: int = 32
     feature_dim: int = 128
     num_classes: int = 10
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ClassifierConfig":
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class Classifier(nn.Module):
