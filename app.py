@@ -279,7 +279,8 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
     a_button.click(run_compare, [a_axis, a_values] + api_controls[:-1], [a_image, a_settings], api_name="compare", concurrency_id=SAMPLING)
 
 demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
-LAUNCH_KWARGS = dict(css=CSS, theme=gr.themes.Soft(primary_hue="indigo"), footer_links=["api", "gradio"])
+# show_error: an unexpected error inside Gradio itself reaches the caller as its message, not as a bare failure.
+LAUNCH_KWARGS = dict(css=CSS, theme=gr.themes.Soft(primary_hue="indigo"), footer_links=["api", "gradio"], show_error=True)
 
 if __name__ == "__main__":
     demo.launch(**LAUNCH_KWARGS)

@@ -21,10 +21,18 @@ from diffusion_core.registry import ModelRegistry  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def client(tiny_checkpoints, tmp_path_factory):
-    log = tmp_path_factory.mktemp("app") / "app.log"
-    with running_app(tiny_checkpoints, log) as url:
+def app_log(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("app") / "app.log"
+
+
+@pytest.fixture(scope="module")
+def client(tiny_checkpoints, app_log, tmp_path_factory):
+    with running_app(tiny_checkpoints, app_log) as url:
         yield Client(url, verbose=False, download_files=str(tmp_path_factory.mktemp("downloads")))
+
+
+def _log_tail(path: Path, chars: int = 4000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.is_file() else "(no server log)"
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +89,12 @@ def test_compare(client, kwargs, rows):
     assert Path(again).read_bytes() == Path(path).read_bytes()
 
 
-def test_streaming_endpoint_yields_frames(client):
+def test_streaming_endpoint_yields_frames(client, app_log):
     job = client.submit("cfg", "3", 2.0, "euler", 6, 0.0, "gated", "5", 1, api_name="/generate_stream")
-    job.result(timeout=120)
+    try:
+        job.result(timeout=120)
+    except Exception as e:  # noqa: BLE001 - show what the server said
+        pytest.fail(f"/generate_stream failed: {e}\nserver log:\n{_log_tail(app_log)}")
     outputs = job.outputs()
     assert len(outputs) >= 3  # the noise frame, the final image, the extras (live frames are throttled)
     final = [o for o in outputs if o[3] is not None]
