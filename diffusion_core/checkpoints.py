@@ -74,6 +74,20 @@ def save_checkpoint(path, tensors: dict[str, torch.Tensor], config: dict, half: 
 
 def load_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict]:
     """Read and verify a checkpoint; returns (tensors as float32 where floating, config)."""
+    tensors, config = _read_verified(path)
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items()}, config
+
+
+def update_config(path, changes: dict) -> Path:
+    """Rewrite a checkpoint's config with ``changes`` merged in at the top level (e.g. the
+    ``quality`` that ``python -m diffusion_core.evaluate --record-quality`` measured). The file is
+    verified first; its tensors are written back as stored (same dtypes, same digest)."""
+    tensors, config = _read_verified(path)
+    return save_checkpoint(path, tensors, dict(config, **changes))
+
+
+def _read_verified(path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors as stored and the config of a checkpoint, after every check ``load_checkpoint`` names."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(path, "file not found")
@@ -115,7 +129,8 @@ def load_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict]:
         config = json.loads(meta["config"])
     except (KeyError, json.JSONDecodeError):
         raise CheckpointError(path, "corrupted: config metadata missing or not valid JSON") from None
-    tensors = {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items()}
+    if not isinstance(config, dict):
+        raise CheckpointError(path, "corrupted: config metadata is not a JSON object")
     return tensors, config
 
 

@@ -52,6 +52,7 @@ from typing import Callable, Iterable
 import torch
 
 from . import metrics
+from .checkpoints import update_config
 from .data import MNISTNotFound, load_mnist
 from .mcl import make_router
 from .models import LoadedModel, load_model
@@ -103,6 +104,7 @@ class EvalConfig:
     out_dir: str = "assets"
     figures: bool = True
     fid_inception: bool = False
+    record_quality: bool = False  # write each model's headline row into its checkpoint's metadata
 
     def validate(self) -> "EvalConfig":
         bad = [m for m in self.models if m not in DIFFUSION_MODELS]
@@ -836,6 +838,10 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = _log, command: str | 
         figures = make_figures(cfg, models, records, sweep_records, floors, expert_preds, out_dir, device, log)
         log(f"figures: {len(figures)} written to {out_dir} ({time.perf_counter() - t0:.1f} s)")
 
+    recorded = record_quality(records, models.paths, command) if cfg.record_quality else {}
+    for name, row in recorded.items():
+        log(f"recorded the quality of row {row!r} in {models.paths[name]}")
+
     results = {
         "format": "diffusion_core.evaluate/1",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -849,6 +855,7 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = _log, command: str | 
         "rows": records,
         "sweep": sweep_records,
         "figures": figures,
+        "recorded_quality": recorded,
         "seconds": time.perf_counter() - t_all,
     }
     results = _finite(results)
@@ -856,6 +863,40 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = _log, command: str | 
         json.dump(results, f, indent=1, allow_nan=False)
     (out_dir / "results.md").write_text(results_markdown(results) + "\n")
     return results
+
+
+HEADLINE_ROWS = {"ddpm": ("ddpm",), "cfg": (f"cfg g={Settings().guidance:g}",), "mcl": (f"mcl {Settings().routing}", "mcl heuristic")}
+
+
+def quality_summary(record: dict, command: str) -> dict:
+    """The numbers of one result row, as a model card shows them."""
+    m, s = record["metrics"], record["settings"]
+    how = f"{s['sampler']}, {s['steps']} steps, {s['n']} samples, seed {s['seed']}"
+    if record["group"] == "cfg":
+        how += f", guidance {s['guidance']:g}"
+    if record["group"] == "mcl":
+        how += f", {s['routing']} routing"
+    q = {"measured on": how, "Frechet distance": round(m["frechet"], 3), "real-data floor": round(m["frechet_floor"], 3),
+         "distance / floor": None if m["frechet_ratio"] is None else round(m["frechet_ratio"], 2),
+         "precision": round(m["precision"], 3), "recall": round(m["recall"], 3)}
+    if m["accuracy"] is not None:
+        q["digit accuracy"] = round(m["accuracy"], 4)
+    q.update({"class entropy": round(m["entropy"], 3), "confidence > 0.9": round(m["confident"], 3), "command": command})
+    return q
+
+
+def record_quality(records: list[dict], paths: dict, command: str) -> dict[str, str]:
+    """Write each diffusion model's headline row (DDPM; CFG at the app's default guidance; MCL with
+    the app's default routing) into its checkpoint's ``quality`` metadata, which the app's model
+    cards show. Returns {model: row name} for the checkpoints updated."""
+    by_name = {r["name"]: r for r in records}
+    done = {}
+    for model, candidates in HEADLINE_ROWS.items():
+        row = next((by_name[c] for c in candidates if c in by_name), None)
+        if row is not None and model in paths:
+            update_config(paths[model], {"quality": quality_summary(row, command)})
+            done[model] = row["name"]
+    return done
 
 
 def results_markdown(results: dict) -> str:
@@ -967,6 +1008,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--figures", action=argparse.BooleanOptionalAction, default=True, help="write the figures (default yes)")
     p.add_argument("--quick", action="store_true", help="small sample counts for a fast check")
     p.add_argument("--fid-inception", action="store_true", help="also InceptionV3 FID, if torchvision's weights are in the local torch hub cache (never downloads)")
+    p.add_argument("--record-quality", action="store_true", help="write each model's headline row (ddpm; cfg at the app's default "
+                   "guidance; mcl with its default routing) into the checkpoint's metadata, for the app's model cards")
     return p
 
 
@@ -992,6 +1035,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         out_dir=args.out_dir,
         figures=args.figures,
         fid_inception=args.fid_inception,
+        record_quality=args.record_quality,
         **sizes,
     )
 

@@ -356,3 +356,29 @@ def test_read_config_without_loading(saved):
     with pytest.raises(CheckpointError) as e:
         checkpoints.read_config(path)
     assert str(path) in str(e.value)
+
+
+def test_update_config_keeps_tensors_as_stored(tmp_path):
+    """Recording measured quality rewrites the config only: fp16 tensors stay fp16, bit for bit."""
+    from safetensors import safe_open
+
+    path = save_checkpoint(tmp_path / "h.safetensors", small_tensors(), {"model": "ddpm", "training": {"epochs": 1}}, half=True)
+    before = {k: v for k, v in load_checkpoint(path)[0].items()}
+    size = path.stat().st_size
+    checkpoints.update_config(path, {"quality": {"frechet": 1.5}})
+    tensors, config = load_checkpoint(path)
+    assert config == {"model": "ddpm", "training": {"epochs": 1}, "quality": {"frechet": 1.5}}
+    assert all(torch.equal(tensors[k], before[k]) for k in before)
+    with safe_open(str(path), "pt") as f:
+        assert f.get_tensor("w").dtype == torch.float16
+    assert abs(path.stat().st_size - size) < 200  # not widened to fp32
+
+
+def test_update_config_refuses_a_corrupted_file(saved):
+    path, _ = saved
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupted"):
+        checkpoints.update_config(path, {"quality": {}})
+    assert path.read_bytes() == bytes(data)  # left as it was

@@ -170,8 +170,9 @@ N, STEPS, BATCH = 40, 3, 30  # two batches per main row (30 + 10)
 @pytest.fixture(scope="module")
 def small_run(tiny_checkpoints, mnist_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
+    ckpt = shutil.copytree(tiny_checkpoints, out / "checkpoints")  # --record-quality writes to them
     argv = [
-        "--checkpoint-dir", str(tiny_checkpoints), "--data-dir", str(mnist_root), "--out-dir", str(out),
+        "--checkpoint-dir", str(ckpt), "--data-dir", str(mnist_root), "--out-dir", str(out), "--record-quality",
         "--device", "cpu", "--n", str(N), "--steps", str(STEPS), "--batch-size", str(BATCH),
         "--samplers", "dpmpp_2m,heun", "--sweep-steps", "2,3", "--sweep-n", "20",
         "--guidance-scales", "0,2", "--diversity-n", "20", "--usage-n", "16", "--seed", "5",
@@ -222,6 +223,27 @@ def test_small_run_rows_metrics_and_figures(small_run, capsys):
     assert all(math.isfinite(r["metrics"]["fid_inception"]) for r in on_disk["rows"])
     assert all("fid_inception" not in r["metrics"] for r in on_disk["sweep"])
     assert (out / "results.md").read_text().count("| mcl ") == 2 * 7  # the main table and the InceptionV3 FID table
+
+
+def test_record_quality_reaches_the_model_cards(small_run, tiny_checkpoints):
+    from diffusion_core import ui
+    from diffusion_core.checkpoints import load_checkpoint
+
+    results, out, _ = small_run
+    assert results["recorded_quality"] == {"ddpm": "ddpm", "cfg": "cfg g=2", "mcl": "mcl gated"}
+    rows = {r["name"]: r for r in results["rows"]}
+    for model, row in results["recorded_quality"].items():
+        path = out / "checkpoints" / f"{model}.safetensors"
+        q = load_checkpoint(path)[1]["quality"]
+        assert q["Frechet distance"] == round(rows[row]["metrics"]["frechet"], 3)
+        assert q["command"].startswith("python -m diffusion_core.evaluate") and "--record-quality" in q["command"]
+        assert ("digit accuracy" in q) == (model == "cfg")
+        # The tensors are those that were evaluated, unchanged.
+        new, old = load_checkpoint(path)[0], load_checkpoint(tiny_checkpoints / f"{model}.safetensors")[0]
+        assert new.keys() == old.keys() and all(torch.equal(new[k], old[k]) for k in old)
+        card = dict(ui.model_card(model, path)["sections"])["Measured quality"]
+        assert ("Frechet distance", f"{q['Frechet distance']:.4g}") in card
+    assert "quality" not in load_checkpoint(tiny_checkpoints / "cfg.safetensors")[1]  # the originals are untouched
 
 
 def test_small_run_prints_markdown_table(small_run, capsys):
