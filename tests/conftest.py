@@ -47,6 +47,16 @@ def make_tiny_checkpoints(directory: Path, num_experts: int = 3, seed: int = 0) 
     return directory
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tests on tiny tensors: there thread-pool overhead dominates,
+    badly so on a loaded 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> Path:
     """A folder with tiny random ddpm/cfg/mcl/gating/classifier checkpoints (K=3 experts)."""

@@ -22,7 +22,8 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 # diffusers 0.42 + numpy 2 warn inside set_timesteps (np.array on a tensor); not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+              pytest.mark.usefixtures("one_torch_thread")]  # tiny tensors: one thread is faster
 
 from diffusion_core.denoisers import EpsDenoiser  # noqa: E402
 from diffusion_core.objectives import DiscreteSchedule  # noqa: E402
@@ -38,15 +39,6 @@ SHAPE = (2, 1, 8, 8)
 # Our DiscreteSchedule() default. Spelled out: some diffusers schedulers (Heun) default to
 # Stable Diffusion's betas instead.
 BETAS = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # A tiny network: thread-pool overhead dominates, badly so on a loaded 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_unet():

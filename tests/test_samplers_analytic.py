@@ -24,13 +24,7 @@ from analytic import GaussianDenoiser, PointMixtureDenoiser
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: thread-pool overhead dominates, badly so on a loaded 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: one thread is faster
 
 
 def _gen(seed=0):
