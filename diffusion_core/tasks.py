@@ -176,7 +176,7 @@ class MCLTask(DiffusionTask):
             expert = copy.deepcopy(self.init_net)
             with torch.no_grad():
                 for p in expert.parameters():
-                    p.add_(self.args.init_noise * p.std().nan_to_num(0) * torch.randn_like(p))
+                    p.add_(self.args.init_noise * p.std(correction=0) * torch.randn_like(p))
             experts.append(expert)
         return Ensemble(experts)
 
