@@ -970,6 +970,7 @@ def make_figures(cfg: EvalConfig, models: Models, records, sweep_records, floors
 
 
 QUICK = {"n": 500, "sweep_n": 200, "diversity_n": 200, "usage_n": 64}
+CPU_BATCH = 100  # on a CPU, batches of 1000 take twice as long per image as batches of 100 (page faults)
 
 
 def _csv(cast):
@@ -999,7 +1000,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-n", type=int, default=None, help=f"samples per sweep row, 0 for no sweep (default {d.sweep_n}; {QUICK['sweep_n']} with --quick)")
     p.add_argument("--diversity-n", type=int, default=None, help=f"images per expert in the digit-histogram figure (default {d.diversity_n}; {QUICK['diversity_n']} with --quick)")
     p.add_argument("--usage-n", type=int, default=None, help=f"samples in the expert-usage figure (default {d.usage_n}; {QUICK['usage_n']} with --quick)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"images per sampling batch (default {d.batch_size}; batch i uses seed + i)")
+    p.add_argument("--batch-size", type=int, default=None, help=f"images per sampling batch; batch i uses seed + i (default {d.batch_size} "
+                   f"on CUDA, {CPU_BATCH} on the CPU, where larger batches are slower per image)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=None, help="cuda if available, else cpu")
     p.add_argument("--checkpoint-dir", default=None, help="folder with ddpm/cfg/mcl/gating/classifier.safetensors (default: checkpoints/ or $DIFFUSION_CHECKPOINT_DIR)")
@@ -1015,6 +1017,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
     d = EvalConfig()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     sizes = {}
     for name in QUICK:
         v = getattr(args, name)
@@ -1027,9 +1030,9 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         sweep_model=args.sweep_model,
         guidance_scales=args.guidance_scales,
         routings=args.routings,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size or (d.batch_size if device.startswith("cuda") else CPU_BATCH),
         seed=args.seed,
-        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        device=device,
         checkpoint_dir=args.checkpoint_dir,
         data_dir=args.data_dir,
         out_dir=args.out_dir,

@@ -273,3 +273,10 @@ def test_missing_gating_is_a_clear_error(tiny_checkpoints, tmp_path):
         ev.main(base)
     with pytest.raises(SystemExit, match="subset of ddpm,cfg,mcl"):
         ev.main(base + ["--models", "gan"])
+
+
+def test_default_batch_size_follows_the_device():
+    parse = lambda *a: ev.config_from_args(ev.build_parser().parse_args(list(a)))  # noqa: E731
+    assert parse("--device", "cpu").batch_size == ev.CPU_BATCH
+    assert parse("--device", "cuda").batch_size == ev.EvalConfig().batch_size == 1000
+    assert parse("--device", "cpu", "--batch-size", "250").batch_size == 250
