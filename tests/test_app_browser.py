@@ -139,6 +139,8 @@ def test_mcl_controls_chart_and_compare(server, page, tmp_path):
     assert page.locator("#routing").is_visible() and not page.locator("#digit").is_visible()
     page.locator("#chart").wait_for(state="visible")
     page.locator("#chart img").wait_for()
+    if os.environ.get("UPDATE_ASSETS") == "1":  # the README's MCL picture: live expert chart of three images
+        page.screenshot(path=str(ROOT / "assets" / "app_mcl.png"), full_page=True)
     page.get_by_role("tab", name="Compare").click()
     page.locator("#compare_btn").click()
     page.locator("#compare_img img").wait_for()
