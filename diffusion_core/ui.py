@@ -973,11 +973,20 @@ def model_card(name: str, path) -> dict:
     overview.append(("file", f"{path.name}, {path.stat().st_size / 1e6:.1f} MB"))
     tr = config.get("training") or {}
     training = []
-    for key, label in [("wall_time_s", "training time"), ("device", "device"), ("epochs", "epochs"), ("images", "images seen"),
-                       ("batch_size", "batch size"), ("lr", "learning rate"), ("p_uncond", "label dropout"), ("wta", "winner-takes-all"),
-                       ("ema_decay", "EMA decay")]:
+    for key, label in [("wall_time_s", "training time"), ("device", "device"), ("init", "started from"), ("epochs", "epochs"),
+                       ("steps", "optimizer steps"), ("images_seen", "images seen"), ("batch_size", "batch size"), ("lr", "learning rate"),
+                       ("p_uncond", "label dropout"), ("wta", "winner-takes-all"), ("ema_decay", "EMA decay")]:
         if tr.get(key) is not None:
-            training.append((label, _fmt_duration(tr[key]) if key == "wall_time_s" else _fmt_value(tr[key])))
+            value = tr[key]
+            if key == "wall_time_s":
+                value = _fmt_duration(value)
+            elif key == "init":
+                value = Path(str(value)).name
+            elif isinstance(value, int):
+                value = f"{value:,}"
+            else:
+                value = _fmt_value(value)
+            training.append((label, value))
     final = tr.get("final") or {}
     for key in ("loss", "accuracy"):
         if isinstance(final.get(key), (int, float)):

@@ -278,6 +278,18 @@ def test_model_cards(registry):
     assert dict(card["sections"][1][1])["note"] == "tiny random test model"
 
 
+def test_model_card_training_rows(tmp_path):
+    """What a card says of training comes from the checkpoint's metadata, labelled for what it is."""
+    from diffusion_core.checkpoints import save_checkpoint
+
+    training = {"wall_time_s": 437.1, "device": "CPU", "init": "checkpoints/cfg.safetensors", "epochs": 1, "steps": 400,
+                "images": 60000, "images_seen": 51200, "batch_size": 128, "lr": 5e-4}
+    path = save_checkpoint(tmp_path / "ddpm.safetensors", {"net.w": torch.zeros(3)}, {"model": "ddpm", "training": training})
+    rows = dict(dict(ui.model_card("ddpm", path)["sections"])["Training"])
+    assert rows["training time"] == "7.3 min" and rows["started from"] == "cfg.safetensors"
+    assert rows["optimizer steps"] == "400" and rows["images seen"] == "51,200" and rows["learning rate"] == "0.0005"
+
+
 def test_output_files(tmp_path):
     files = ui.OutputFiles(tmp_path)
     a = files.write("x.json", b"{}")
