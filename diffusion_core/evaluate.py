@@ -654,7 +654,7 @@ def plot_expert_usage(sigma: torch.Tensor, fractions: torch.Tensor, title: str =
     ax.set_ylim(0, 1)
     ax.set_xlabel("noise level σ (sampling proceeds left to right)")
     ax.set_ylabel("share of samples routed to the expert")
-    ax.set_title(title or "Temporal specialisation: the gated router's choice of expert")
+    fig.suptitle(title or "Temporal specialisation: the gated router's choice of expert", fontsize=11)  # spans the legend too
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     return fig
 
