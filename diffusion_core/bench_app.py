@@ -3,6 +3,7 @@
     python -m diffusion_core.bench_app                        # checkpoints/ (or $DIFFUSION_CHECKPOINT_DIR)
     python -m diffusion_core.bench_app --checkpoint-dir DIR --repeats 10 --json runs/bench_app.json
     python -m diffusion_core.bench_app --url http://127.0.0.1:7860/   # also through a running app's /generate
+    python -m diffusion_core.bench_app --url http://127.0.0.1:7860/ --browser   # ...and in headless Chromium
 
 Cases (models loaded and warmed up first; the median of ``--repeats`` runs):
 
@@ -11,6 +12,13 @@ Cases (models loaded and warmed up first; the median of ``--repeats`` runs):
   throttle, PNG encoding excluded: Gradio does that);
 * ten digits, one per class (n=10, digit cycling 0-9): time to the final image;
 * the same two through ``pipeline.generate`` alone (no frames rendered).
+
+With ``--url``, the same through a running app: ``/generate`` and the streaming event through
+``gradio_client`` (whose time to the first frame includes downloading the frame's PNG over a new
+connection before it yields), and with ``--browser`` what a visitor sees in headless Chromium
+(Playwright driving Debian's chromium, or ``$CHROMIUM_PATH``): from the click on Generate to the
+first frame's image loaded, and to the final image loaded. The browser runs on the same cores as
+the server here, unlike a visitor's.
 
 Targets (issue 4, the 2-core CPU of a free Space): final image <= 0.5 s, first frame <= 0.15 s,
 ten digits <= 1.2 s.
@@ -115,6 +123,69 @@ def bench_http(url: str, repeats: int = 5) -> dict:
     return out
 
 
+# Runs in the page: click Generate and poll (every 2 ms) for the first new, loaded frame in #noisy
+# and for the loaded #final image once the status, having left "Done", says "Done" again.
+_BROWSER_RUN = """() => {
+  window.__bench = {first: null, final: null};
+  const old = document.querySelector('#noisy img')?.src;
+  const t0 = performance.now();
+  let busy = false;
+  const timer = setInterval(() => {
+    const now = (performance.now() - t0) / 1000, t = window.__bench;
+    const a = document.querySelector('#noisy img');
+    if (t.first === null && a && a.src && a.src !== old && a.complete && a.naturalWidth) t.first = now;
+    const done = (document.querySelector('#status')?.innerText || '').includes('Done');
+    busy = busy || !done;
+    const b = document.querySelector('#final img');
+    if (t.final === null && busy && done && b && b.complete && b.naturalWidth) t.final = now;
+    if (t.first !== null && t.final !== null) clearInterval(timer);
+  }, 2);
+  document.querySelector('#run').click();
+}"""
+
+
+def bench_browser(url: str, repeats: int = 5, timeout_s: float = 60.0, browser=None) -> dict:
+    """Median seconds from the click on Generate to the first frame and to the final image, at the
+    app's defaults, in headless Chromium (one warm-up run first; each run has its own seed).
+    ``browser``: a Playwright browser to use (default: launch Chromium here)."""
+    if browser is None:
+        import shutil
+
+        from playwright.sync_api import sync_playwright
+
+        chromium = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or shutil.which("chromium-browser")
+        if not chromium:
+            raise SystemExit("--browser needs chromium (apt-get install chromium, or set CHROMIUM_PATH)")
+        with sync_playwright() as p:
+            launched = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-dev-shm-usage"])
+            try:
+                return bench_browser(url, repeats, timeout_s, launched)
+            finally:
+                launched.close()
+    page = browser.new_page()
+    runs = []
+    try:
+        page.goto(url)
+        for i in range(repeats + 1):
+            page.locator("#status").filter(has_text="Done").wait_for(timeout=timeout_s * 1000)
+            page.locator("#filmstrip img").wait_for(timeout=timeout_s * 1000)  # the event's last update is in
+            page.wait_for_timeout(300)
+            page.locator("#seed input").fill(str(1000 + i))
+            page.locator("#seed input").press("Tab")
+            page.evaluate(_BROWSER_RUN)
+            deadline = time.monotonic() + timeout_s
+            while not page.evaluate("() => window.__bench.first !== null && window.__bench.final !== null"):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"no final image in the browser within {timeout_s:.0f} s")
+                page.wait_for_timeout(20)
+            if i:  # the first run warms up
+                runs.append(page.evaluate("() => window.__bench"))
+    finally:
+        page.close()
+    return {"browser_first_frame_s": statistics.median(r["first"] for r in runs),
+            "browser_final_image_s": statistics.median(r["final"] for r in runs)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m diffusion_core.bench_app", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint-dir", help="default $DIFFUSION_CHECKPOINT_DIR or checkpoints/")
@@ -122,8 +193,11 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--url", help="also time /generate through a running app (gradio_client)")
+    p.add_argument("--browser", action="store_true", help="with --url: also time the page in headless Chromium (Playwright)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     args = p.parse_args(argv)
+    if args.browser and not args.url:
+        p.error("--browser needs --url")
     if args.threads:
         torch.set_num_threads(args.threads)
     registry = ModelRegistry(args.checkpoint_dir)
@@ -131,6 +205,8 @@ def main(argv=None) -> int:
     if args.url:
         for k, v in bench_http(args.url, args.repeats).items():
             rows[k].update(v)
+    if args.browser:
+        rows["one_digit"].update(bench_browser(args.url, args.repeats))
     one, ten = rows["one_digit"], rows["ten_digits"]
     checks = [
         ("one digit: first frame (noise)", one["app_first_frame_s"], TARGETS["first_frame_s"]),
@@ -145,6 +221,9 @@ def main(argv=None) -> int:
                    ("one digit: HTTP stream, final image", one["http_stream_final_image_s"], TARGETS["final_image_s"]),
                    ("one digit: HTTP /generate", one["http_generate_s"], TARGETS["final_image_s"]),
                    ("ten digits: HTTP /generate", ten["http_generate_s"], TARGETS["ten_digits_s"])]
+    if "browser_first_frame_s" in one:
+        checks += [("one digit: browser, first frame", one["browser_first_frame_s"], TARGETS["first_frame_s"]),
+                   ("one digit: browser, final image", one["browser_final_image_s"], TARGETS["final_image_s"])]
     s = one["settings"]
     print(f"model {args.model} ({registry.directory}), {s['sampler']}, {s['steps']} steps, guidance {s['guidance']:g}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; median of {args.repeats}")

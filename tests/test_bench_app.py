@@ -1,0 +1,25 @@
+"""The CPU benchmark script runs and reports what it says it does (no timing assertions: speed is
+recorded in README from the script's own runs, not checked here)."""
+from __future__ import annotations
+
+import pytest
+
+from diffusion_core import bench_app
+from diffusion_core.registry import ModelRegistry
+
+
+def test_bench_reports_every_case(tiny_checkpoints):
+    rows = bench_app.bench(ModelRegistry(tiny_checkpoints), repeats=1)
+    assert set(rows) == {"one_digit", "ten_digits"}
+    assert rows["one_digit"]["settings"]["n"] == 1 and rows["ten_digits"]["settings"]["n"] == 10
+    for row in rows.values():
+        first, step, final = row["app_first_frame_s"], row["app_first_step_frame_s"], row["app_final_image_s"]
+        assert 0 <= first <= step <= final and row["pipeline_generate_s"] > 0
+
+
+def test_bench_cli_errors(tiny_checkpoints, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_app.main(["--checkpoint-dir", str(tiny_checkpoints), "--browser"])
+    assert e.value.code == 2 and "--browser needs --url" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="model 'nope' not found"):
+        bench_app.main(["--checkpoint-dir", str(tiny_checkpoints), "--model", "nope", "--repeats", "1"])
