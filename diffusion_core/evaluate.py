@@ -865,7 +865,9 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = _log, command: str | 
     return results
 
 
-HEADLINE_ROWS = {"ddpm": ("ddpm",), "cfg": (f"cfg g={Settings().guidance:g}",), "mcl": (f"mcl {Settings().routing}", "mcl heuristic")}
+# Row names as main_rows writes them (the app's default guidance and routing first).
+HEADLINE_ROWS = {"ddpm": ("ddpm",), "cfg": (f"cfg g={Settings().guidance:g}",),
+                 "mcl": (f"mcl {routing_label(Settings().routing)}", "mcl heuristic")}
 
 
 def quality_summary(record: dict, command: str) -> dict:
