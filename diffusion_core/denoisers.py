@@ -76,3 +76,34 @@ class FlowDenoiser(Denoiser):
         x_t = x / _bcast(1 + sigma)
         v = self.net(x_t, 1000 * t, label)
         return x_t - _bcast(t) * v.to(x.dtype)
+
+
+def edm_time(sigma: torch.Tensor) -> torch.Tensor:
+    """The network's noise-level input for EDM: ``1000 * c_noise`` with ``c_noise = ln(sigma) / 4``
+    (Karras et al. 2022, Table 1), scaled to the range of DDPM timesteps our UNet embeds."""
+    return 250 * sigma.log()
+
+
+class EDMDenoiser(Denoiser):
+    """A network trained with EDM preconditioning (Karras et al. 2022, Table 1) as a denoiser:
+    ``D = c_skip x + c_out F(c_in x, 1000 c_noise, label)`` with ``c_skip = sd^2 / (sigma^2 + sd^2)``,
+    ``c_out = sigma sd / sqrt(sigma^2 + sd^2)``, ``c_in = 1 / sqrt(sigma^2 + sd^2)``, ``sd = sigma_data``."""
+
+    def __init__(self, net, sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0):
+        super().__init__()
+        self.net = net
+        self.sigma_data = sigma_data
+        self.sigma_min = sigma_min
+        self.sigma_max = sigma_max
+
+    def forward(self, x, sigma, label=None):
+        sigma = as_sigma_batch(sigma, x)
+        c_skip, c_out, c_in = edm_scalings(sigma, self.sigma_data)
+        f = self.net(x * _bcast(c_in), edm_time(sigma), label)
+        return _bcast(c_skip) * x + _bcast(c_out) * f.to(x.dtype)
+
+
+def edm_scalings(sigma: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(c_skip, c_out, c_in) of EDM's preconditioning, each of sigma's shape."""
+    total = sigma**2 + sigma_data**2
+    return sigma_data**2 / total, sigma * sigma_data / total.sqrt(), 1 / total.sqrt()

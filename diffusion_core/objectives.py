@@ -7,6 +7,11 @@ trained network into a denoiser ``D(x, sigma, label) -> x0`` (see ``diffusion_co
 * ``EpsilonObjective``: DDPM epsilon-prediction on a discrete schedule (Ho et al. 2020). The
   network sees ``x_t = sqrt(alphabar_t) x0 + sqrt(1 - alphabar_t) eps`` which is the sigma-space
   image scaled by ``1 / sqrt(sigma^2 + 1)`` with ``sigma_t = sqrt((1 - alphabar_t) / alphabar_t)``.
+  With ``min_snr_gamma`` the per-example loss is weighted by ``min(SNR, gamma) / SNR``
+  (Min-SNR-gamma, Hang et al. 2023; ``SNR = alphabar / (1 - alphabar) = 1 / sigma^2``).
+* ``EDMObjective``: Karras et al. 2022 (EDM): variance-exploding, ``sigma`` log-normal
+  (``ln sigma ~ N(P_mean, P_std^2)``), the network preconditioned (``EDMDenoiser``) and trained on
+  ``F_target = (x0 - c_skip x) / c_out``, which is EDM's loss weight ``lambda(sigma)`` on ``|D - x0|^2``.
 * ``FlowObjective``: rectified flow (velocity prediction, Liu et al. 2022):
   ``x_t = (1 - t) x0 + t eps``, target ``eps - x0``, which is sigma-space at ``sigma = t / (1 - t)``.
 """
@@ -17,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .denoisers import EpsDenoiser, FlowDenoiser
+from .denoisers import EDMDenoiser, EpsDenoiser, FlowDenoiser, edm_scalings, edm_time
 
 
 @dataclass
@@ -103,7 +108,13 @@ class Objective:
 
     def loss(self, net, batch: dict, label: torch.Tensor | None = None) -> torch.Tensor:
         """Per-example loss (B,) of ``net`` on a batch from ``training_batch``."""
-        return _per_example_mse(net(batch["net_input"], batch["net_time"], label), batch["target"])
+        return self.loss_from_prediction(net(batch["net_input"], batch["net_time"], label), batch)
+
+    def loss_from_prediction(self, pred: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Per-example loss (B,) of a network output ``pred`` (B, C, H, W) on ``batch``, with the
+        batch's per-example ``weight`` when it has one."""
+        loss = _per_example_mse(pred, batch["target"])
+        return loss * batch["weight"] if "weight" in batch else loss
 
     def denoiser(self, net):
         raise NotImplementedError
@@ -115,8 +126,11 @@ class Objective:
 class EpsilonObjective(Objective):
     name = "ddpm_eps"
 
-    def __init__(self, schedule: DiscreteSchedule | ScheduleConfig | dict | None = None):
+    def __init__(self, schedule: DiscreteSchedule | ScheduleConfig | dict | None = None, min_snr_gamma: float | None = None):
         self.schedule = schedule if isinstance(schedule, DiscreteSchedule) else DiscreteSchedule(schedule)
+        if min_snr_gamma is not None and not min_snr_gamma > 0:
+            raise ValueError(f"min_snr_gamma must be positive (got {min_snr_gamma})")
+        self.min_snr_gamma = min_snr_gamma
 
     def training_batch(self, x0, generator=None):
         n = x0.shape[0]
@@ -126,13 +140,48 @@ class EpsilonObjective(Objective):
         ab = self.schedule.alphas_cumprod.to(x0.device)[t].float()[:, None, None, None]
         x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
         sigma = self.schedule.sigmas.to(x0.device)[t].float()
-        return {"net_input": x_t, "net_time": t.float(), "target": noise, "sigma": sigma, "x_sigma": x0 + sigma[:, None, None, None] * noise}
+        batch = {"net_input": x_t, "net_time": t.float(), "target": noise, "sigma": sigma, "x_sigma": x0 + sigma[:, None, None, None] * noise}
+        if self.min_snr_gamma is not None:
+            snr = 1 / sigma.double() ** 2
+            batch["weight"] = (snr.clamp(max=self.min_snr_gamma) / snr).float()
+        return batch
 
     def denoiser(self, net):
         return EpsDenoiser(net, self.schedule)
 
     def to_dict(self):
-        return {"name": self.name, "schedule": asdict(self.schedule.config)}
+        d = {"name": self.name, "schedule": asdict(self.schedule.config)}
+        if self.min_snr_gamma is not None:
+            d["min_snr_gamma"] = self.min_snr_gamma
+        return d
+
+
+class EDMObjective(Objective):
+    """Karras et al. 2022 (EDM), variance exploding: see the module docstring."""
+
+    name = "edm"
+
+    def __init__(self, sigma_data: float = 0.5, p_mean: float = -1.2, p_std: float = 1.2, sigma_min: float = 0.002, sigma_max: float = 80.0):
+        if not (sigma_data > 0 and p_std > 0 and 0 < sigma_min < sigma_max):
+            raise ValueError(f"bad EDM settings: sigma_data={sigma_data}, p_std={p_std}, sigma range [{sigma_min}, {sigma_max}]")
+        self.sigma_data, self.p_mean, self.p_std = sigma_data, p_mean, p_std
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+
+    def training_batch(self, x0, generator=None):
+        n = x0.shape[0]
+        dev = generator.device if generator is not None else x0.device
+        sigma = (self.p_mean + self.p_std * torch.randn((n,), generator=generator, device=dev)).exp().to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=dev).to(x0.device, x0.dtype)
+        x = x0 + sigma[:, None, None, None] * noise
+        c_skip, c_out, c_in = (c[:, None, None, None] for c in edm_scalings(sigma, self.sigma_data))
+        return {"net_input": c_in * x, "net_time": edm_time(sigma), "target": (x0 - c_skip * x) / c_out, "sigma": sigma, "x_sigma": x}
+
+    def denoiser(self, net):
+        return EDMDenoiser(net, self.sigma_data, self.sigma_min, self.sigma_max)
+
+    def to_dict(self):
+        return {"name": self.name, "sigma_data": self.sigma_data, "p_mean": self.p_mean, "p_std": self.p_std,
+                "sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
 
 
 class FlowObjective(Objective):
@@ -167,7 +216,10 @@ def objective_from_dict(d: dict) -> Objective:
     d = dict(d)
     name = d.pop("name", None)
     if name == EpsilonObjective.name:
-        return EpsilonObjective(ScheduleConfig(**d.get("schedule", {})))
+        return EpsilonObjective(ScheduleConfig(**d.get("schedule", {})), d.get("min_snr_gamma"))
+    if name == EDMObjective.name:
+        return EDMObjective(**d)
     if name == FlowObjective.name:
         return FlowObjective(**d)
-    raise ValueError(f"unknown objective {name!r}; expected {EpsilonObjective.name!r} or {FlowObjective.name!r}")
+    names = [EpsilonObjective.name, EDMObjective.name, FlowObjective.name]
+    raise ValueError(f"unknown objective {name!r}; expected one of {names}")

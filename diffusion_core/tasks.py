@@ -14,7 +14,7 @@ from .guidance import CFGDenoiser
 from .mcl import WTA_MODES, ExpertRouter, GatedRouter, MCLDenoiser, annealed_temperature, win_counts, wta_loss
 from .models import load_model, save_model
 from .nets import Classifier, ClassifierConfig, GatingConfig, GatingNet, UNet, UNetConfig
-from .objectives import EpsilonObjective, FlowObjective, ScheduleConfig
+from .objectives import EDMObjective, EpsilonObjective, FlowObjective, ScheduleConfig
 from .samplers import get_sigmas, sample_dpmpp_2m
 from .training import Task, fail
 
@@ -45,7 +45,11 @@ def _sample(denoiser, n: int, label=None, steps: int = 16, seed: int = 0, device
 
 
 def add_diffusion_args(p):
-    p.add_argument("--objective", choices=["ddpm_eps", "rectified_flow"], default="ddpm_eps")
+    p.add_argument("--objective", choices=["ddpm_eps", "edm", "rectified_flow"], default="ddpm_eps",
+                   help="ddpm_eps: DDPM epsilon prediction on the discrete schedule; edm: Karras et al. 2022 "
+                        "(preconditioned, log-normal sigma, variance exploding 0.002..80); rectified_flow: velocity")
+    p.add_argument("--min-snr-gamma", type=float, default=None, metavar="GAMMA",
+                   help="ddpm_eps: weight each example's loss by min(SNR, GAMMA) / SNR (Min-SNR, Hang et al. 2023; 5 is usual)")
     p.add_argument("--schedule", choices=["linear", "cosine"], default="linear")
     p.add_argument("--timesteps", type=int, default=1000)
     p.add_argument("--beta-start", type=float, default=1e-4)
@@ -94,12 +98,16 @@ class DiffusionTask(Task):
         if conditional and not 0 <= args.p_uncond < 1:
             fail(f"--p-uncond must be in [0, 1) (got {args.p_uncond})", status=2)
         try:
+            if args.min_snr_gamma is not None and args.objective != "ddpm_eps":
+                raise ValueError("--min-snr-gamma applies to --objective ddpm_eps only")
             if args.objective == "ddpm_eps":
-                self.objective = EpsilonObjective(ScheduleConfig(args.schedule, args.timesteps, args.beta_start, args.beta_end))
+                self.objective = EpsilonObjective(ScheduleConfig(args.schedule, args.timesteps, args.beta_start, args.beta_end), args.min_snr_gamma)
+            elif args.objective == "edm":
+                self.objective = EDMObjective()
             else:
                 self.objective = FlowObjective()
         except ValueError as e:
-            fail(f"bad noise schedule: {e}", status=2)
+            fail(f"bad objective settings: {e}", status=2)
         self.init_net = None
         if getattr(args, "init", None):
             self.init_net, self.objective = unet_from_checkpoint(args.init, conditional)

@@ -63,7 +63,15 @@ def common_parser(description: str, **defaults) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--no-bf16", action="store_true", help="disable bf16 autocast on CUDA")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="autocast dtype of forward passes: auto is bf16 on CUDA and on CPUs with native bf16 "
+                        "(avx512_bf16 / amx_bf16 / arm bf16), fp32 elsewhere; losses, optimizer state and EMA stay fp32")
+    p.add_argument("--no-bf16", action="store_true", help="same as --precision fp32 (kept for older commands)")
+    p.add_argument("--recipe", choices=("auto", "cpu", "gpu"), default="auto",
+                   help="the script's defaults for a device: auto picks gpu on CUDA, cpu elsewhere; explicit flags still win")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop after this many minutes of training (time in the loop)")
+    p.add_argument("--snapshot-every", type=float, default=None, metavar="MIN",
+                   help="also export the EMA weights every MIN minutes of training time to <run-dir>/snapshots/ (for quality-vs-time curves)")
     p.add_argument("--data-dir", default=None, help="torchvision MNIST root (default $MNIST_DIR or ./data)")
     p.add_argument("--run-dir", default=None, help="logs, grids and resume state (default runs/<name>, runs/<name>-quick with --quick)")
     p.add_argument("--out", default=None, help="exported checkpoint (default checkpoints/<name>.safetensors, <run-dir>/<name>.safetensors with --quick)")
@@ -77,6 +85,53 @@ def common_parser(description: str, **defaults) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.set_defaults(**defaults)
     return p
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (x86 avx512_bf16 or AMX, Arm bf16). Elsewhere bf16
+    is emulated and slower than fp32, so ``--precision auto`` stays in fp32 there."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no cheap, reliable way to tell; stay with fp32
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` or ``fp32`` for ``device`` (see ``--precision``)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+
+
+def recipe_for(recipe: str, device: str | None) -> str:
+    """``auto`` -> ``gpu`` when training runs on CUDA (``--device``, else CUDA when available), else ``cpu``."""
+    if recipe != "auto":
+        return recipe
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return "gpu" if str(dev).startswith("cuda") else "cpu"
+
+
+def parse_args(parser: argparse.ArgumentParser, recipes: dict[str, dict], argv=None):
+    """Parse with the defaults of the recipe for the device (``--recipe``): ``recipes`` maps
+    ``cpu`` / ``gpu`` to parser defaults. Flags given on the command line override the recipe."""
+    pre, _ = parser.parse_known_args(argv)
+    name = recipe_for(pre.recipe, pre.device)
+    parser.set_defaults(**recipes.get(name, {}))
+    args = parser.parse_args(argv)
+    args.recipe = name
+    return args
 
 
 def apply_quick(args) -> None:
@@ -105,6 +160,10 @@ def check_args(args) -> None:
         bad.append(f"--lr must be positive (got {args.lr})")
     if not 0 <= args.ema_decay < 1:
         bad.append(f"--ema-decay must be in [0, 1) (got {args.ema_decay})")
+    for name in ("max_minutes", "snapshot_every"):
+        v = getattr(args, name, None)
+        if v is not None and not v > 0:
+            bad.append(f"--{name.replace('_', '-')} must be positive (got {v})")
     if not args.grad_clip > 0:
         bad.append(f"--grad-clip must be positive (got {args.grad_clip})")
     if bad:
@@ -274,7 +333,8 @@ def train(task: Task, args) -> dict:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     task.device = device
-    use_bf16 = device.type == "cuda" and not args.no_bf16
+    precision = resolve_precision("fp32" if args.no_bf16 else args.precision, device)
+    use_bf16 = precision == "bf16"
     memory_format = torch.channels_last
     default_dir = Path("runs") / (f"{task.name}-quick" if args.quick else task.name)
     run_dir = Path(args.run_dir or default_dir)
@@ -370,7 +430,7 @@ def train(task: Task, args) -> dict:
             atomic_torch_save(
                 {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                  "gen": gen.get_state(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                 "wall_s": wall_before + time.perf_counter() - t_start, "args": json.dumps(vars(args), default=str),
+                 "wall_s": wall_before + time.perf_counter() - t_start, "train_s": train_s, "args": json.dumps(vars(args), default=str),
                  "ranks": ranks},
                 state_path,
             )
@@ -385,11 +445,15 @@ def train(task: Task, args) -> dict:
     # -- the loop
     t_start = t_epoch = time.perf_counter()
     timed = 0  # steps of this epoch run by this process (for images/s after a resume)
+    train_s = float(st.get("train_s", wall_before)) if resumed else 0.0  # seconds inside the step loop (no grids, no saves)
+    next_snapshot = (math.floor(train_s / 60 / args.snapshot_every) + 1) * args.snapshot_every if args.snapshot_every else None
+    out_of_time = False
     bar = tqdm(total=total_steps, initial=step, disable=not is_main or args.no_progress, desc=task.name, dynamic_ncols=True)
     model.train()
     while step < total_steps:
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 7919 + epoch)).to(device)
-        while batch_in_epoch < steps_per_epoch and step < total_steps:
+        while batch_in_epoch < steps_per_epoch and step < total_steps and not out_of_time:
+            t_step = time.perf_counter()
             idx = shard_indices(perm, batch_in_epoch, rank, world, args.batch_size)
             x0, y = images[idx], labels[idx]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -411,8 +475,27 @@ def train(task: Task, args) -> dict:
                 bar.set_postfix(loss=f"{lv:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
                 log({"type": "step", "step": step, "epoch": epoch, "loss": lv, "grad_norm": float(grad_norm), "lr": sched.get_last_lr()[0]})
             bar.update(1)
+            train_s += time.perf_counter() - t_step
+            if args.max_minutes:
+                out_of_time = train_s >= 60 * args.max_minutes
+                if world > 1:  # rank 0's clock decides, so every rank stops at the same step
+                    flag = torch.tensor(float(out_of_time), device=device)
+                    dist.broadcast(flag, 0)
+                    out_of_time = bool(flag.item())
+            if next_snapshot is not None and train_s >= 60 * next_snapshot and is_main:
+                snap = run_dir / "snapshots" / f"{task.name}_min{next_snapshot:06.1f}.safetensors"
+                snap.parent.mkdir(exist_ok=True)
+                task.export(ema, snap, {"steps": step, "images_seen": step * per_step, "train_minutes": round(train_s / 60, 3), "snapshot": True})
+                log({"type": "snapshot", "step": step, "train_minutes": round(train_s / 60, 3), "path": str(snap)})
+                next_snapshot += args.snapshot_every
             if args.save_every and step % args.save_every == 0 and batch_in_epoch < steps_per_epoch:
                 save_state()
+
+        if out_of_time and batch_in_epoch < steps_per_epoch:  # --max-minutes, mid-epoch: resumable where it stopped
+            save_state()
+            if is_main:
+                bar.write(f"--max-minutes {args.max_minutes} reached at step {step}")
+            break
 
         # end of an epoch (or of the run, when --max-steps stops it early): sum over ranks, log
         if world > 1:
@@ -440,6 +523,8 @@ def train(task: Task, args) -> dict:
         sums, count, timed = {}, 0, 0
         save_state()
         t_epoch = time.perf_counter()
+        if out_of_time:
+            break
     bar.close()
 
     # -- export the EMA weights (rank 0), after checking that the replicas agree
@@ -454,7 +539,8 @@ def train(task: Task, args) -> dict:
     training = {
         "epochs": epoch, "steps": step, "batch_size": per_step, "lr": args.lr, "ema_decay": args.ema_decay,
         "seed": args.seed, "images": n, "images_seen": step * per_step, "wall_time_s": round(wall, 1), "device": device_name(device),
-        "world_size": world, "bf16": use_bf16, "torch": torch.__version__, "quick": bool(args.quick),
+        "world_size": world, "precision": precision, "bf16": use_bf16, "recipe": getattr(args, "recipe", None),
+        "train_time_s": round(train_s, 1), "torch": torch.__version__, "quick": bool(args.quick),
         "final": {k: v for k, v in last_record.items() if k not in ("type", "warnings")}, "args": _jsonable(args),
     }
     if is_main:
