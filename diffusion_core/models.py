@@ -50,6 +50,15 @@ class LoadedModel:
     def num_parameters(self) -> int:
         return sum(count_parameters(n) for n in self.nets)
 
+    @property
+    def win_rates(self) -> list[float] | None:
+        """MCL: each expert's share of wins in the last training epoch, from the checkpoint's
+        metadata (``training.final.win_rates``); None when it is not recorded."""
+        if self.kind != "mcl":
+            return None
+        rates = ((self.config.get("training") or {}).get("final") or {}).get("win_rates")
+        return None if rates is None else [float(r) for r in rates]
+
     def to(self, device) -> "LoadedModel":
         for n in self.nets:
             n.to(device)
@@ -57,12 +66,13 @@ class LoadedModel:
 
     def denoiser(self, guidance: float | None = None, routing: str | None = None, gate: nn.Module | None = None):
         """The model as a denoiser: CFG-wrapped for class-conditional models (guidance scale
-        ``guidance``), routed for MCL ensembles (``routing``, gated/soft need ``gate``)."""
+        ``guidance``), routed for MCL ensembles (``routing``; the routings that use the gating
+        network need ``gate``; the checkpoint's training win rates reach the router)."""
         if self.objective is None:
             raise ValueError(f"a {self.kind} model is not a diffusion model")
         if self.kind == "mcl":
             experts = [self.objective.denoiser(n) for n in self.nets]
-            den = MCLDenoiser(experts, make_router(routing or "gated", len(experts)), gate)
+            den = MCLDenoiser(experts, make_router(routing or "gated", len(experts), self.win_rates), gate)
         else:
             den = self.objective.denoiser(self.net)
         if self.num_classes:

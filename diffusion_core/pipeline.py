@@ -15,7 +15,7 @@ from typing import Iterator
 
 import torch
 
-from .mcl import make_router
+from .mcl import make_router, routing_needs_gate
 from .samplers import SAMPLERS, Step, get_sampler, get_sigmas
 
 MAX_SEED = 2**63 - 1
@@ -32,7 +32,7 @@ class Settings:
     n: int = 1
     digit: int | None = None  # CFG: the requested digit; None cycles 0-9
     guidance: float = 2.0  # CFG scale: 0 unconditional, 1 conditional, > 1 guided
-    routing: str = "gated"  # MCL: expert:K, heuristic, gated, soft, pooled
+    routing: str = "gated"  # MCL: expert:K, heuristic, gated, soft, pooled, sampled, winrate, x0gate, scout, sticky[:SIGMA]
     eta: float = 0.0  # DDIM stochasticity
 
     def validate(self, max_n: int = 10000, num_experts: int | None = None) -> "Settings":
@@ -125,7 +125,7 @@ def build_denoiser(settings: Settings, model, gate=None):
     """The denoiser for these settings from a ``LoadedModel`` (and gating net for MCL)."""
     if model.kind == "mcl":
         make_router(settings.routing, model.num_experts)  # index in range for this ensemble
-        if settings.routing in ("gated", "soft") and gate is None:
+        if routing_needs_gate(settings.routing) and gate is None:
             raise ValueError(f"routing {settings.routing!r} needs the gating checkpoint, which is not available")
     return model.denoiser(guidance=settings.guidance, routing=settings.routing, gate=gate)
 

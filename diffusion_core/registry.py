@@ -23,12 +23,13 @@ from pathlib import Path
 from torch import nn
 
 from .checkpoints import CheckpointError, checkpoint_dir, resolve_checkpoint
+from .mcl import ROUTINGS, routing_needs_gate
 from .models import LoadedModel, load_model
 
 DIFFUSION_MODELS = ("ddpm", "cfg", "mcl")  # what a person samples from
 AUXILIARY_MODELS = ("gating", "classifier")  # MCL's gating network; the metrics' classifier
 GATING = "gating"
-NEEDS_GATE = ("gated", "soft")  # MCL routings that use the gating network
+NEEDS_GATE = tuple(r for r in ROUTINGS if r != "expert:K" and routing_needs_gate(r))  # MCL routings that use the gating network
 
 
 @dataclass
@@ -129,7 +130,7 @@ class ModelRegistry:
         if model.kind not in DIFFUSION_MODELS:
             raise ValueError(f"{model.path} is a {model.kind} checkpoint, not a diffusion model ({', '.join(DIFFUSION_MODELS)})")
         gate = None
-        if model.kind == "mcl" and str(settings.routing).strip().lower() in NEEDS_GATE:
+        if model.kind == "mcl" and routing_needs_gate(settings.routing):
             try:
                 gate = self.gate_for(model, settings.model)
             except CheckpointError as e:
