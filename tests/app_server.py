@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
-from diffusion_core.loadtest import PROJECT_ROOT as ROOT
-from diffusion_core.loadtest import running_app as _running_app
+from benchmarks.loadtest import PROJECT_ROOT as ROOT
+from benchmarks.loadtest import running_app as _running_app
 
 __all__ = ["ROOT", "running_app"]
 

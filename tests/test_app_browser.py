@@ -159,7 +159,7 @@ def test_malformed_share_link_shows_error_and_app_still_works(server, page):
 
 def test_browser_benchmark_measures_a_visit(server, browser):
     """bench_app --browser against the live app: the first frame comes before the final image."""
-    from diffusion_core.bench_app import bench_browser
+    from benchmarks.bench_app import bench_browser
 
     r = bench_browser(server, repeats=1, browser=browser)
     assert 0 < r["browser_first_frame_s"] < r["browser_final_image_s"] < 60

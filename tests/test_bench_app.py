@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from diffusion_core import bench_app
+from benchmarks import bench_app
 from diffusion_core.registry import ModelRegistry
 
 

@@ -1,7 +1,7 @@
 """Load test of the app: concurrent gradio_client clients calling ``/generate`` on a local server.
 
-    python -m diffusion_core.loadtest                       # starts app.py on a free port, 20 clients x 5 requests
-    python -m diffusion_core.loadtest --url http://127.0.0.1:7860/ --clients 20 --requests 5 --json runs/loadtest.json
+    python -m benchmarks.loadtest                       # starts app.py on a free port, 20 clients x 5 requests
+    python -m benchmarks.loadtest --url http://127.0.0.1:7860/ --clients 20 --requests 5 --json runs/loadtest.json
 
 Every request uses the app's default settings with its own seed. Prints the number of errors and
 the p50/p95/max latency; exits with status 1 when any request failed.
@@ -134,7 +134,7 @@ def warm_up(url: str) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m diffusion_core.loadtest", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.loadtest", description=__doc__.splitlines()[0])
     p.add_argument("--url", help="a running app (default: start app.py on a free local port)")
     p.add_argument("--checkpoint-dir", help="checkpoints for the started app (default $DIFFUSION_CHECKPOINT_DIR or checkpoints/)")
     p.add_argument("--clients", type=int, default=20)

@@ -1,9 +1,9 @@
 """CPU benchmark of what a visitor of the app waits for, at the app's default settings.
 
-    python -m diffusion_core.bench_app                        # checkpoints/ (or $DIFFUSION_CHECKPOINT_DIR)
-    python -m diffusion_core.bench_app --checkpoint-dir DIR --repeats 10 --json runs/bench_app.json
-    python -m diffusion_core.bench_app --url http://127.0.0.1:7860/   # also through a running app's /generate
-    python -m diffusion_core.bench_app --url http://127.0.0.1:7860/ --browser   # ...and in headless Chromium
+    python -m benchmarks.bench_app                        # checkpoints/ (or $DIFFUSION_CHECKPOINT_DIR)
+    python -m benchmarks.bench_app --checkpoint-dir DIR --repeats 10 --json runs/bench_app.json
+    python -m benchmarks.bench_app --url http://127.0.0.1:7860/   # also through a running app's /generate
+    python -m benchmarks.bench_app --url http://127.0.0.1:7860/ --browser   # ...and in headless Chromium
 
 Cases (models loaded and warmed up first; the median of ``--repeats`` runs):
 
@@ -36,9 +36,9 @@ from pathlib import Path
 
 import torch
 
-from . import ui
-from .pipeline import Settings, generate
-from .registry import ModelRegistry
+from diffusion_core import ui
+from diffusion_core.pipeline import Settings, generate
+from diffusion_core.registry import ModelRegistry
 
 TARGETS = {"first_frame_s": 0.15, "final_image_s": 0.5, "ten_digits_s": 1.2}
 
@@ -187,7 +187,7 @@ def bench_browser(url: str, repeats: int = 5, timeout_s: float = 60.0, browser=N
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m diffusion_core.bench_app", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_app", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint-dir", help="default $DIFFUSION_CHECKPOINT_DIR or checkpoints/")
     p.add_argument("--model", default="cfg")
     p.add_argument("--repeats", type=int, default=5)

@@ -1,0 +1,45 @@
+"""The logic behind the Gradio app (``app.py`` only lays out components and wires events).
+
+Everything here is plain Python over numpy/PIL/matplotlib and is unit-tested without a browser.
+One module per tab plus the shared pieces; every public name is re-exported here, so
+``from diffusion_core import ui; ui.stream(...)`` is how the app and the tests reach them.
+
+* ``common``: the app's limits and labels, checkpoints on disk (``ModelInfo``,
+  ``available_models``), menus, which controls apply, validation (``parse_settings`` turns raw
+  control or API values into ``pipeline.Settings`` or raises ``ValueError`` with a message a
+  person can act on) and ``user_errors`` (those become ``gr.Error`` in Gradio handlers);
+* ``share``: Generate's share links (``share_query`` / ``settings_from_query``), which reproduce
+  the identical image;
+* ``render``: nearest-neighbour upscaling, image grids (``render_grid`` / ``split_grid``), live
+  frames, the filmstrip, the animated GIF, the expert-usage chart of MCL, ``OutputFiles``;
+* ``generate_tab``: ``stream`` runs a trajectory and yields throttled frame updates, then the
+  final results;
+* ``compare_tab``: one seed, several samplers / routings / guidance scales, as a grid of trajectories;
+* ``models_tab``: one card per checkpoint from its metadata.
+"""
+from __future__ import annotations
+
+from ..pipeline import Settings
+from .common import (BACKGROUND, CARD_TITLES, COMPARE_AXES, DEFAULT_GUIDANCES, GAP, MAX_COMPARE_ROWS, MAX_IMAGES, MAX_VALUE_CHARS,
+                     MODEL_BLURBS, MODEL_LABELS, ROUTING_LABELS, SAMPLER_LABELS, SCALE, SHARE_FIELDS, SHARE_VERSION, ModelInfo,
+                     Visibility, available_models, digit_choices, model_choices, model_info, parse_settings, random_seed,
+                     routing_choices, sampler_choices, settings_from_json, user_errors, visibility)
+from .compare_tab import compare, default_compare_values, parse_compare
+from .generate_tab import Throttle, cli_command, generate_image, stream
+from .models_tab import card_html, model_card, model_cards
+from .render import (OutputFiles, Recording, decode_png, expert_borders, expert_chart, expert_usage, filmstrip, frame_scale,
+                     gif_frames, grid_shape, hex_rgb, initial_noise, labelled_strip, mean_gate_probs, png_bytes, render_grid,
+                     snapshot_indices, split_grid, upscale, vp_frame, write_gif)
+from .share import settings_from_query, share_query
+
+__all__ = [
+    "Settings", "BACKGROUND", "CARD_TITLES", "COMPARE_AXES", "DEFAULT_GUIDANCES", "GAP", "MAX_COMPARE_ROWS", "MAX_IMAGES",
+    "MAX_VALUE_CHARS", "MODEL_BLURBS", "MODEL_LABELS", "ROUTING_LABELS", "SAMPLER_LABELS", "SCALE", "SHARE_FIELDS",
+    "SHARE_VERSION", "ModelInfo", "Visibility", "available_models", "digit_choices", "model_choices", "model_info",
+    "parse_settings", "random_seed", "routing_choices", "sampler_choices", "settings_from_json", "user_errors", "visibility",
+    "compare", "default_compare_values", "parse_compare", "Throttle", "cli_command", "generate_image", "stream", "card_html",
+    "model_card", "model_cards", "OutputFiles", "Recording", "decode_png", "expert_borders", "expert_chart", "expert_usage",
+    "filmstrip", "frame_scale", "gif_frames", "grid_shape", "hex_rgb", "initial_noise", "labelled_strip", "mean_gate_probs",
+    "png_bytes", "render_grid", "snapshot_indices", "split_grid", "upscale", "vp_frame", "write_gif", "settings_from_query",
+    "share_query",
+]

@@ -1,0 +1,264 @@
+"""Shared pieces of the app's logic: the app's limits and labels, what a checkpoint on disk is
+(``ModelInfo``, ``available_models``), the menus, which controls apply, validation of raw control
+or API values (``parse_settings``) and ``user_errors``, which turns bad input into ``gr.Error``."""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import math
+import secrets
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from ..checkpoints import CheckpointError, read_config
+from ..pipeline import Settings
+from ..samplers import SAMPLERS
+
+log = logging.getLogger(__name__)
+
+MAX_IMAGES = 16  # images per request in the app
+MAX_COMPARE_ROWS = 12
+SCALE = 8  # final images: each 28x28 sample becomes 224x224
+GAP = 4  # pixels between tiles of a grid (after upscaling)
+BACKGROUND = 255  # grid gaps
+SHARE_VERSION = "1"
+SHARE_FIELDS = ("model", "digit", "guidance", "sampler", "steps", "eta", "routing", "seed", "n")
+MAX_VALUE_CHARS = 64  # longer strings in a field are refused before parsing
+
+MODEL_LABELS = {
+    "ddpm": "DDPM (unconditional)",
+    "cfg": "CFG (choose a digit)",
+    "mcl": "MCL (ensemble of experts)",
+}
+CARD_TITLES = dict(MODEL_LABELS, gating="Gating network", classifier="Classifier")
+MODEL_BLURBS = {
+    "ddpm": "A denoising diffusion model trained on all digits; it draws a random digit.",
+    "cfg": "Class-conditional with classifier-free guidance: pick a digit and how strongly to steer towards it.",
+    "mcl": "Multiple Choice Learning: several expert denoisers, each specialised by winner-takes-all training; a router picks an expert at every step.",
+    "gating": "The gating network that routes MCL samples to experts (gated and soft routing).",
+    "classifier": "The MNIST classifier behind the quality metrics (accuracy, FID-style features).",
+}
+SAMPLER_LABELS = {
+    "dpmpp_2m": "DPM-Solver++ (2M)",
+    "ddim": "DDIM",
+    "ddpm": "DDPM (ancestral)",
+    "euler": "Euler",
+    "heun": "Heun (2nd order)",
+}
+ROUTING_LABELS = {
+    "gated": "gated: the gating network picks",
+    "soft": "soft: mixture weighted by the gate",
+    "heuristic": "heuristic: by noise level",
+    "pooled": "pooled: one random expert per image",
+}
+COMPARE_AXES = ("sampler", "routing", "guidance")
+DEFAULT_GUIDANCES = "0, 1, 2, 4, 8"
+
+
+# ---------------------------------------------------------------------------------------------
+# Models on disk
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the app needs to know about a checkpoint without loading its weights."""
+
+    name: str
+    kind: str
+    conditional: bool
+    num_experts: int
+    path: str
+
+    @property
+    def is_mcl(self) -> bool:
+        return self.kind == "mcl"
+
+
+_info_cache: dict[tuple, ModelInfo] = {}
+_info_lock = threading.Lock()
+
+
+def model_info(name: str, path) -> ModelInfo:
+    """``ModelInfo`` from a checkpoint's metadata (cached until the file changes)."""
+    path = Path(path)
+    st = path.stat()
+    key = (str(path), st.st_mtime_ns, st.st_size, name)
+    with _info_lock:
+        if key in _info_cache:
+            return _info_cache[key]
+    config = read_config(path)
+    kind = config.get("model", name)
+    net = config.get("network", {}).get("config", {})
+    info = ModelInfo(
+        name=name,
+        kind=kind,
+        conditional=bool(net.get("num_classes")) and kind != "classifier",
+        num_experts=int(config.get("num_experts", 1)) if kind == "mcl" else 1,
+        path=str(path),
+    )
+    with _info_lock:
+        _info_cache[key] = info
+    return info
+
+
+def available_models(registry) -> dict[str, ModelInfo]:
+    """The diffusion models a person can sample from, in the usual order: name -> ModelInfo."""
+    found = registry.available()
+    out = {}
+    for name in registry.available_diffusion_models():
+        try:
+            out[name] = model_info(name, found[name])
+        except (OSError, CheckpointError) as e:  # a file being rewritten, or broken: leave it out
+            log.warning("skipping checkpoint %s: %s", name, e)
+    return out
+
+
+def model_choices(models: Mapping[str, ModelInfo]) -> list[tuple[str, str]]:
+    return [(MODEL_LABELS.get(n, n), n) for n in models]
+
+
+def sampler_choices() -> list[tuple[str, str]]:
+    order = ["dpmpp_2m", "ddim", "ddpm", "euler", "heun"]
+    return [(SAMPLER_LABELS.get(s, s), s) for s in order if s in SAMPLERS]
+
+
+def routing_choices(num_experts: int) -> list[tuple[str, str]]:
+    named = [(ROUTING_LABELS[r], r) for r in ("gated", "soft", "heuristic", "pooled")]
+    return named + [(f"expert {k} only", f"expert:{k}") for k in range(num_experts)]
+
+
+def digit_choices() -> list[tuple[str, str]]:
+    return [("any", "any")] + [(str(d), str(d)) for d in range(10)]
+
+
+@dataclass(frozen=True)
+class Visibility:
+    """Which controls apply to a model and sampler."""
+
+    digit: bool
+    guidance: bool
+    routing: bool
+    eta: bool
+    num_experts: int
+
+
+def visibility(info: ModelInfo | None, sampler: str | None) -> Visibility:
+    cond = bool(info and info.conditional)
+    mcl = bool(info and info.is_mcl)
+    return Visibility(digit=cond, guidance=cond, routing=mcl, eta=sampler == "ddim", num_experts=info.num_experts if mcl else 0)
+
+
+def random_seed() -> int:
+    return secrets.randbelow(2**32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def _check_length(name: str, value) -> None:
+    if isinstance(value, str) and len(value) > MAX_VALUE_CHARS:
+        raise ValueError(f"{name} is too long ({len(value)} characters)")
+
+
+def _parse_digit(value):
+    if value is None:
+        return None
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in ("", "any", "none", "random", "all"):
+            return None
+        return v
+    if isinstance(value, float) and math.isnan(value):
+        raise ValueError("digit must be between 0 and 9 (or 'any'), got nan")
+    return value
+
+
+def _name(value, what: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a name, got {value!r}")
+    return value.strip().lower()
+
+
+def parse_settings(models: Mapping[str, ModelInfo], *, model=None, sampler=None, steps=None, seed=None, n=None,
+                   digit=None, guidance=None, routing=None, eta=None) -> Settings:
+    """Raw values from the controls, the API or a share link -> validated, canonical ``Settings``.
+
+    ``None`` means the default. Raises ``ValueError`` with a clear message. Settings that do not
+    apply to the model (digit and guidance without classes, routing outside MCL, eta outside
+    DDIM) are reset to their defaults, so equal images have equal settings.
+    """
+    d = Settings()
+    raw = dict(model=model, sampler=sampler, steps=steps, seed=seed, n=n, digit=digit, guidance=guidance, routing=routing, eta=eta)
+    for k, v in raw.items():
+        _check_length(k, v)
+    model = d.model if model is None else _name(model, "model")
+    if model not in models:
+        names = ", ".join(models) or "none (no checkpoints found)"
+        raise ValueError(f"unknown model {model!r}; available models: {names}")
+    info = models[model]
+    s = Settings(
+        model=model,
+        sampler=d.sampler if sampler is None else _name(sampler, "sampler"),
+        steps=d.steps if steps is None else steps,
+        seed=d.seed if seed is None else seed,
+        n=d.n if n is None else n,
+        digit=_parse_digit(digit),
+        guidance=d.guidance if guidance is None else guidance,
+        routing=d.routing if routing is None else _name(routing, "routing"),
+        eta=d.eta if eta is None else eta,
+    )
+    if isinstance(s.steps, (int, float)) and not isinstance(s.steps, bool) and math.isfinite(s.steps) and not float(s.steps).is_integer():
+        raise ValueError(f"steps must be a whole number, got {s.steps!r}")
+    s.validate(max_n=MAX_IMAGES, num_experts=info.num_experts if info.is_mcl else None)
+    if not info.conditional:
+        s.digit, s.guidance = d.digit, d.guidance
+    if not info.is_mcl:
+        s.routing = d.routing
+    if s.sampler != "ddim":
+        s.eta = d.eta
+    s.guidance, s.eta = float(s.guidance), float(s.eta)
+    return s
+
+
+def settings_from_json(models: Mapping[str, ModelInfo], text: str) -> Settings:
+    """Settings JSON (as the app shows it or ``diffusion_core.sample`` writes it) -> validated Settings."""
+    if not isinstance(text, str) or len(text) > 10_000:
+        raise ValueError("settings must be a JSON text of at most 10000 characters")
+    s = Settings.from_json(text)
+    return parse_settings(models, **s.to_dict())
+
+
+def user_errors(fn):
+    """Decorate a Gradio handler (function or generator): ``ValueError`` (bad input, bad or
+    missing checkpoint) becomes ``gr.Error`` with its message; anything else is logged and
+    reported as an internal error, so the request fails cleanly and the queue moves on."""
+    import gradio as gr
+
+    def convert(e: Exception) -> Exception:
+        if isinstance(e, gr.Error):
+            return e
+        if isinstance(e, (ValueError, TypeError, OverflowError)):
+            return gr.Error(str(e), print_exception=False)
+        log.exception("internal error in %s", fn.__name__)
+        return gr.Error(f"internal error ({type(e).__name__}: {e})", print_exception=False)
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen_wrapper(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001
+                raise convert(e) from None
+        return gen_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            raise convert(e) from None
+    return wrapper

@@ -1,0 +1,119 @@
+"""The Generate tab: run a trajectory and stream throttled frames, then the final results."""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Iterator
+
+import numpy as np
+
+from ..palette import expert_color
+from ..pipeline import Settings, to_uint8, trajectory
+from .common import ModelInfo
+from .render import (OutputFiles, Recording, expert_borders, expert_chart, filmstrip, frame_scale, gif_frames, initial_noise,
+                     png_bytes, render_grid, vp_frame, write_gif)
+from .share import share_query
+
+
+class Throttle:
+    """Lets a frame through when ``min_interval`` seconds have passed since the last one (the
+    first and any forced frame always pass), so a fast sampler does not flood the browser."""
+
+    def __init__(self, min_interval: float = 0.1, clock=time.perf_counter):
+        self.min_interval = min_interval
+        self.clock = clock
+        self.last: float | None = None
+
+    def ready(self, force: bool = False) -> bool:
+        now = self.clock()
+        if force or self.last is None or now - self.last >= self.min_interval:
+            self.last = now
+            return True
+        return False
+
+
+def _status(step: int, total: int, sigma: float | None, elapsed: float, done: bool = False) -> str:
+    if done:
+        return f"**Done:** {total} steps in {elapsed:.2f} s"
+    if step == 0:
+        return f"**Pure noise** · step 0 / {total}"
+    return f"**Step {step} / {total}** · σ = {sigma:.3g} · {elapsed:.2f} s"
+
+
+def stream(registry, settings: Settings, info: ModelInfo, files: OutputFiles | None = None,
+           min_interval: float = 0.1, extras: bool = True) -> Iterator[dict[str, Any]]:
+    """Run the trajectory for validated ``settings`` and yield updates for the app as dicts:
+
+    * first the starting noise, then throttled live frames: ``noisy`` (the state, RGB, framed by
+      expert colour under MCL), ``denoised`` (the predicted clean image) and ``status``;
+    * then ``final`` (the grid of final samples, grayscale, exactly ``pipeline.generate``'s
+      images upscaled by ``SCALE``), ``settings_json``, ``share_query``;
+    * then (``extras``) ``filmstrip``, ``gif`` (a file path), ``downloads`` and ``chart`` (a
+      matplotlib figure, or None outside MCL).
+    """
+    t0 = time.perf_counter()
+    model, gate = registry.for_settings(settings)
+    n = settings.n
+    fs = frame_scale(n)
+    throttle = Throttle(min_interval)
+    noise = initial_noise(settings)
+    throttle.ready(force=True)
+    yield {"noisy": render_grid(noise, fs), "denoised": None, "status": _status(0, settings.steps, None, 0.0)}
+    xs, dens, sigmas, experts, probs = [], [], [], [], []
+    last = None
+    for step in trajectory(settings, model, gate):
+        last = step
+        x8 = vp_frame(step.x, step.sigma_next)
+        d8 = to_uint8(step.denoised).numpy()
+        xs.append(x8)
+        dens.append(d8)
+        sigmas.append(step.sigma_next)
+        if step.expert is not None:
+            experts.append(step.expert.numpy())
+        if step.gate_probs is not None:
+            probs.append(step.gate_probs.float().numpy())
+        final_step = step.index == settings.steps - 1
+        if not final_step and throttle.ready():
+            borders = [expert_color(int(k)) for k in step.expert] if step.expert is not None else None
+            noisy = render_grid(x8, fs, border=borders, border_width=3) if borders else render_grid(x8, fs)
+            yield {"noisy": noisy, "denoised": render_grid(d8, fs),
+                   "status": _status(step.index + 1, settings.steps, step.sigma_next, time.perf_counter() - t0)}
+    images = to_uint8(last.x).numpy()
+    rec = Recording(noise, xs, dens, sigmas, np.stack(experts) if experts else None,
+                    np.stack(probs) if len(probs) == len(xs) and probs else None,
+                    model.num_experts if info.is_mcl else 0)
+    borders = expert_borders(rec, len(xs) - 1, n)
+    noisy = render_grid(images, fs, border=borders, border_width=3) if borders else render_grid(images, fs)
+    yield {
+        "noisy": noisy,
+        "denoised": render_grid(dens[-1], fs),
+        "status": _status(settings.steps, settings.steps, 0.0, time.perf_counter() - t0, done=True),
+        "final": render_grid(images),
+        "settings_json": settings.to_json(),
+        "share_query": share_query(settings, info),
+    }
+    if not extras:
+        return
+    files = files or OutputFiles()
+    gif = files.write("trajectory.gif", write_gif(gif_frames(rec)))
+    js = files.write("settings.json", (settings.to_json() + "\n").encode())
+    png = files.write("samples.png", png_bytes(render_grid(images)))
+    yield {
+        "filmstrip": filmstrip(rec),
+        "gif": gif,
+        "downloads": [png, gif, js],
+        "chart": expert_chart(rec, settings.routing) if rec.experts is not None else None,
+    }
+
+
+def generate_image(registry, settings: Settings, info: ModelInfo) -> np.ndarray:
+    """The final grid for validated settings, without the live frames (the API's ``generate``)."""
+    for update in stream(registry, settings, info, min_interval=math.inf, extras=False):
+        if "final" in update:
+            return update["final"]
+    raise RuntimeError("the trajectory ended without a final image")
+
+
+def cli_command() -> str:
+    """How to replay the settings JSON (saved as settings.json) from the command line."""
+    return "python -m diffusion_core.sample --settings settings.json --out samples.npz --grid samples.png"

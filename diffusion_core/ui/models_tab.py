@@ -1,0 +1,128 @@
+"""The Models tab: a card per checkpoint (parameters, objective, training, measured quality),
+read from the checkpoint's metadata without loading its weights."""
+from __future__ import annotations
+
+import html
+import json
+import math
+import struct
+from pathlib import Path
+
+from ..checkpoints import read_config
+from .common import CARD_TITLES, MODEL_BLURBS
+
+
+def _param_count(path) -> int:
+    """Number of parameters stored in a safetensors file, from its header alone."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    return sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+
+
+def _fmt_value(v) -> str:
+    if isinstance(v, float):
+        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+            return f"{v:.3g}"
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_fmt_value(x) for x in v)
+    if isinstance(v, dict):
+        return "; ".join(f"{k} {_fmt_value(x)}" for k, x in v.items())
+    return str(v)
+
+
+def _fmt_duration(s) -> str:
+    try:
+        s = float(s)
+    except (TypeError, ValueError):
+        return str(s)
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def model_card(name: str, path) -> dict:
+    """A model card as ordered sections of (label, value) rows, from the checkpoint metadata."""
+    path = Path(path)
+    config = read_config(path)
+    kind = config.get("model", name)
+    net = config.get("network", {})
+    ncfg = net.get("config", {})
+    overview = [("kind", kind), ("parameters", f"{_param_count(path):,}")]
+    if kind == "mcl":
+        overview.append(("experts", str(config.get("num_experts", "?"))))
+    if net.get("kind") == "unet":
+        overview.append(("network", f"UNet, {ncfg.get('base_channels')} base channels × {_fmt_value(ncfg.get('channel_mults', []))}"
+                         + (", attention" if ncfg.get("attention") else "")))
+    elif net.get("kind"):
+        overview.append(("network", net["kind"]))
+    obj = config.get("objective")
+    if obj:
+        sched = obj.get("schedule") or {}
+        text = obj.get("name", "?")
+        if sched:
+            text += f" ({sched.get('kind', '')} schedule, {sched.get('num_timesteps', '?')} steps)"
+        overview.append(("objective", text))
+    overview.append(("file", f"{path.name}, {path.stat().st_size / 1e6:.1f} MB"))
+    tr = config.get("training") or {}
+    training = []
+    for key, label in [("wall_time_s", "training time"), ("device", "device"), ("init", "started from"), ("epochs", "epochs"),
+                       ("steps", "optimizer steps"), ("images_seen", "images seen"), ("batch_size", "batch size"), ("lr", "learning rate"),
+                       ("p_uncond", "label dropout"), ("wta", "winner-takes-all"), ("ema_decay", "EMA decay")]:
+        if tr.get(key) is not None:
+            value = tr[key]
+            if key == "wall_time_s":
+                value = _fmt_duration(value)
+            elif key == "init":
+                value = Path(str(value)).name
+            elif isinstance(value, int):
+                value = f"{value:,}"
+            else:
+                value = _fmt_value(value)
+            training.append((label, value))
+    final = tr.get("final") or {}
+    for key in ("loss", "accuracy"):
+        if isinstance(final.get(key), (int, float)):
+            training.append((f"final {key}", _fmt_value(final[key])))
+    if tr.get("note"):
+        training.append(("note", str(tr["note"])))
+    quality = [(str(k), _fmt_value(v)) for k, v in (config.get("quality") or {}).items()]
+    for key in ("test_accuracy",):
+        if key in tr:
+            quality.append((key.replace("_", " "), _fmt_value(tr[key])))
+    return {"name": name, "title": CARD_TITLES.get(name, name), "blurb": MODEL_BLURBS.get(kind, ""),
+            "sections": [("Model", overview), ("Training", training), ("Measured quality", quality)]}
+
+
+def card_html(card: dict) -> str:
+    e = html.escape
+    parts = [f'<div class="model-card"><h3>{e(card["title"])}</h3>']
+    if card["blurb"]:
+        parts.append(f'<p class="blurb">{e(card["blurb"])}</p>')
+    for title, rows in card["sections"]:
+        if not rows:
+            if title == "Measured quality":
+                parts.append(f'<h4>{e(title)}</h4><p class="none">not measured yet</p>')
+            continue
+        parts.append(f"<h4>{e(title)}</h4><table>")
+        for k, v in rows:
+            parts.append(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>")
+        parts.append("</table>")
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def model_cards(registry) -> str:
+    """HTML: a card per checkpoint present (diffusion models first, then gating and classifier)."""
+    cards = []
+    for name, path in registry.available().items():
+        try:
+            cards.append(card_html(model_card(name, path)))
+        except (OSError, ValueError, KeyError, TypeError) as ex:
+            cards.append(f'<div class="model-card"><h3>{html.escape(name)}</h3><p>unreadable checkpoint: {html.escape(str(ex))}</p></div>')
+    if not cards:
+        return f"<p>No checkpoints found in <code>{html.escape(str(registry.directory))}</code>.</p>"
+    return '<div class="model-cards">' + "".join(cards) + "</div>"
