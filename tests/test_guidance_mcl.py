@@ -10,19 +10,32 @@ from torch import nn
 from diffusion_core.denoisers import Denoiser, as_sigma_batch
 from diffusion_core.guidance import CFGDenoiser
 from diffusion_core.mcl import (
+    ROUTING_COST,
+    ROUTING_HELP,
+    ROUTINGS,
+    EstimateGatedRouter,
     GatedRouter,
     HeuristicRouter,
     MCLDenoiser,
     PooledRouter,
+    SampledRouter,
     SoftRouter,
+    StickyRouter,
+    WinRateRouter,
     annealed_temperature,
+    draw_experts,
     make_router,
     noise_bands,
+    routing_cost,
+    routing_generator,
+    routing_needs_gate,
     win_counts,
     wta_loss,
     wta_weights,
 )
 from diffusion_core.models import load_model
+from diffusion_core.pipeline import Settings, build_denoiser, generate
+from diffusion_core.samplers import get_sampler, karras_sigmas
 
 B, K = 6, 3
 
@@ -389,3 +402,345 @@ def test_routers_with_real_experts(tiny_checkpoints):
     assert not torch.allclose(own[0], own[1])
     for k in range(model.num_experts):
         assert torch.equal(model.denoiser(routing=f"expert:{k}")(x, sigma), own[k])
+
+
+# --- the routers of issue 9: sampled, winrate, x0gate, scout, sticky ------------------------------
+
+
+class ConstGate(nn.Module):
+    """A gate with known probabilities: the same ``probs`` (K,) for every sample, or one row per
+    sample when ``probs`` is (B, K). Records what it was shown."""
+
+    def __init__(self, probs):
+        super().__init__()
+        self.logp = torch.as_tensor(probs, dtype=torch.float64).log()
+        self.seen = []
+
+    def forward(self, x, sigma):
+        self.seen.append((x.clone(), torch.as_tensor(sigma).clone()))
+        logp = self.logp if self.logp.dim() == 2 else self.logp.expand(x.shape[0], -1)
+        return logp.float()
+
+
+def test_draw_experts_inverse_cdf_by_hand():
+    probs = torch.tensor([[0.25, 0.5, 0.25]] * 5, dtype=torch.float64)
+    u = torch.tensor([0.0, 0.1, 0.25, 0.74, 0.75], dtype=torch.float64)  # cdf 0.25, 0.75, 1.0 (exact in binary)
+    assert draw_experts(probs, u).tolist() == [0, 0, 1, 1, 2]
+    assert draw_experts(torch.tensor([[2.0, 0.0, 2.0]] * 3), torch.tensor([0.1, 0.5, 0.99])).tolist() == [0, 2, 2]  # rows normalised; 0 never drawn
+    assert draw_experts(torch.tensor([[0.5, 0.5]]), torch.tensor([1.0 - 1e-12])).tolist() == [1]
+
+
+def test_routing_generator_is_seeded_and_leaves_the_sampler_alone():
+    g = torch.Generator().manual_seed(11)
+    torch.randn(5, generator=g)  # the sampler has drawn its initial noise
+    state = g.get_state()
+    a = torch.rand(4, generator=routing_generator(g, "sampled"))
+    assert torch.equal(g.get_state(), state), "the sampler's noise stream must not move"
+    assert torch.equal(a, torch.rand(4, generator=routing_generator(torch.Generator().manual_seed(11), "sampled")))
+    assert not torch.equal(a, torch.rand(4, generator=routing_generator(torch.Generator().manual_seed(12), "sampled")))
+    assert not torch.equal(a, torch.rand(4, generator=routing_generator(g, "winrate")))
+
+
+def z_ok(count, n, p, z=5.0):
+    """A binomial count within z standard deviations of n * p."""
+    return abs(count - n * p) <= z * math.sqrt(n * p * (1 - p)) + 1e-9
+
+
+def test_sampled_follows_the_gate_probabilities():
+    p = [0.6, 0.3, 0.1]
+    gate = ConstGate(p)
+    mcl = MCLDenoiser([ToyExpert(k) for k in range(K)], SampledRouter(), gate)
+    n, steps = 2000, 5
+    mcl.reset(n, torch.Generator().manual_seed(0))
+    x = torch.zeros(n, 1, 28, 28)
+    routes = []
+    for sigma in (20.0, 5.0, 1.0, 0.3, 0.05):
+        mcl(x, sigma)
+        routes.append(mcl.last_expert.clone())
+        torch.testing.assert_close(mcl.last_gate_probs, torch.tensor([p] * n))
+    r = torch.stack(routes)
+    counts = torch.bincount(r.reshape(-1), minlength=K)
+    assert all(z_ok(int(c), n * steps, q) for c, q in zip(counts, p)), counts
+    # drawn afresh at every step: about 1 - sum p^2 = 54% of samples change expert between two steps
+    changed = (r[1:] != r[:-1]).double().mean().item()
+    assert abs(changed - (1 - sum(q * q for q in p))) < 0.03
+    # per-sample probabilities: a sample whose gate is certain always gets its expert
+    rows = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.5, 0.5]])
+    mcl2 = MCLDenoiser([ToyExpert(k) for k in range(K)], SampledRouter(), ConstGate(rows.repeat(400, 1)))
+    mcl2.reset(1200, torch.Generator().manual_seed(1))
+    mcl2(torch.zeros(1200, 1, 28, 28), 1.0)
+    e = mcl2.last_expert.view(400, 3)
+    assert (e[:, 0] == 0).all() and (e[:, 1] == 2).all() and set(e[:, 2].tolist()) == {1, 2}
+    assert z_ok(int((e[:, 2] == 1).sum()), 400, 0.5)
+
+
+def test_sampled_same_seed_same_routes_and_needs_reset():
+    def routes(seed):
+        mcl = MCLDenoiser([ToyExpert(k) for k in range(K)], make_router("sampled", K), ConstGate([0.4, 0.4, 0.2]))
+        mcl.reset(64, torch.Generator().manual_seed(seed))
+        out = []
+        for sigma in (10.0, 1.0, 0.1):
+            mcl(toy_x(64), sigma)
+            out.append(mcl.last_expert.clone())
+        return torch.stack(out)
+
+    assert torch.equal(routes(3), routes(3))
+    assert not torch.equal(routes(3), routes(4))
+    # by hand: the k-th step's uniforms are the routing generator's k-th draw of 64
+    gen = routing_generator(torch.Generator().manual_seed(3), "sampled")
+    want = torch.stack([draw_experts(torch.tensor([[0.4, 0.4, 0.2]] * 64), torch.rand(64, generator=gen, dtype=torch.float64)) for _ in range(3)])
+    assert torch.equal(routes(3), want)
+    mcl = MCLDenoiser([ToyExpert(k) for k in range(K)], SampledRouter(), ConstGate([0.4, 0.4, 0.2]))
+    with pytest.raises(RuntimeError, match="reset"):
+        mcl(toy_x(2), 1.0)
+
+
+def test_winrate_follows_the_given_rates_once_per_trajectory():
+    rates = [0.7, 0.0, 0.3]
+    mcl = MCLDenoiser([ToyExpert(k) for k in range(K)], make_router("winrate", K, rates))
+    n = 3000
+    mcl.reset(n, torch.Generator().manual_seed(5))
+    x = toy_x(n)
+    seen = []
+    for sigma in (30.0, 2.0, 0.02):
+        out = mcl(x, sigma)
+        seen.append(mcl.last_expert.clone())
+    assert all(torch.equal(seen[0], s) for s in seen[1:]), "one expert for the whole trajectory"
+    full = each_expert(mcl.experts, x, 0.02)
+    assert all(torch.equal(out[b], full[seen[-1][b]][b]) for b in range(0, n, 97))
+    counts = torch.bincount(seen[0], minlength=K).tolist()
+    assert counts[1] == 0, "an expert that never won is never drawn"
+    assert z_ok(counts[0], n, 0.7) and z_ok(counts[2], n, 0.3), counts
+    # same seed, same draw; the draw is the inverse CDF of the seed's routing generator
+    u = torch.rand(n, generator=routing_generator(torch.Generator().manual_seed(5), "winrate"), dtype=torch.float64)
+    assert torch.equal(seen[0], draw_experts(torch.tensor([rates] * n), u))
+    mcl.reset(4, torch.Generator().manual_seed(0))
+    mcl(toy_x(8), 1.0)  # CFG's doubled batch repeats the choice
+    assert mcl.last_expert.tolist() == mcl.router.choice.tolist() * 2
+
+
+def test_winrate_without_rates_is_uniform():
+    router = WinRateRouter()
+    router.reset(3000, 3, torch.Generator().manual_seed(0))
+    counts = torch.bincount(router.choice, minlength=3).tolist()
+    assert all(z_ok(c, 3000, 1 / 3) for c in counts), counts
+
+
+@pytest.mark.parametrize("rates,msg", [([0.5, 0.5], "2 entries, the ensemble has 3"), ([0.5, -0.1, 0.6], "non-negative"),
+                                       ([0.0, 0.0, 0.0], "not all zero"), ([0.2, float("nan"), 0.3], "finite"), (["a", 1, 2], "numbers")])
+def test_bad_win_rates(rates, msg):
+    with pytest.raises(ValueError, match=msg):
+        make_router("winrate", K, rates)
+
+
+def test_win_rates_come_from_the_checkpoint(tiny_checkpoints, tmp_path):
+    import shutil
+
+    from diffusion_core.checkpoints import load_checkpoint, update_config
+
+    plain = load_model(tiny_checkpoints / "mcl.safetensors")
+    assert plain.win_rates is None and plain.denoiser(routing="winrate").router.win_rates is None
+    path = shutil.copy(tiny_checkpoints / "mcl.safetensors", tmp_path / "mcl.safetensors")
+    training = load_checkpoint(path)[1]["training"]
+    update_config(path, {"training": dict(training, final={"win_rates": [0.1, 0.6, 0.3], "wins": [1, 6, 3]})})
+    model = load_model(path)
+    assert model.win_rates == [0.1, 0.6, 0.3]
+    den = model.denoiser(routing="winrate")
+    assert den.router.rates(3).tolist() == pytest.approx([0.1, 0.6, 0.3])
+    assert model.denoiser(routing="x0gate").router.scout_expert(3) == 1  # the most frequent winner
+    assert load_model(tiny_checkpoints / "cfg.safetensors").win_rates is None
+    update_config(path, {"training": dict(training, final={"win_rates": [0.5, 0.5]})})
+    with pytest.raises(ValueError, match="2 entries, the ensemble has 3"):
+        load_model(path).denoiser(routing="pooled")
+
+
+class PixelGate(nn.Module):
+    """Logits 10 * (first K pixels); records the sigma it was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.sigmas = []
+
+    def forward(self, x, sigma):
+        self.sigmas.append(torch.as_tensor(sigma).clone())
+        return 10 * x.flatten(1)[:, :K]
+
+
+def test_x0gate_routes_on_the_previous_estimate():
+    experts = [ToyExpert(k) for k in range(K)]
+    gate = PixelGate()
+    mcl = MCLDenoiser(experts, make_router("x0gate", K, [0.2, 0.2, 0.6]), gate)
+    mcl.reset(16)
+    x = toy_x()
+    out1 = mcl(x, 10.0)  # first call: no estimate yet -> the scout (most wins: expert 2), no gate
+    assert mcl.last_expert.tolist() == [2] * 16 and mcl.last_gate_probs is None and gate.sigmas == []
+    assert torch.equal(out1, each_expert(experts, x, 10.0)[2])
+    x2 = toy_x(seed=1)
+    out2 = mcl(x2, 1.0)
+    want = (10 * out1.flatten(1)[:, :K]).argmax(dim=1)  # the gate on the previous output, not on x2
+    assert len(set(want.tolist())) > 1
+    assert torch.equal(mcl.last_expert, want)
+    assert torch.equal(gate.sigmas[-1], torch.full((16,), mcl.sigma_min))  # shown as a clean image
+    full = each_expert(experts, x2, 1.0)
+    assert all(torch.equal(out2[b], full[want[b]][b]) for b in range(16))
+    assert mcl.last_evals == 16  # one expert evaluation per sample
+    mcl.reset(16)
+    mcl(x, 10.0)
+    assert mcl.last_expert.tolist() == [2] * 16, "reset forgets the previous trajectory's estimate"
+
+
+def test_scout_costs_at_most_two_and_reuses_the_scout():
+    experts = [ToyExpert(k) for k in range(K)]
+    mcl = MCLDenoiser(experts, make_router("scout", K), PixelGate())  # no rates: expert 0 scouts
+    x, sigma = toy_x(), 0.5
+    full = each_expert(experts, x, sigma)
+    want = (10 * full[0].flatten(1)[:, :K]).argmax(dim=1)
+    assert 0 in want.tolist() and len(set(want.tolist())) > 1
+    out = mcl(x, sigma)
+    assert torch.equal(mcl.last_expert, want)
+    assert all(torch.equal(out[b], full[want[b]][b]) for b in range(16))
+    # the scout ran once on all 16, every other expert only on its own samples
+    assert experts[0].calls == [16]
+    assert [e.calls for e in experts[1:]] == [[int((want == k).sum())] if (want == k).any() else [] for k in range(1, K)]
+    assert mcl.last_evals == 16 + int((want != 0).sum()) <= 2 * 16
+
+
+class EstimateGate(nn.Module):
+    """A gate trained on (noisy image, estimate, sigma): logits from the estimate's first pixels."""
+
+    takes_estimate = True
+
+    def forward(self, x, sigma, estimate):
+        return 10 * estimate.flatten(1)[:, :K] - 10 * x.flatten(1)[:, :K]
+
+
+def test_a_gate_that_takes_the_estimate_gets_both_images():
+    experts = [ToyExpert(k) for k in range(K)]
+    mcl = MCLDenoiser(experts, make_router("scout", K), EstimateGate())
+    x, sigma = toy_x(), 2.0
+    est = each_expert(experts, x, sigma)[0]
+    mcl(x, sigma)
+    assert torch.equal(mcl.last_expert, (10 * est.flatten(1)[:, :K] - 10 * x.flatten(1)[:, :K]).argmax(dim=1))
+
+
+class SigmaGate(nn.Module):
+    """Prefers expert 0 above sigma 2, expert 1 between, and expert 2 below sigma 0.5; from the
+    first pixel's sign it shifts the choice by one for half the samples."""
+
+    def forward(self, x, sigma):
+        s = torch.as_tensor(sigma).reshape(-1).expand(x.shape[0])
+        base = (s <= 2).long() + (s <= 0.5).long()
+        k = (base + (x.flatten(1)[:, 0] > 0).long()) % K
+        return 10 * torch.nn.functional.one_hot(k, K).float()
+
+
+def test_sticky_keeps_the_choice_made_at_the_lock_level():
+    x = toy_x()
+    shift = (x.flatten(1)[:, 0] > 0).long()
+    mcl = MCLDenoiser([ToyExpert(k) for k in range(K)], make_router("sticky", K), SigmaGate())
+    mcl.reset(16)
+    got = []
+    for sigma in (10.0, 3.0, 1.5, 0.8, 0.3, 0.01):
+        mcl(x, sigma)
+        got.append(mcl.last_expert.clone())
+    gated = lambda base: (base + shift) % K  # noqa: E731
+    assert torch.equal(got[0], gated(0)) and torch.equal(got[1], gated(0))  # sigma > 1: the gate as usual
+    assert torch.equal(got[2], gated(1))  # 1.5 > 1 still follows the gate
+    for g in got[3:]:  # first call at sigma <= 1 (0.8) locks the gate's choice there: expert 1 + shift
+        assert torch.equal(g, gated(1)), "the choice made at sigma 0.8 is kept although the gate now prefers expert 2"
+    mcl.reset(16)
+    mcl(x, 0.3)
+    assert torch.equal(mcl.last_expert, gated(2)), "reset unlocks"
+    early = MCLDenoiser([ToyExpert(k) for k in range(K)], make_router("sticky:5", K), SigmaGate())
+    early.reset(16)
+    for sigma in (10.0, 3.0, 0.3):
+        early(x, sigma)
+    assert torch.equal(early.last_expert, gated(0)), "sticky:5 locks at the first call below 5 (sigma 3, where the gate picks 0 + shift)"
+    with pytest.raises(RuntimeError, match="locked 16 samples"):
+        early(toy_x(4), 0.1)
+
+
+@pytest.mark.parametrize("spec,msg", [("sticky:0", "positive noise level"), ("sticky:-1", "positive noise level"),
+                                      ("sticky:nan", "positive noise level"), ("sticky:x", "sticky:SIGMA"),
+                                      ("sampledd", "unknown routing"), ("x0-gate", "unknown routing"), ("", "unknown routing")])
+def test_bad_new_routing_specs(spec, msg):
+    with pytest.raises(ValueError, match=msg):
+        make_router(spec, K)
+
+
+def test_every_routing_has_help_cost_and_a_router():
+    assert set(ROUTING_HELP) == set(ROUTINGS) == set(ROUTING_COST)
+    assert all(isinstance(t, str) and 20 < len(t) < 200 for t in ROUTING_HELP.values())
+    specs = [r.replace("expert:K", "expert:1") for r in ROUTINGS]
+    assert {s: routing_cost(s, 5) for s in specs} == {"expert:1": 1, "heuristic": 1, "gated": 1, "soft": 5, "pooled": 1, "sampled": 1,
+                                                       "winrate": 1, "x0gate": 1, "scout": 2, "sticky": 1}
+    assert [s for s in specs if routing_needs_gate(s)] == ["gated", "soft", "sampled", "x0gate", "scout", "sticky"]
+    assert routing_needs_gate(" Sticky:0.5 ") and not routing_needs_gate("expert:7")
+    assert isinstance(make_router("Sampled", K), SampledRouter) and isinstance(make_router("sticky:2.5", K), StickyRouter)
+    assert make_router("sticky:2.5", K).lock_sigma == 2.5 and make_router("sticky", K).name == "sticky"
+    assert isinstance(make_router("scout", K), EstimateGatedRouter) and make_router("scout", K).scout
+    with pytest.raises(ValueError, match="unknown routing"):
+        routing_cost("bogus", 3)
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "heun", "ddim"])
+@pytest.mark.parametrize("routing", [r.replace("expert:K", "expert:2") for r in ROUTINGS])
+def test_expert_evaluations_per_image_per_step(routing, sampler):
+    """Over whole trajectories, counted in the experts themselves: at most 2 evaluations per image
+    per denoiser call for every routing but soft (exactly K)."""
+    experts = [ToyExpert(k) for k in range(K)]
+    mcl = MCLDenoiser(experts, make_router(routing, K, [0.3, 0.3, 0.4]), SigmaGate())
+    calls = []
+
+    class Counting(Denoiser):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.sigma_min, self.sigma_max = mcl, mcl.sigma_min, mcl.sigma_max
+
+        def forward(self, x, sigma, label=None):
+            calls.append(x.shape[0])
+            return mcl(x, sigma, label)
+
+    n = 12
+    g = torch.Generator().manual_seed(0)
+    x = toy_x(n) * 20
+    mcl.reset(n, g)
+    for _ in get_sampler(sampler)(Counting(), x, karras_sigmas(8, 0.02, 20.0), None, g):
+        pass
+    evaluated = sum(sum(e.calls) for e in experts)
+    assert evaluated == mcl.expert_evals
+    per_call = evaluated / sum(calls)
+    if routing == "soft":
+        assert per_call == K
+    else:
+        assert 1 <= per_call <= 2 == routing_cost("scout", K)
+        assert per_call <= routing_cost(routing, K)
+
+
+NEW_ROUTINGS = ["sampled", "winrate", "x0gate", "scout", "sticky", "sticky:3"]
+
+
+def test_new_routings_through_the_pipeline_are_reproducible(tiny_checkpoints, one_torch_thread):
+    model = load_model(tiny_checkpoints / "mcl.safetensors")
+    gate = load_model(tiny_checkpoints / "gating.safetensors").net
+    for routing in NEW_ROUTINGS:
+        s = dict(model="mcl", routing=routing, n=3, steps=4, seed=9, sampler="ddpm")
+        a, b = generate(Settings(**s), model, gate), generate(Settings(**s), model, gate)
+        assert torch.equal(a.images, b.images) and torch.equal(a.experts, b.experts), routing
+        assert a.experts.shape == (4, 3)
+        if routing == "winrate":
+            assert all(torch.equal(a.experts[0], e) for e in a.experts)
+        with pytest.raises(ValueError, match="needs the gating checkpoint") if routing_needs_gate(routing) else _nothing():
+            build_denoiser(Settings(**s), model, None)
+    with pytest.raises(ValueError, match="unknown routing 'nope'"):
+        Settings(model="mcl", routing="nope").validate()
+    with pytest.raises(ValueError, match="sticky:SIGMA"):
+        Settings(model="mcl", routing="sticky:soon").validate()
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
