@@ -6,7 +6,9 @@
 
 Rows of the main table (one sampler, one step count): ``ddpm``; ``cfg g=<scale>`` for each
 guidance scale; ``mcl expert_0`` .. ``mcl expert_{K-1}``, ``mcl heuristic``, ``mcl gated``,
-``mcl soft``, ``mcl pooled``. A second table, the sampler sweep, runs one model with every sampler
+``mcl soft``, ``mcl pooled``, ``mcl sampled``, ``mcl winrate``, ``mcl x0gate``, ``mcl scout``,
+``mcl sticky`` (every routing of ``mcl.ROUTINGS``, each with its ``expert_evals_per_step``). A
+second table, the sampler sweep, runs one model with every sampler
 at several step counts (the quality-against-NFE figure).
 
 For every row the samples (quantized to uint8, as a user sees them) are classified by the shipped
@@ -30,7 +32,16 @@ so they start from the same noise.
 
 Figures (PNG) in ``--out-dir``: trajectories per routing, the gated router's expert usage over the
 noise level, digit histograms per expert, quality against NFE per sampler, and CFG guidance
-against accuracy and Frechet distance. Colours of experts come from ``diffusion_core.palette``.
+against accuracy and Frechet distance.
+
+MCL diagnosis (``--diagnosis-n`` MNIST test images, ``--diagnosis-levels`` noise levels; in
+results.json under ``mcl_diagnosis`` and in results.md): each image is noised at every level and
+the expert with the smallest error on the clean image wins it. Reported: the experts' shares of
+wins and the winner's entropy per level, the shares per digit per level, the gate's mean
+probabilities, their entropy and how often the gate picks the winner, and one sentence per expert
+on what it specialises in (``specialisation_summary``). Figures ``fig_gate_sigma.png`` (wins,
+gate probabilities and entropies against sigma) and ``fig_winner_digits.png`` (digit x expert
+heatmap per level). Colours of experts come from ``diffusion_core.palette``.
 
 ``--fid-inception`` adds an InceptionV3 FID column, only if torchvision's ``inception_v3``
 weights are already in the local torch hub cache; nothing is ever downloaded.
@@ -54,14 +65,15 @@ import torch
 from . import metrics
 from .checkpoints import update_config
 from .data import MNISTNotFound, load_mnist
-from .mcl import make_router
+from .mcl import ROUTINGS, make_router, routing_cost, routing_needs_gate
 from .models import LoadedModel, load_model
 from .palette import FLOOR_COLOR, expert_color, sampler_color
 from .pipeline import Settings, generate, trajectory
 from .samplers import NFE_PER_STEP, SAMPLERS
 
 DIFFUSION_MODELS = ("ddpm", "cfg", "mcl")
-ROUTING_CHOICES = "experts (all of expert:0..K-1), expert:K, heuristic, gated, soft, pooled"
+ROUTING_CHOICES = "all (every routing), experts (all of expert:0..K-1), " + ", ".join(ROUTINGS)
+ALL_ROUTINGS = ("experts",) + tuple(r for r in ROUTINGS if r != "expert:K")
 NUM_CLASSES = 10
 CONFIDENCE = 0.9
 MAX_BATCH = 10000  # Settings.validate's limit on n
@@ -71,6 +83,8 @@ FIGURES = {
     "expert_digits": "fig_expert_digits.png",
     "quality_nfe": "fig_quality_nfe.png",
     "guidance": "fig_guidance.png",
+    "gate_sigma": "fig_gate_sigma.png",
+    "winner_digits": "fig_winner_digits.png",
 }
 
 
@@ -90,11 +104,13 @@ class EvalConfig:
     sweep_steps: tuple[int, ...] = (4, 8, 16, 32)
     sweep_model: str | None = None  # default: the first of --models
     guidance_scales: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0, 5.0)
-    routings: tuple[str, ...] = ("experts", "heuristic", "gated", "soft", "pooled")
+    routings: tuple[str, ...] = ALL_ROUTINGS
     n: int = 10000  # samples per main row
     sweep_n: int = 2000  # samples per sweep row (0: no sweep)
     diversity_n: int = 1000  # images per expert in the digit-histogram figure
     usage_n: int = 256  # samples in the expert-usage figure
+    diagnosis_n: int = 1000  # MNIST test images in the MCL diagnosis (0: none)
+    diagnosis_levels: int = 8  # noise levels of the MCL diagnosis
     batch_size: int = 1000
     k: int = 3  # precision/recall neighbourhood size
     seed: int = 0
@@ -123,6 +139,8 @@ class EvalConfig:
             raise ValueError(f"--n must be at least {max(2, self.k + 1)} (k + 1 for precision/recall), got {self.n}")
         if self.diversity_n < 1 or self.usage_n < 1:
             raise ValueError("--diversity-n and --usage-n must be positive")
+        if not 0 <= self.diagnosis_n <= 10000 or not 1 <= self.diagnosis_levels <= 100:
+            raise ValueError("--diagnosis-n must be between 0 and 10000 (the MNIST test set) and --diagnosis-levels between 1 and 100")
         if self.sweep_n and self.sweep_n < max(2, self.k + 1):
             raise ValueError(f"--sweep-n must be 0 (no sweep) or at least {self.k + 1}, got {self.sweep_n}")
         if max(self.n, self.sweep_n) > 60000:
@@ -171,18 +189,34 @@ def routing_label(routing: str) -> str:
 
 
 def expand_routings(specs: Iterable[str], num_experts: int) -> list[str]:
-    """``experts`` -> expert:0..K-1; ``expert_k`` is accepted for ``expert:k``; order kept, duplicates dropped."""
+    """``all`` -> every routing; ``experts`` -> expert:0..K-1; ``expert_k`` is accepted for
+    ``expert:k``; order kept, duplicates dropped."""
     out: list[str] = []
     for spec in specs:
         s = str(spec).strip().lower()
         if not s:
             continue
-        items = [f"expert:{k}" for k in range(num_experts)] if s in ("experts", "expert") else [s.replace("expert_", "expert:")]
+        if s == "all":
+            items = expand_routings(ALL_ROUTINGS, num_experts)
+        elif s in ("experts", "expert"):
+            items = [f"expert:{k}" for k in range(num_experts)]
+        else:
+            items = [s.replace("expert_", "expert:")]
         for item in items:
             make_router(item, num_experts)  # raises a clear ValueError
             if item not in out:
                 out.append(item)
     return out
+
+
+def specs_need_gate(specs: Iterable[str]) -> bool:
+    """Whether any of these ``--routings`` entries (``all``, ``experts`` and ``expert_k`` included)
+    uses the gating network."""
+    for spec in specs:
+        s = str(spec).strip().lower()
+        if s == "all" or (s and s not in ("experts", "expert") and routing_needs_gate(s.replace("expert_", "expert:"))):
+            return True
+    return False
 
 
 def main_rows(cfg: EvalConfig, num_experts: int | None = None) -> list[Row]:
@@ -266,7 +300,8 @@ def load_models(names: Iterable[str], checkpoint_dir=None, device="cpu", need_ga
             gating = _load("gating", checkpoint_dir, device)
         except (ValueError, OSError) as e:
             if need_gating:
-                raise ValueError(f"routings gated/soft need the gating checkpoint: {e}. Leave them out of --routings to evaluate without it.") from None
+                gated = ", ".join(r for r in ROUTINGS if r != "expert:K" and routing_needs_gate(r))
+                raise ValueError(f"routings {gated} need the gating checkpoint: {e}. Leave them out of --routings to evaluate without it.") from None
         if gating is not None and gating.net.config.num_experts != diffusion["mcl"].num_experts:
             raise ValueError(f"gating checkpoint routes {gating.net.config.num_experts} experts, the MCL checkpoint has {diffusion['mcl'].num_experts}")
     paths = {k: m.path for k, m in {**diffusion, "classifier": classifier, **({"gating": gating} if gating else {})}.items()}
@@ -680,6 +715,205 @@ def plot_expert_digits(histograms: list[torch.Tensor], title: str = ""):
     return fig
 
 
+# ---------------------------------------------------------------------------------------------
+# MCL diagnosis: who wins where, and what the gate thinks
+#
+# Real test images x0 are noised at S fixed levels (x = x0 + sigma * noise, the same noise for
+# every expert); each expert's loss is its squared error on x0 (for an epsilon-network it is the
+# training loss times sigma^2, so the winner is the same). From the (S, N, K) losses: the winner
+# of each example at each level, the experts' shares of wins per level, the winner's entropy per
+# level, the shares per digit; and the gate, shown the same noisy images: its mean probabilities,
+# their entropy and how often its argmax is the winner.
+
+
+def diagnosis_levels(sigma_min: float, sigma_max: float, levels: int) -> torch.Tensor:
+    """``levels`` noise levels spaced geometrically from ``sigma_max`` down to ``sigma_min`` (float64)."""
+    if levels < 1 or not 0 < sigma_min <= sigma_max:
+        raise ValueError(f"need at least one level and 0 < sigma_min <= sigma_max, got {levels}, {sigma_min}, {sigma_max}")
+    if levels == 1:
+        return torch.tensor([math.sqrt(sigma_min * sigma_max)], dtype=torch.float64)
+    return torch.logspace(math.log10(sigma_max), math.log10(sigma_min), levels, dtype=torch.float64)
+
+
+@torch.no_grad()
+def expert_losses(experts, x0: torch.Tensor, sigmas, generator: torch.Generator | None = None, batch_size: int = 500, gate=None):
+    """Squared error on x0 (per example, mean over pixels) of each expert at each level: (S, N, K);
+    with ``gate`` also its probabilities on the same noisy images (S, N, K), else None."""
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+    s_n, n, k = len(sigmas), len(x0), len(experts)
+    losses = torch.empty(s_n, n, k, dtype=torch.float64)
+    probs = None if gate is None else torch.empty(s_n, n, k, dtype=torch.float64)
+    device = next((p.device for e in experts for p in e.parameters()), torch.device("cpu"))
+    for i, sigma in enumerate(sigmas.tolist()):
+        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32)
+        for a in range(0, n, batch_size):
+            clean = x0[a:a + batch_size].to(device)
+            x = clean + sigma * noise[a:a + batch_size].to(device)
+            s = torch.full((len(x),), sigma, device=device)
+            for j, expert in enumerate(experts):
+                losses[i, a:a + len(x), j] = (expert(x, s) - clean).float().pow(2).flatten(1).mean(dim=1).double().cpu()
+            if gate is not None:
+                probs[i, a:a + len(x)] = torch.softmax(gate(x, s).float(), dim=1).double().cpu()
+    return losses, probs
+
+
+def winner_shares(winners: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Share of the examples each expert wins at each level: winners (S, N) -> (S, K)."""
+    w = torch.as_tensor(winners).long()
+    return torch.stack([torch.bincount(row, minlength=num_experts).double() / max(len(row), 1) for row in w])
+
+
+def normalized_entropy(p: torch.Tensor) -> torch.Tensor:
+    """Entropy of each row of a distribution (.., K) divided by log K: 1 uniform, 0 one expert."""
+    p = torch.as_tensor(p, dtype=torch.float64)
+    p = p / p.sum(dim=-1, keepdim=True).clamp_min(1e-300)
+    k = p.shape[-1]
+    h = -(p * p.clamp_min(1e-300).log()).sum(dim=-1)
+    return (h / math.log(k)).clamp(0, 1) if k > 1 else torch.zeros_like(h)
+
+
+def winner_share_by_digit(winners: torch.Tensor, labels: torch.Tensor, num_experts: int, num_classes: int = NUM_CLASSES) -> torch.Tensor:
+    """(S, C, K): at each level, the share of digit c's examples that expert k wins (a digit with no
+    examples has a row of zeros)."""
+    w = torch.as_tensor(winners).long()
+    y = torch.as_tensor(labels).long()
+    out = torch.zeros(w.shape[0], num_classes, num_experts, dtype=torch.float64)
+    out.index_put_((torch.arange(w.shape[0])[:, None].expand_as(w), y.expand_as(w), w), torch.ones(w.shape, dtype=torch.float64), accumulate=True)
+    return out / out.sum(dim=2, keepdim=True).clamp_min(1)
+
+
+def gate_summary(probs: torch.Tensor, winners: torch.Tensor) -> dict:
+    """The gate's mean probabilities (S, K), the mean normalized entropy of its per-example
+    probabilities (S,), and the share of examples whose argmax is the winner (S,)."""
+    p = torch.as_tensor(probs, dtype=torch.float64)
+    return {"mean_probs": p.mean(dim=1), "entropy": normalized_entropy(p).mean(dim=1),
+            "accuracy": (p.argmax(dim=2) == torch.as_tensor(winners).long()).double().mean(dim=1)}
+
+
+def mcl_diagnosis(model: LoadedModel, x0: torch.Tensor, labels: torch.Tensor, levels: int = 8, gate=None, seed: int = 0, batch_size: int = 500) -> dict:
+    """Winners and gate on ``x0`` (N, 1, 28, 28) in [-1, 1] with digit ``labels``, at ``levels``
+    noise levels over the experts' range; JSON-ready lists (see ``specialisation_summary``)."""
+    experts = [model.objective.denoiser(n) for n in model.nets]
+    sigmas = diagnosis_levels(experts[0].sigma_min, experts[0].sigma_max, levels)
+    g = torch.Generator().manual_seed(seed)
+    losses, probs = expert_losses(experts, x0, sigmas, g, batch_size, gate)
+    winners = losses.argmin(dim=2)
+    shares = winner_shares(winners, model.num_experts)
+    d = {"n": len(x0), "sigmas": sigmas.tolist(), "num_experts": model.num_experts,
+         "winner_share": shares.tolist(), "winner_entropy": normalized_entropy(shares).tolist(),
+         "winner_share_overall": winner_shares(winners.reshape(1, -1), model.num_experts)[0].tolist(),
+         "winner_share_by_digit": winner_share_by_digit(winners, labels, model.num_experts).tolist(),
+         "digit_counts": torch.bincount(torch.as_tensor(labels).long(), minlength=NUM_CLASSES).tolist(),
+         "gate": None}
+    if probs is not None:
+        d["gate"] = {k: v.tolist() for k, v in gate_summary(probs, winners).items()}
+    return d
+
+
+def specialisation_summary(diag: dict, top: int = 2) -> list[str]:
+    """One sentence per expert (where in the noise range and on which digits it wins) and one on
+    the gate, from ``mcl_diagnosis``'s numbers."""
+    sig = diag["sigmas"]
+    share = torch.tensor(diag["winner_share"])
+    by_digit = torch.tensor(diag["winner_share_by_digit"]).mean(dim=0)  # (C, K), averaged over levels
+    k = diag["num_experts"]
+    lines = []
+    for e in range(k):
+        lvl = int(share[:, e].argmax())
+        digits = by_digit[:, e].argsort(descending=True)[:top].tolist()
+        lines.append(f"expert {e}: wins {diag['winner_share_overall'][e]:.0%} of (example, level) pairs; most at sigma {sig[lvl]:.3g} "
+                     f"({share[lvl, e]:.0%}); its digits: " + ", ".join(f"{d} ({by_digit[d, e]:.0%} of them)" for d in digits))
+    h = diag["winner_entropy"]
+    lines.append(f"winner entropy (1 = every expert wins equally): {min(h):.2f} to {max(h):.2f} over sigma {sig[-1]:.3g}..{sig[0]:.3g}")
+    g = diag.get("gate")
+    if g:
+        acc = g["accuracy"]
+        top_noisy = int(torch.tensor(g["mean_probs"][0]).argmax())
+        lines.append(f"gate: picks the winner for {sum(acc) / len(acc):.0%} of examples on average (chance {1 / k:.0%}), "
+                     f"{acc[0]:.0%} at the noisiest level and {acc[-1]:.0%} at the cleanest; at sigma {sig[0]:.3g} it gives expert "
+                     f"{top_noisy} {g['mean_probs'][0][top_noisy]:.0%} on average (entropy {g['entropy'][0]:.2f})")
+    return lines
+
+
+def diagnosis_markdown(diag: dict) -> str:
+    k = diag["num_experts"]
+    head = "| sigma | " + " | ".join(f"wins e{e}" for e in range(k)) + " | winner entropy |"
+    gate = diag.get("gate")
+    if gate:
+        head += " " + " | ".join(f"gate p(e{e})" for e in range(k)) + " | gate entropy | gate picks winner |"
+    rows = [head, "|" + "---:|" * (head.count("|") - 1)]
+    for i, s in enumerate(diag["sigmas"]):
+        r = f"| {s:.3g} | " + " | ".join(f"{v:.2f}" for v in diag["winner_share"][i]) + f" | {diag['winner_entropy'][i]:.2f} |"
+        if gate:
+            r += " " + " | ".join(f"{v:.2f}" for v in gate["mean_probs"][i]) + f" | {gate['entropy'][i]:.2f} | {gate['accuracy'][i]:.2f} |"
+        rows.append(r)
+    return "\n".join([f"MCL diagnosis: {diag['n']} MNIST test images noised at {len(diag['sigmas'])} levels; "
+                      "the winner of an example is the expert with the smallest error on the clean image.", "", *rows, "",
+                      *[f"* {line}" for line in specialisation_summary(diag)]])
+
+
+def plot_gate_sigma(diag: dict, title: str = ""):
+    """Left: the experts' shares of wins against sigma; middle: the gate's mean probabilities;
+    right: the winner's entropy, the gate's entropy and how often the gate picks the winner."""
+    sig = torch.tensor(diag["sigmas"])
+    k = diag["num_experts"]
+    gate = diag.get("gate")
+    fig = _figure(figsize=(13 if gate else 9, 4.2), layout="constrained")
+    axes = fig.subplots(1, 3 if gate else 2, squeeze=False)[0]
+    panels = [("experts' share of wins", diag["winner_share"])] + ([("gate's mean probability", gate["mean_probs"])] if gate else [])
+    for ax, (name, values) in zip(axes, panels):
+        y = torch.tensor(values).T.numpy()
+        ax.stackplot(sig.numpy(), y, colors=[expert_color(e) for e in range(k)], alpha=0.9)
+        ax.set_xscale("log")
+        ax.set_ylim(0, 1)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("noise level sigma")
+        ax.invert_xaxis()
+    ax = axes[-1]
+    ax.plot(sig.numpy(), diag["winner_entropy"], "o-", color="black", label="winner entropy")
+    if gate:
+        ax.plot(sig.numpy(), gate["entropy"], "s--", color="#555555", label="gate entropy (mean)")
+        ax.plot(sig.numpy(), gate["accuracy"], "^-", color="#d62728", label="gate picks the winner")
+        ax.axhline(1 / k, color="#d62728", lw=0.8, ls=":", label=f"chance 1/{k}")
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("noise level sigma")
+    ax.set_title("entropy (1 = uniform) and gate accuracy", fontsize=10)
+    ax.legend(fontsize=7, loc="best")
+    fig.suptitle(title or "MCL: who wins at each noise level, and what the gate says", fontsize=11)
+    fig.legend(handles=_expert_handles(k), loc="outside lower center", ncol=min(k, 8), fontsize=8, frameon=False)
+    return fig
+
+
+def plot_winner_digits(diag: dict, title: str = ""):
+    """One heatmap per noise level: rows digits, columns experts, cell the share of the digit's
+    examples the expert wins."""
+    data = torch.tensor(diag["winner_share_by_digit"])  # (S, C, K)
+    s, c, k = data.shape
+    cols = min(s, 4)
+    rows = math.ceil(s / cols)
+    fig = _figure(figsize=(2.6 * cols + 1.2, 2.9 * rows + 0.4), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for i in range(rows * cols):
+        ax = axes.flat[i]
+        if i >= s:
+            ax.axis("off")
+            continue
+        im = ax.imshow(data[i].numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_title(f"sigma {diag['sigmas'][i]:.3g}", fontsize=9)
+        ax.set_xticks(range(k))
+        ax.set_yticks(range(c))
+        ax.tick_params(labelsize=7)
+        if i % cols == 0:
+            ax.set_ylabel("digit")
+        if i // cols == rows - 1:
+            ax.set_xlabel("expert")
+    fig.colorbar(im, ax=list(axes.flat), shrink=0.6, label="share of the digit's examples won")
+    fig.suptitle(title or "MCL: the winning expert's share per digit at each noise level", fontsize=11)
+    return fig
+
+
 def plot_quality_vs_nfe(points: list[dict], floor: float | None = None, title: str = ""):
     """``points``: dicts with sampler, nfe, frechet. One line per sampler; the real-data floor dashed."""
     fig = _figure(figsize=(6.5, 4.2), layout="constrained")
@@ -778,7 +1012,7 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = _log, command: str | 
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    routings_need_gate = "mcl" in cfg.models and any(r.strip().lower() in ("gated", "soft") for r in cfg.routings)
+    routings_need_gate = "mcl" in cfg.models and specs_need_gate(cfg.routings)
     sweep_gated = cfg.sweep_n and sweep_model_name(cfg) == "mcl"
     models = load_models(cfg.models, cfg.checkpoint_dir, device, need_gating=bool(routings_need_gate or sweep_gated), want_gating=cfg.figures)
     K = models.num_experts
@@ -824,6 +1058,7 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = _log, command: str | 
             "batches": [b.to_dict() for b in row.batches()],
             "images_sha256": images_sha256(samples.images),
             "nfe": nfe(row.settings.sampler, row.settings.steps),
+            **({"expert_evals_per_step": routing_cost(row.settings.routing, K)} if row.settings.model == "mcl" else {}),
             "sample_seconds": samples.seconds,
             "seconds": time.perf_counter() - t_row,
             "metrics": m,
@@ -832,10 +1067,19 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = _log, command: str | 
         log(f"[{i}/{len(all_rows)}] {row.name} ({row.settings.sampler}, {row.settings.steps} steps, n={row.settings.n}): "
             f"FD {m['frechet']:.4g} (floor {m['frechet_floor']:.4g}), sampling {samples.seconds:.1f} s, total {rec['seconds']:.1f} s")
 
+    diagnosis = None
+    if "mcl" in models.diffusion and cfg.diagnosis_n:
+        t0 = time.perf_counter()
+        test_x, test_y = load_mnist(cfg.data_dir, train=False)
+        pick = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.diagnosis_n]
+        diagnosis = mcl_diagnosis(models.diffusion["mcl"], test_x[pick], test_y[pick], cfg.diagnosis_levels, models.gate, cfg.seed, cfg.batch_size)
+        log(f"MCL diagnosis on {cfg.diagnosis_n} test images at {cfg.diagnosis_levels} noise levels ({time.perf_counter() - t0:.1f} s):\n  "
+            + "\n  ".join(specialisation_summary(diagnosis)))
+
     figures = {}
     if cfg.figures:
         t0 = time.perf_counter()
-        figures = make_figures(cfg, models, records, sweep_records, floors, expert_preds, out_dir, device, log)
+        figures = make_figures(cfg, models, records, sweep_records, floors, expert_preds, out_dir, device, log, diagnosis)
         log(f"figures: {len(figures)} written to {out_dir} ({time.perf_counter() - t0:.1f} s)")
 
     recorded = record_quality(records, models.paths, command) if cfg.record_quality else {}
@@ -854,6 +1098,7 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = _log, command: str | 
         "inception": {"enabled": inception is not None, "note": inception_note},
         "rows": records,
         "sweep": sweep_records,
+        "mcl_diagnosis": diagnosis,
         "figures": figures,
         "recorded_quality": recorded,
         "seconds": time.perf_counter() - t_all,
@@ -908,13 +1153,16 @@ def results_markdown(results: dict) -> str:
              "FD floor: real training images against the test set at the same sample count.", "", format_table(results["rows"])]
     if any("fid_inception" in r["metrics"] for r in results["rows"]):
         parts += ["", "| row | InceptionV3 FID |", "|---|---:|"] + [f"| {r['name']} | {r['metrics']['fid_inception']:.3g} |" for r in results["rows"]]
+    if results.get("mcl_diagnosis"):
+        parts += ["", diagnosis_markdown(results["mcl_diagnosis"])]
     if results["sweep"]:
         parts += ["", f"Sampler sweep: {results['sweep'][0]['settings']['model']}, n={cfg['sweep_n']} samples each.", "", format_table(results["sweep"])]
     return "\n".join(parts)
 
 
-def make_figures(cfg: EvalConfig, models: Models, records, sweep_records, floors, expert_preds, out_dir: Path, device, log=_log) -> dict:
-    """Write the five figures (those whose models are available); returns {name: path}."""
+def make_figures(cfg: EvalConfig, models: Models, records, sweep_records, floors, expert_preds, out_dir: Path, device, log=_log, diagnosis: dict | None = None) -> dict:
+    """Write the figures (those whose models are available; the MCL diagnosis's two when
+    ``diagnosis`` is given); returns {name: path}."""
     written = {}
 
     def save(name, fig):
@@ -928,7 +1176,7 @@ def make_figures(cfg: EvalConfig, models: Models, records, sweep_records, floors
         base = Settings(model="mcl", sampler=cfg.samplers[0], steps=cfg.steps, seed=cfg.seed, n=1)
         routes = expand_routings(cfg.routings, K)
         if models.gate is None:
-            routes = [r for r in routes if r not in ("gated", "soft")]
+            routes = [r for r in routes if not routing_needs_gate(r)]
         strips = [trajectory_strip(replace(base, routing=r), mcl, models.gate, device) for r in routes]
         if strips:
             save("trajectories", plot_trajectories(strips, K, f"MCL denoising trajectories, one initial noise (seed {cfg.seed}, {cfg.samplers[0]}, {cfg.steps} steps); frame: expert used (soft: largest weight)"))
@@ -947,6 +1195,10 @@ def make_figures(cfg: EvalConfig, models: Models, records, sweep_records, floors
                 preds = metrics.classify(models.classifier.net, to_float(samples.images), batch_size=cfg.batch_size, device=device)["preds"]
             hists.append(metrics.class_histogram(preds[: cfg.diversity_n], NUM_CLASSES))
         save("expert_digits", plot_expert_digits(hists, f"Inter-class diversity: digits generated by each expert ({cfg.diversity_n} images each)"))
+        if diagnosis is not None:
+            n = diagnosis["n"]
+            save("gate_sigma", plot_gate_sigma(diagnosis, f"MCL: who wins at each noise level, and what the gate says ({n} MNIST test images)"))
+            save("winner_digits", plot_winner_digits(diagnosis, f"MCL: the winning expert's share per digit at each noise level ({n} MNIST test images)"))
     else:
         log("MCL figures skipped: mcl is not among --models")
 
@@ -971,7 +1223,7 @@ def make_figures(cfg: EvalConfig, models: Models, records, sweep_records, floors
 # CLI
 
 
-QUICK = {"n": 500, "sweep_n": 200, "diversity_n": 200, "usage_n": 64}
+QUICK = {"n": 500, "sweep_n": 200, "diversity_n": 200, "usage_n": 64, "diagnosis_n": 200}
 CPU_BATCH = 100  # on a CPU, batches of 1000 take twice as long per image as batches of 100 (page faults)
 
 
@@ -997,11 +1249,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-steps", type=_csv(int), default=d.sweep_steps, help="step counts of the sampler sweep (default 4,8,16,32)")
     p.add_argument("--sweep-model", default=None, help="model of the sampler sweep (default: the first of --models)")
     p.add_argument("--guidance-scales", type=_csv(float), default=d.guidance_scales, help="CFG rows (default 0,1,2,3,5)")
-    p.add_argument("--routings", type=_csv(str), default=d.routings, help=f"MCL rows: {ROUTING_CHOICES} (default: experts,heuristic,gated,soft,pooled)")
+    p.add_argument("--routings", type=_csv(str), default=d.routings, help=f"MCL rows: {ROUTING_CHOICES} (default: all)")
     p.add_argument("--n", type=int, default=None, help=f"samples per main row (default {d.n}; {QUICK['n']} with --quick)")
     p.add_argument("--sweep-n", type=int, default=None, help=f"samples per sweep row, 0 for no sweep (default {d.sweep_n}; {QUICK['sweep_n']} with --quick)")
     p.add_argument("--diversity-n", type=int, default=None, help=f"images per expert in the digit-histogram figure (default {d.diversity_n}; {QUICK['diversity_n']} with --quick)")
     p.add_argument("--usage-n", type=int, default=None, help=f"samples in the expert-usage figure (default {d.usage_n}; {QUICK['usage_n']} with --quick)")
+    p.add_argument("--diagnosis-n", type=int, default=None, help=f"MNIST test images in the MCL diagnosis, 0 for none (default {d.diagnosis_n}; {QUICK['diagnosis_n']} with --quick)")
+    p.add_argument("--diagnosis-levels", type=int, default=d.diagnosis_levels, help=f"noise levels of the MCL diagnosis (default {d.diagnosis_levels})")
     p.add_argument("--batch-size", type=int, default=None, help=f"images per sampling batch; batch i uses seed + i (default {d.batch_size} "
                    f"on CUDA, {CPU_BATCH} on the CPU, where larger batches are slower per image)")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -1041,6 +1295,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         figures=args.figures,
         fid_inception=args.fid_inception,
         record_quality=args.record_quality,
+        diagnosis_levels=args.diagnosis_levels,
         **sizes,
     )
 

@@ -95,6 +95,107 @@ def test_expand_routings_and_labels():
         ev.expand_routings(["best"], 3)
 
 
+def test_every_routing_gets_a_row_by_default():
+    rows = ev.main_rows(ev.EvalConfig(models=("mcl",), n=10), num_experts=2)
+    assert [r.name for r in rows] == ["mcl expert_0", "mcl expert_1", "mcl heuristic", "mcl gated", "mcl soft", "mcl pooled",
+                                      "mcl sampled", "mcl winrate", "mcl x0gate", "mcl scout", "mcl sticky"]
+    assert len({(r.settings.seed, r.settings.n, r.settings.sampler, r.settings.steps) for r in rows}) == 1  # same seed, same noise
+    assert ev.expand_routings(["all"], 2) == ev.expand_routings(ev.ALL_ROUTINGS, 2)
+    assert ev.expand_routings(["sticky:0.5", "pooled", "all"], 2)[:3] == ["sticky:0.5", "pooled", "expert:0"]
+    assert ev.specs_need_gate(["all"]) and ev.specs_need_gate(["experts", "x0gate"]) and ev.specs_need_gate(["sticky:2"])
+    assert not ev.specs_need_gate(["experts", "expert_1", "heuristic", "pooled", "winrate"])
+    with pytest.raises(ValueError, match="sticky:SIGMA"):
+        ev.expand_routings(["sticky:later"], 2)
+
+
+# --- MCL diagnosis: known answers on synthetic inputs -------------------------------------------
+
+
+def test_winner_shares_and_entropy_by_hand():
+    winners = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 1], [0, 1, 2, 2]])
+    shares = ev.winner_shares(winners, 3)
+    assert shares.tolist() == [[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.25, 0.25, 0.5]]
+    h = ev.normalized_entropy(shares)
+    assert h[0] == 0.0
+    assert h[1].item() == pytest.approx(math.log(2) / math.log(3))
+    assert h[2].item() == pytest.approx(-(2 * 0.25 * math.log(0.25) + 0.5 * math.log(0.5)) / math.log(3))
+    assert ev.normalized_entropy(torch.full((2, 4), 0.25)).tolist() == pytest.approx([1.0, 1.0])
+
+
+def test_winner_share_by_digit_by_hand():
+    winners = torch.tensor([[0, 1, 1, 2, 2, 2], [1, 1, 1, 1, 1, 0]])  # two levels, six examples
+    labels = torch.tensor([3, 3, 5, 5, 5, 7])
+    d = ev.winner_share_by_digit(winners, labels, num_experts=3, num_classes=10)
+    assert d.shape == (2, 10, 3)
+    assert d[0, 3].tolist() == [0.5, 0.5, 0.0]  # the two 3s: one won by expert 0, one by expert 1
+    assert d[0, 5].tolist() == pytest.approx([0.0, 1 / 3, 2 / 3])
+    assert d[0, 7].tolist() == [0.0, 0.0, 1.0]
+    assert d[1, 7].tolist() == [1.0, 0.0, 0.0] and d[1, 5].tolist() == [0.0, 1.0, 0.0]
+    assert d[0, 0].tolist() == [0.0, 0.0, 0.0]  # no zeros among the examples
+
+
+def test_gate_summary_by_hand():
+    probs = torch.tensor([[[0.5, 0.5], [1.0, 0.0]], [[0.9, 0.1], [0.2, 0.8]]])  # (S=2, N=2, K=2)
+    winners = torch.tensor([[1, 0], [0, 0]])
+    g = ev.gate_summary(probs, winners)
+    torch.testing.assert_close(g["mean_probs"], torch.tensor([[0.75, 0.25], [0.55, 0.45]], dtype=torch.float64))
+    assert g["accuracy"].tolist() == [0.5, 0.5]  # argmax of [0.5, 0.5] is expert 0; the first sample's winner is 1
+    h01 = -(0.9 * math.log(0.9) + 0.1 * math.log(0.1)) / math.log(2)
+    h28 = -(0.2 * math.log(0.2) + 0.8 * math.log(0.8)) / math.log(2)
+    assert g["entropy"].tolist() == pytest.approx([0.5, (h01 + h28) / 2])
+
+
+class ScaledDenoiser(Denoiser):
+    """D(x, sigma) = a * x / (1 + sigma^2): the exact denoiser of N(0, 1) data when a = 1."""
+
+    def __init__(self, a):
+        super().__init__()
+        self.a = a
+
+    def forward(self, x, sigma, label=None):
+        s = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1, 1, 1)
+        return self.a * x / (1 + s**2)
+
+
+def test_expert_losses_pick_the_exact_denoiser():
+    """On Gaussian data the exact denoiser (a = 1) wins at every level; a scaled copy loses; losses
+    match the closed form E|D(x) - x0|^2 = sigma^2 / (1 + sigma^2) for the exact one."""
+    x0 = torch.randn(400, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    sigmas = ev.diagnosis_levels(0.1, 10.0, 3)
+    assert sigmas.tolist() == pytest.approx([10.0, 1.0, 0.1])
+
+    class Gate(torch.nn.Module):  # logits favour expert 1 above sigma 1, expert 0 otherwise
+        def forward(self, x, sigma):
+            big = (torch.as_tensor(sigma).reshape(-1) > 1).float()
+            return torch.stack([1 - big, big], dim=1).expand(x.shape[0], 2) * 5
+
+    losses, probs = ev.expert_losses([ScaledDenoiser(0.5), ScaledDenoiser(1.0)], x0, sigmas, torch.Generator().manual_seed(1), batch_size=150, gate=Gate())
+    assert losses.shape == probs.shape == (3, 400, 2)
+    exact = losses[:, :, 1].mean(dim=1)
+    assert exact.tolist() == pytest.approx([s**2 / (1 + s**2) for s in sigmas.tolist()], rel=0.02)
+    winners = losses.argmin(dim=2)
+    assert (winners[1:] == 1).all(), "at sigma 1 and 0.1 the exact denoiser wins every example"
+    assert (winners[0] == 1).double().mean() > 0.6  # at sigma 10 both predict nearly 0: a close race
+    acc = ev.gate_summary(probs, winners)["accuracy"]  # the gate picks expert 1 at sigma 10 only
+    assert acc.tolist() == [(winners[0] == 1).double().mean().item(), 0.0, 0.0]
+
+
+def test_specialisation_summary_names_what_each_expert_wins():
+    diag = {"n": 4, "sigmas": [10.0, 0.1], "num_experts": 2, "winner_share": [[1.0, 0.0], [0.25, 0.75]],
+            "winner_entropy": [0.0, 0.81], "winner_share_overall": [0.625, 0.375],
+            "winner_share_by_digit": [[[1.0, 0.0]] * 10, [[0.0, 1.0]] * 5 + [[1.0, 0.0]] * 5], "digit_counts": [1] * 10,
+            "gate": {"mean_probs": [[0.9, 0.1], [0.5, 0.5]], "entropy": [0.47, 1.0], "accuracy": [1.0, 0.25]}}
+    lines = ev.specialisation_summary(diag)
+    assert lines[0].startswith("expert 0: wins 62% of (example, level) pairs; most at sigma 10 (100%); its digits: 5 (100% of them)")
+    assert lines[1].startswith("expert 1: wins 38% of (example, level) pairs; most at sigma 0.1 (75%); its digits: 0 (50% of them)")
+    assert "0.00 to 0.81" in lines[2]
+    assert lines[3].startswith("gate: picks the winner for 62% of examples on average (chance 50%), 100% at the noisiest level and 25% at the cleanest")
+    md = ev.diagnosis_markdown(diag)
+    assert "| 10 | 1.00 | 0.00 | 0.00 | 0.90 | 0.10 | 0.47 | 1.00 |" in md
+    for fig in (ev.plot_gate_sigma(diag), ev.plot_winner_digits(diag), ev.plot_gate_sigma(dict(diag, gate=None))):
+        assert len(fig.axes) >= 2
+
+
 def test_column_steps():
     assert ev.column_steps(4, 8) == [0, 1, 2, 3]
     cols = ev.column_steps(16, 8)
@@ -175,7 +276,7 @@ def small_run(tiny_checkpoints, mnist_root, tmp_path_factory):
         "--checkpoint-dir", str(ckpt), "--data-dir", str(mnist_root), "--out-dir", str(out), "--record-quality",
         "--device", "cpu", "--n", str(N), "--steps", str(STEPS), "--batch-size", str(BATCH),
         "--samplers", "dpmpp_2m,heun", "--sweep-steps", "2,3", "--sweep-n", "20",
-        "--guidance-scales", "0,2", "--diversity-n", "20", "--usage-n", "16", "--seed", "5",
+        "--guidance-scales", "0,2", "--diversity-n", "20", "--usage-n", "16", "--seed", "5", "--diagnosis-n", "30", "--diagnosis-levels", "3",
     ]
     # A stand-in for InceptionV3 (which would need its weights and minutes on a CPU) to exercise
     # the --fid-inception wiring: features are a coarse subsampling of the pixels.
@@ -196,7 +297,13 @@ def test_small_run_rows_metrics_and_figures(small_run, capsys):
     assert on_disk == json.loads(json.dumps(results))
     names = [r["name"] for r in on_disk["rows"]]
     assert names == ["ddpm", "cfg g=0", "cfg g=2", "mcl expert_0", "mcl expert_1", "mcl expert_2",
-                     "mcl heuristic", "mcl gated", "mcl soft", "mcl pooled"]
+                     "mcl heuristic", "mcl gated", "mcl soft", "mcl pooled", "mcl sampled", "mcl winrate", "mcl x0gate", "mcl scout", "mcl sticky"]
+    mcl_rows = [r for r in on_disk["rows"] if r["group"] == "mcl"]
+    assert [r["expert_evals_per_step"] for r in mcl_rows] == [1, 1, 1, 1, 1, 3, 1, 1, 1, 1, 2, 1]
+    diag = on_disk["mcl_diagnosis"]
+    assert diag["n"] == 30 and len(diag["sigmas"]) == 3 and sum(diag["digit_counts"]) == 30
+    assert all(sum(row) == pytest.approx(1) for row in diag["winner_share"] + diag["gate"]["mean_probs"])
+    assert sum(diag["winner_share_overall"]) == pytest.approx(1) and all(0 <= a <= 1 for a in diag["gate"]["accuracy"])
     assert [(r["settings"]["sampler"], r["settings"]["steps"]) for r in on_disk["sweep"]] == [("dpmpp_2m", 2), ("dpmpp_2m", 3), ("heun", 2), ("heun", 3)]
     assert [r["nfe"] for r in on_disk["sweep"]] == [2, 3, 3, 5]
     floor = on_disk["floors"][str(N)]
@@ -222,7 +329,8 @@ def test_small_run_rows_metrics_and_figures(small_run, capsys):
     assert on_disk["inception"] == {"enabled": True, "note": "stand-in features"}
     assert all(math.isfinite(r["metrics"]["fid_inception"]) for r in on_disk["rows"])
     assert all("fid_inception" not in r["metrics"] for r in on_disk["sweep"])
-    assert (out / "results.md").read_text().count("| mcl ") == 2 * 7  # the main table and the InceptionV3 FID table
+    assert (out / "results.md").read_text().count("| mcl ") == 2 * 12  # the main table and the InceptionV3 FID table
+    assert "MCL diagnosis: 30 MNIST test images noised at 3 levels" in (out / "results.md").read_text()
 
 
 def test_record_quality_reaches_the_model_cards(small_run, tiny_checkpoints):
@@ -251,10 +359,10 @@ def test_small_run_prints_markdown_table(small_run, capsys):
     text = ev.results_markdown(results)
     table = [ln for ln in text.splitlines() if ln.startswith("|")]
     assert table[0].startswith("| row | sampler | steps | NFE | FD | FD floor | FD/floor")
-    assert len(table) == 3 * 2 + 10 + 10 + 4  # headers + rules; rows; InceptionV3 FID rows; sweep rows
+    assert len(table) == 4 * 2 + 15 + 15 + 4 + 3  # headers + rules; rows; InceptionV3 FID rows; sweep rows; diagnosis levels
 
 
-@pytest.mark.parametrize("name", ["cfg g=2", "mcl pooled", "mcl gated"])
+@pytest.mark.parametrize("name", ["cfg g=2", "mcl pooled", "mcl gated", "mcl sampled", "mcl winrate", "mcl scout"])
 def test_rows_replay_through_generate(small_run, tiny_checkpoints, name):
     results, _, _ = small_run
     row = next(r for r in results["rows"] if r["name"] == name)
