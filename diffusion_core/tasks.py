@@ -11,7 +11,7 @@ from torch import nn
 
 from .checkpoints import CheckpointError
 from .guidance import CFGDenoiser
-from .mcl import WTA_MODES, ExpertRouter, GatedRouter, MCLDenoiser, annealed_temperature, win_counts, wta_loss
+from .mcl import WTA_MODES, ExpertRouter, GatedRouter, MCLDenoiser, annealed_temperature, win_counts, wta_assignment, wta_loss
 from .models import load_model, save_model
 from .nets import Classifier, ClassifierConfig, GatingConfig, GatingNet, UNet, UNetConfig
 from .objectives import EDMObjective, EpsilonObjective, FlowObjective, ScheduleConfig
@@ -149,17 +149,26 @@ class DiffusionTask(Task):
 
 
 class Ensemble(nn.Module):
-    """K UNets trained together. ``forward`` runs every expert on the same input, so the training
-    loop calls the ensemble as one module (through DDP and torch.compile: reaching into
-    ``.experts`` from the loss would bypass DDP's gradient synchronisation)."""
+    """K UNets trained together. The training loop calls the ensemble as one module (through DDP
+    and torch.compile: reaching into ``.experts`` from the loss would bypass DDP's gradient
+    synchronisation)."""
 
     def __init__(self, nets):
         super().__init__()
         self.experts = nn.ModuleList(nets)
 
-    def forward(self, x, t, label=None):
-        """Predictions of all experts, (B, K, C, H, W)."""
-        return torch.stack([e(x, t, label) for e in self.experts], dim=1)
+    def forward(self, x, t, label=None, assign=None):
+        """Without ``assign``: every expert on every input, (B, K, C, H, W). With ``assign`` (B,):
+        each input through its assigned expert only, (B, C, H, W). Every expert is still called
+        (on an empty batch when it has no input), so all parameters are in the graph, as DDP needs."""
+        if assign is None:
+            return torch.stack([e(x, t, label) for e in self.experts], dim=1)
+        order, outs = [], []
+        for k, expert in enumerate(self.experts):
+            idx = (assign == k).nonzero().squeeze(1)
+            order.append(idx)
+            outs.append(expert(x[idx], t[idx], None if label is None else label[idx]))
+        return torch.cat(outs)[torch.argsort(torch.cat(order))]
 
 
 class MCLTask(DiffusionTask):
@@ -188,12 +197,27 @@ class MCLTask(DiffusionTask):
             experts.append(expert)
         return Ensemble(experts)
 
+    def expert_losses(self, pred: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Per-example losses (B, K) of all experts' predictions (B, K, C, H, W)."""
+        return torch.stack([self.objective.loss_from_prediction(pred[:, k], batch) for k in range(pred.shape[1])], dim=1)
+
     def loss(self, model, x0, y, generator, progress):
+        """``--mcl-update full``: every expert forward and backward on every example, the loss
+        ``mean_i sum_k w_ik L_ik`` (``mcl.wta_loss``). ``routed`` (default): a no-grad pass scores
+        all experts, then each example is trained through one expert only, drawn with probability
+        ``w_ik`` (the winner for hard WTA). Its gradient is the full formulation's exactly for hard
+        WTA and in expectation for relaxed and annealed WTA, at the cost of K forward passes
+        without autograd plus one model's forward and backward."""
         batch = self.objective.training_batch(x0, generator)
-        pred = model(batch["net_input"], batch["net_time"])  # (B, K, C, H, W), through DDP
-        losses = (pred.float() - batch["target"].float()[:, None]).square().flatten(2).mean(dim=2)  # (B, K), the objective's MSE
         temp = annealed_temperature(progress, self.args.t_start, self.args.t_end)
-        loss = wta_loss(losses, self.args.wta, eps=self.args.relax_eps, temperature=temp)
+        if getattr(self.args, "mcl_update", "routed") == "full":
+            losses = self.expert_losses(model(batch["net_input"], batch["net_time"]), batch)  # (B, K), through DDP
+            loss = wta_loss(losses, self.args.wta, eps=self.args.relax_eps, temperature=temp)
+            return loss, {"wins": win_counts(losses).float(), "temperature": temp}
+        with torch.no_grad():
+            losses = self.expert_losses(model(batch["net_input"], batch["net_time"]), batch)
+        assign = wta_assignment(losses, self.args.wta, eps=self.args.relax_eps, temperature=temp, generator=generator)
+        loss = self.objective.loss_from_prediction(model(batch["net_input"], batch["net_time"], assign=assign), batch).mean()
         return loss, {"wins": win_counts(losses).float(), "temperature": temp}
 
     def epoch_summary(self, sums, count):

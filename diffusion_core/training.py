@@ -69,9 +69,12 @@ def common_parser(description: str, **defaults) -> argparse.ArgumentParser:
     p.add_argument("--no-bf16", action="store_true", help="same as --precision fp32 (kept for older commands)")
     p.add_argument("--recipe", choices=("auto", "cpu", "gpu"), default="auto",
                    help="the script's defaults for a device: auto picks gpu on CUDA, cpu elsewhere; explicit flags still win")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop after this many minutes of training (time in the loop)")
-    p.add_argument("--snapshot-every", type=float, default=None, metavar="MIN",
-                   help="also export the EMA weights every MIN minutes of training time to <run-dir>/snapshots/ (for quality-vs-time curves)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="end this invocation after this many minutes of training (time in the loop); the LR schedule still spans --epochs, --resume carries on")
+    p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                   help="end this invocation at this optimizer step; the LR schedule still spans --epochs, --resume carries on")
+    p.add_argument("--snapshot-every", type=int, default=None, metavar="STEPS",
+                   help="also export the EMA weights every STEPS optimizer steps to <run-dir>/snapshots/ (for quality-vs-training curves)")
     p.add_argument("--data-dir", default=None, help="torchvision MNIST root (default $MNIST_DIR or ./data)")
     p.add_argument("--run-dir", default=None, help="logs, grids and resume state (default runs/<name>, runs/<name>-quick with --quick)")
     p.add_argument("--out", default=None, help="exported checkpoint (default checkpoints/<name>.safetensors, <run-dir>/<name>.safetensors with --quick)")
@@ -90,11 +93,11 @@ def common_parser(description: str, **defaults) -> argparse.ArgumentParser:
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
-def cpu_has_native_bf16() -> bool:
+def cpu_has_native_bf16(cpuinfo="/proc/cpuinfo") -> bool:
     """Whether this CPU computes bf16 natively (x86 avx512_bf16 or AMX, Arm bf16). Elsewhere bf16
     is emulated and slower than fp32, so ``--precision auto`` stays in fp32 there."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        text = Path(cpuinfo).read_text()
     except OSError:  # not Linux: no cheap, reliable way to tell; stay with fp32
         return False
     flags = set()
@@ -160,7 +163,7 @@ def check_args(args) -> None:
         bad.append(f"--lr must be positive (got {args.lr})")
     if not 0 <= args.ema_decay < 1:
         bad.append(f"--ema-decay must be in [0, 1) (got {args.ema_decay})")
-    for name in ("max_minutes", "snapshot_every"):
+    for name in ("max_minutes", "stop_at", "snapshot_every"):
         v = getattr(args, name, None)
         if v is not None and not v > 0:
             bad.append(f"--{name.replace('_', '-')} must be positive (got {v})")
@@ -446,8 +449,7 @@ def train(task: Task, args) -> dict:
     t_start = t_epoch = time.perf_counter()
     timed = 0  # steps of this epoch run by this process (for images/s after a resume)
     train_s = float(st.get("train_s", wall_before)) if resumed else 0.0  # seconds inside the step loop (no grids, no saves)
-    next_snapshot = (math.floor(train_s / 60 / args.snapshot_every) + 1) * args.snapshot_every if args.snapshot_every else None
-    out_of_time = False
+    out_of_time = bool(args.stop_at and step >= args.stop_at)  # --max-minutes or --stop-at reached
     bar = tqdm(total=total_steps, initial=step, disable=not is_main or args.no_progress, desc=task.name, dynamic_ncols=True)
     model.train()
     while step < total_steps:
@@ -482,19 +484,20 @@ def train(task: Task, args) -> dict:
                     flag = torch.tensor(float(out_of_time), device=device)
                     dist.broadcast(flag, 0)
                     out_of_time = bool(flag.item())
-            if next_snapshot is not None and train_s >= 60 * next_snapshot and is_main:
-                snap = run_dir / "snapshots" / f"{task.name}_min{next_snapshot:06.1f}.safetensors"
+            if args.stop_at and step >= args.stop_at:
+                out_of_time = True
+            if args.snapshot_every and step % args.snapshot_every == 0 and is_main:
+                snap = run_dir / "snapshots" / f"{task.name}_step{step:07d}.safetensors"
                 snap.parent.mkdir(exist_ok=True)
                 task.export(ema, snap, {"steps": step, "images_seen": step * per_step, "train_minutes": round(train_s / 60, 3), "snapshot": True})
-                log({"type": "snapshot", "step": step, "train_minutes": round(train_s / 60, 3), "path": str(snap)})
-                next_snapshot += args.snapshot_every
+                log({"type": "snapshot", "step": step, "images_seen": step * per_step, "train_minutes": round(train_s / 60, 3), "path": str(snap)})
             if args.save_every and step % args.save_every == 0 and batch_in_epoch < steps_per_epoch:
                 save_state()
 
         if out_of_time and batch_in_epoch < steps_per_epoch:  # --max-minutes, mid-epoch: resumable where it stopped
             save_state()
             if is_main:
-                bar.write(f"--max-minutes {args.max_minutes} reached at step {step}")
+                bar.write(f"stopped at step {step} (--max-minutes / --stop-at); --resume carries on")
             break
 
         # end of an epoch (or of the run, when --max-steps stops it early): sum over ranks, log

@@ -32,6 +32,9 @@ def main(argv=None):
     p.add_argument("--relax-eps", type=float, default=0.05, help="relaxed WTA: share of the losers")
     p.add_argument("--t-start", type=float, default=0.05, help="annealed WTA: initial temperature")
     p.add_argument("--t-end", type=float, default=1e-5, help="annealed WTA: final temperature")
+    p.add_argument("--mcl-update", choices=("routed", "full"), default="routed",
+                   help="routed: score all experts without autograd, then train each example through one expert "
+                        "(the winner, or a draw from the WTA weights); full: every expert forward and backward on every example")
     args = p.parse_args(argv)
     if args.experts < 1:
         p.error("--experts must be at least 1")

@@ -1,17 +1,21 @@
-"""Sample efficiency on this machine: quality against training minutes, one curve per objective.
+"""Sample efficiency on this machine: quality against training, one curve per objective.
 
-    python train/objective_study.py                      # 4 objectives x 10 min of CFG training, ~50 min in all
-    python train/objective_study.py --minutes 4 --every 2 --n 200   # a shorter look
+    python train/objective_study.py                      # 4 objectives x 1000 steps of CFG training (~10 min each)
+    python train/objective_study.py --steps 400 --every 200 --n 200   # a shorter look
 
 Each variant trains the CFG network with ``train/cfg.py --recipe cpu`` (the shipped recipe, so a
-curve is the start of a real run) for ``--minutes`` of training time, exporting its EMA weights
-every ``--every`` minutes (``--snapshot-every``); the clock counts time in the training loop only.
-Then every snapshot is scored like a row of ``python -m diffusion_core.evaluate``: ``--n`` samples,
-DPM-Solver++ 2M, 16 steps, guidance ``--guidance``, Frechet distance in the classifier's feature
-space divided by the real-data floor at the same n, and the classifier's accuracy on the digit asked for.
+curve is the start of a real run: ``--resume`` without ``--stop-at`` carries it on to the end)
+until step ``--steps``, exporting its EMA weights every ``--every`` steps (``--snapshot-every``).
+Every variant costs the same per step (same network and batch; the objectives differ only in
+elementwise scalings), so curves are compared per image seen, which does not depend on what else
+the machine runs; the figure's top axis converts images to minutes at ``--images-per-s``, this
+CPU's measured training throughput (train/benchmark_loop.py). Every snapshot is scored like a row
+of ``python -m diffusion_core.evaluate``: ``--n`` samples, DPM-Solver++ 2M, 16 steps, guidance
+``--guidance``, the Frechet distance in the classifier's feature space divided by the real-data
+floor at the same n, and the classifier's accuracy on the digit asked for.
 
-Outputs: runs/study/<variant>/ (the runs, resumable: rerunning skips finished work),
-runs/study/study.json and the figure --figure (default assets/fig_objectives.png).
+Outputs: runs/study/<variant>/ (the runs; rerunning skips finished work), runs/study/study.json
+and the figure --figure (default assets/fig_objectives.png).
 """
 from __future__ import annotations
 
@@ -36,13 +40,9 @@ VARIANTS = {
 
 def train_variant(name: str, args) -> Path:
     run_dir = Path(args.out_dir) / name
-    final = run_dir / "cfg.safetensors"
-    if final.exists():
-        print(f"{name}: already trained ({final})", flush=True)
-        return run_dir
     cmd = [sys.executable, str(ROOT / "train" / "cfg.py"), "--recipe", "cpu", "--resume", "--no-progress",
-           "--max-minutes", str(args.minutes), "--snapshot-every", str(args.every),
-           "--run-dir", str(run_dir), "--out", str(final), *VARIANTS[name][1]]
+           "--stop-at", str(args.steps), "--snapshot-every", str(args.every),
+           "--run-dir", str(run_dir), "--out", str(run_dir / "cfg.safetensors"), *VARIANTS[name][1]]
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
     print("+", " ".join(cmd), flush=True)
@@ -57,17 +57,16 @@ def score_snapshots(run_dir: Path, args, reference, floor, classifier) -> list[d
     from diffusion_core.pipeline import Settings
 
     points = []
-    for rec in (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()):
-        if rec.get("type") != "snapshot":
-            continue
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    for rec in sorted((r for r in records if r.get("type") == "snapshot" and r["step"] <= args.steps), key=lambda r: r["step"]):
         model = load_model(rec["path"])
         row = Row(Path(rec["path"]).stem, "study", Settings(model=rec["path"], n=args.n, guidance=args.guidance, seed=0), batch_size=100)
         t0 = time.perf_counter()
         samples = sample_row(row, model)
         m = row_metrics(samples, metrics.classify(classifier.net, samples.images.float().div(127.5).sub(1).unsqueeze(1)), reference, floor)
-        points.append({"minutes": rec["train_minutes"], "step": rec["step"], "frechet": m["frechet"], "frechet_ratio": m["frechet_ratio"],
+        points.append({"step": rec["step"], "images_seen": rec["step"] * 128, "train_minutes": rec["train_minutes"], "frechet": m["frechet"], "frechet_ratio": m["frechet_ratio"],
                        "accuracy": m["accuracy"], "confident": m["confident"], "sample_seconds": round(time.perf_counter() - t0, 1)})
-        print(f"{run_dir.name} {rec['train_minutes']:.1f} min: FD/floor {m['frechet_ratio']:.2f} accuracy {m['accuracy']:.3f}", flush=True)
+        print(f"{run_dir.name} step {rec['step']}: FD/floor {m['frechet_ratio']:.2f} accuracy {m['accuracy']:.3f}", flush=True)
     return points
 
 
@@ -77,10 +76,12 @@ def plot(curves: dict, figure: Path, args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, pts in curves.items():
-        ax.plot([p["minutes"] for p in pts], [p["frechet_ratio"] for p in pts], "o-", label=VARIANTS[name][0])
-    ax.set_xlabel("training minutes on this CPU (2 cores, bf16 autocast)")
+        ax.plot([p["images_seen"] / 1000 for p in pts], [p["frechet_ratio"] for p in pts], "o-", label=VARIANTS[name][0])
+    ax.set_xlabel("training images seen (thousands; batch 128)")
+    top = ax.secondary_xaxis("top", functions=(lambda k: k * 1000 / args.images_per_s / 60, lambda m: m * 60 * args.images_per_s / 1000))
+    top.set_xlabel(f"minutes on the 2-core CPU at {args.images_per_s:g} images/s (bf16)", fontsize=8)
     ax.set_ylabel("FD / real-data floor (lower is better)")
     ax.set_yscale("log")
     ax.set_title(f"CFG network, {args.n} samples, DPM-Solver++ 2M 16 steps, guidance {args.guidance:g}", fontsize=9)
@@ -95,8 +96,9 @@ def plot(curves: dict, figure: Path, args) -> None:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {','.join(VARIANTS)}")
-    p.add_argument("--minutes", type=float, default=10.0, help="training minutes per variant")
-    p.add_argument("--every", type=float, default=2.5, help="minutes between snapshots")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps per variant (batch 128)")
+    p.add_argument("--every", type=int, default=200, help="steps between snapshots")
+    p.add_argument("--images-per-s", type=float, default=216.0, help="training throughput for the minutes axis (benchmark_loop)")
     p.add_argument("--n", type=int, default=500, help="samples per snapshot")
     p.add_argument("--guidance", type=float, default=1.0, help="CFG scale of the scored samples")
     p.add_argument("--classifier", default="classifier", help="the metrics' classifier (name or path)")
@@ -108,8 +110,8 @@ def main(argv=None):
     bad = [v for v in names if v not in VARIANTS]
     if bad or not names:
         p.error(f"unknown variant(s) {bad}; expected some of {', '.join(VARIANTS)}")
-    if not (args.minutes > 0 and 0 < args.every <= args.minutes and args.n >= 4):
-        p.error("--minutes and --every must be positive with --every <= --minutes, and --n at least 4")
+    if not (args.steps > 0 and 0 < args.every <= args.steps and args.n >= 4 and args.images_per_s > 0):
+        p.error("--steps, --every and --images-per-s must be positive with --every <= --steps, and --n at least 4")
 
     import torch
 
@@ -122,7 +124,7 @@ def main(argv=None):
     reference = reference_features(classifier, args.data_dir, max_train=args.n)
     floor = real_floor(reference, args.n)
     curves = {name: score_snapshots(d, args, reference, floor, classifier) for name, d in run_dirs.items()}
-    out = {"minutes": args.minutes, "every": args.every, "n": args.n, "guidance": args.guidance, "floor": floor["frechet"],
+    out = {"steps": args.steps, "every": args.every, "images_per_s": args.images_per_s, "n": args.n, "guidance": args.guidance, "floor": floor["frechet"],
            "classifier": str(classifier.path), "curves": curves, "labels": {k: VARIANTS[k][0] for k in curves}}
     Path(args.out_dir, "study.json").write_text(json.dumps(out, indent=2))
     plot(curves, Path(args.figure), args)

@@ -1,0 +1,270 @@
+"""The CPU training recipe's pieces: --precision and --recipe, the EDM and Min-SNR objectives
+(checked against diffusers and against an ideal network), the routed MCL update (gradients
+against the plain formulation), --max-minutes / --snapshot-every, and quick runs that use them."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from diffusion_core import training
+from diffusion_core.denoisers import EDMDenoiser
+from diffusion_core.mcl import wta_assignment, wta_loss, wta_weights
+from diffusion_core.models import load_model
+from diffusion_core.nets import UNet, UNetConfig
+from diffusion_core.objectives import EDMObjective, EpsilonObjective, ScheduleConfig, objective_from_dict
+from diffusion_core.tasks import Ensemble, MCLTask
+from test_training import check_run, metrics, run_script
+
+# ----------------------------------------------------------------------------- precision, recipes
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_on_cpu_follows_native_bf16(monkeypatch, native, expected):
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: native)
+    assert training.resolve_precision("auto", torch.device("cpu")) == expected
+    assert training.resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    assert training.resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    with pytest.raises(ValueError, match="unknown precision"):
+        training.resolve_precision("fp16", torch.device("cpu"))
+
+
+def test_native_bf16_is_read_from_cpu_flags(tmp_path):
+    def cpuinfo(flags):
+        f = tmp_path / "cpuinfo"
+        f.write_text(f"processor\t: 0\nflags\t\t: fpu sse2 {flags}\n\n")
+        return f
+
+    assert training.cpu_has_native_bf16(cpuinfo("avx2 avx512f avx512_bf16"))
+    assert not training.cpu_has_native_bf16(cpuinfo("avx2 avx512f"))  # AVX-512 without bf16: emulated, slower than fp32
+    assert not training.cpu_has_native_bf16(tmp_path / "missing")
+
+
+def test_recipe_defaults_and_explicit_flags():
+    recipes = {"cpu": {"epochs": 3, "batch_size": 128}, "gpu": {"epochs": 7}}
+
+    def parse(*argv):
+        return training.parse_args(training.common_parser("t"), recipes, list(argv))
+
+    a = parse("--device", "cpu")
+    assert (a.recipe, a.epochs, a.batch_size) == ("cpu", 3, 128)
+    a = parse("--device", "cpu", "--recipe", "gpu")
+    assert (a.recipe, a.epochs, a.batch_size) == ("gpu", 7, 256)  # gpu keeps the parser's batch size
+    a = parse("--device", "cpu", "--epochs", "5")
+    assert (a.recipe, a.epochs) == ("cpu", 5)
+    assert training.recipe_for("auto", "cuda:0") == "gpu" and training.recipe_for("auto", "cpu") == "cpu"
+
+
+def test_time_limits_must_be_positive(capsys):
+    args = training.common_parser("t").parse_args(["--max-minutes", "0"])
+    with pytest.raises(SystemExit) as e:
+        training.check_args(args)
+    assert e.value.code == 2 and "--max-minutes must be positive" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- EDM
+
+
+class Recorder(torch.nn.Module):
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+
+    def forward(self, x, t, label=None):
+        self.seen = (x.clone(), t.clone())
+        return self.out
+
+
+def test_edm_preconditioning_matches_diffusers():
+    from diffusers import EDMEulerScheduler
+
+    sched = EDMEulerScheduler(sigma_data=0.5, prediction_type="epsilon")
+    torch.manual_seed(0)
+    x, f = torch.randn(4, 1, 28, 28, dtype=torch.float64), torch.randn(4, 1, 28, 28, dtype=torch.float64)
+    sigma = torch.tensor([0.002, 0.3, 2.0, 80.0], dtype=torch.float64)
+    net = Recorder(f)
+    out = EDMDenoiser(net, sigma_data=0.5)(x, sigma)
+    s4 = sigma[:, None, None, None]
+    torch.testing.assert_close(net.seen[0], sched.precondition_inputs(x, s4))
+    torch.testing.assert_close(net.seen[1], 1000 * sched.precondition_noise(sigma))
+    torch.testing.assert_close(out, sched.precondition_outputs(x, f, s4))
+
+
+def test_edm_training_target_is_what_the_ideal_network_outputs():
+    """Data = one fixed image c. The ideal denoiser is D = c; the network that makes the EDM
+    denoiser return c must have zero loss on the objective's training batches."""
+    obj = EDMObjective()
+    torch.manual_seed(1)
+    c = torch.rand(1, 1, 28, 28, dtype=torch.float64) * 2 - 1
+
+    class Ideal(torch.nn.Module):
+        def forward(self, x_in, t, label=None):
+            sigma = (t / 250).exp()[:, None, None, None]
+            total = sigma**2 + obj.sigma_data**2
+            x = x_in * total.sqrt()  # undo c_in
+            c_skip, c_out = obj.sigma_data**2 / total, sigma * obj.sigma_data / total.sqrt()
+            return (c - c_skip * x) / c_out
+
+    batch = obj.training_batch(c.expand(64, -1, -1, -1), torch.Generator().manual_seed(0))
+    assert obj.loss(Ideal(), batch).max() < 1e-10  # sigma is drawn in float32: ~1e-7 relative error
+    assert obj.loss(lambda x, t, label=None: Ideal()(x, t) + 0.01, batch).min() > 5e-5  # and a wrong network is not
+    x = c + 3.0 * torch.randn(2, 1, 28, 28, dtype=torch.float64)
+    torch.testing.assert_close(obj.denoiser(Ideal())(x, torch.tensor([3.0, 3.0], dtype=torch.float64)), c.expand(2, -1, -1, -1))
+
+
+def test_edm_noise_levels_are_log_normal_and_round_trip():
+    obj = EDMObjective()
+    batch = obj.training_batch(torch.zeros(20000, 1, 2, 2), torch.Generator().manual_seed(0))
+    log_sigma = batch["sigma"].log()
+    assert abs(log_sigma.mean() - obj.p_mean) < 0.03 and abs(log_sigma.std() - obj.p_std) < 0.03
+    assert objective_from_dict(obj.to_dict()).to_dict() == obj.to_dict()
+    with pytest.raises(ValueError, match="bad EDM settings"):
+        EDMObjective(sigma_min=1.0, sigma_max=0.5)
+
+
+# ----------------------------------------------------------------------------- Min-SNR
+
+
+def test_min_snr_weights_match_diffusers_snr():
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    obj = EpsilonObjective(ScheduleConfig("linear", 1000, 1e-4, 0.02), min_snr_gamma=5.0)
+    batch = obj.training_batch(torch.zeros(512, 1, 2, 2), torch.Generator().manual_seed(0))
+    t = batch["net_time"].long()
+    snr = compute_snr(DDPMScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear"), t).double()
+    expected = torch.minimum(snr, torch.full_like(snr, 5.0)) / snr
+    # diffusers accumulates alphabar in float32 (relative error ~1e-4 at t near 1000); ours in float64
+    torch.testing.assert_close(batch["weight"].double(), expected, rtol=5e-4, atol=0)
+    assert (batch["weight"] < 1).any() and (batch["weight"] == 1).any()  # both regimes drawn
+    # the weight multiplies the plain per-example loss
+    pred = torch.randn_like(batch["target"])
+    plain = (pred - batch["target"]).square().flatten(1).mean(1)
+    torch.testing.assert_close(obj.loss_from_prediction(pred, batch), plain * batch["weight"])
+    assert objective_from_dict(obj.to_dict()).min_snr_gamma == 5.0
+    assert "weight" not in EpsilonObjective().training_batch(torch.zeros(2, 1, 2, 2))
+    with pytest.raises(ValueError, match="min_snr_gamma must be positive"):
+        EpsilonObjective(min_snr_gamma=0)
+
+
+# ----------------------------------------------------------------------------- routed MCL
+
+
+def _tiny_ensemble(k=3, seed=0):
+    torch.manual_seed(seed)
+    nets = []
+    for _ in range(k):
+        net = UNet(UNetConfig(base_channels=8, blocks_per_level=1, attention=False)).double()
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        nets.append(net)
+    return Ensemble(nets)
+
+
+def _grads(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def _mcl_task(mode, update, objective="ddpm_eps"):
+    args = SimpleNamespace(wta=mode, relax_eps=0.05, t_start=0.05, t_end=1e-5, experts=3, mcl_update=update, objective=objective,
+                           min_snr_gamma=None, schedule="linear", timesteps=1000, beta_start=1e-4, beta_end=0.02, init=None)
+    return MCLTask(args)
+
+
+@pytest.mark.parametrize("objective", ["ddpm_eps", "edm"])
+def test_routed_hard_wta_has_the_plain_gradient_exactly(objective):
+    x0 = torch.rand(16, 1, 28, 28, dtype=torch.float64) * 2 - 1
+    grads, wins = [], []
+    for update in ("full", "routed"):
+        model = _tiny_ensemble()
+        task = _mcl_task("hard", update, objective)
+        loss, logs = task.loss(model, x0, None, torch.Generator().manual_seed(3), 0.5)
+        loss.backward()
+        grads.append(_grads(model))
+        wins.append(logs["wins"])
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-12)
+    assert torch.equal(wins[0], wins[1]) and wins[0].sum() == 16
+
+
+def test_routed_forward_is_each_examples_own_expert():
+    model = _tiny_ensemble()
+    x, t = torch.randn(7, 1, 28, 28, dtype=torch.float64), torch.linspace(0, 900, 7, dtype=torch.float64)
+    assign = torch.tensor([2, 0, 0, 2, 1, 2, 0])
+    everyone = model(x, t)
+    torch.testing.assert_close(model(x, t, assign=assign), everyone[torch.arange(7), assign])
+    # an expert with no example still takes part in the graph (zero gradient), as DDP needs
+    model(x, t, assign=torch.zeros(7, dtype=torch.long)).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert all(p.grad.abs().sum() == 0 for p in model.experts[1].parameters())
+
+
+@pytest.mark.parametrize("mode, kw", [("relaxed", {"eps": 0.3}), ("annealed", {"temperature": 0.5})])
+def test_routed_soft_wta_is_unbiased(mode, kw):
+    """For one fixed assignment the routed gradient is the plain formulation's with one-hot weights
+    (exact), and assignments are drawn with the WTA weights (frequencies), so the expected routed
+    gradient is the plain one."""
+    losses = torch.tensor([[0.2, 0.5, 0.9], [1.0, 0.1, 0.4], [0.3, 0.3, 0.2]])
+    w = wta_weights(losses, mode, **kw)
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([wta_assignment(losses, mode, generator=g, **kw) for _ in range(20000)])
+    freq = torch.stack([(draws == k).float().mean(0) for k in range(3)], dim=1)
+    assert (freq - w).abs().max() < 0.015
+    # exact part: per-example losses of a real ensemble, routed vs one-hot weighted full loss
+    model = _tiny_ensemble()
+    obj = EpsilonObjective()
+    batch = obj.training_batch(torch.rand(6, 1, 28, 28, dtype=torch.float64), torch.Generator().manual_seed(1))
+    assign = torch.tensor([0, 1, 2, 2, 1, 0])
+    obj.loss_from_prediction(model(batch["net_input"], batch["net_time"], assign=assign), batch).mean().backward()
+    routed = _grads(model)
+    model.zero_grad()
+    pred = model(batch["net_input"], batch["net_time"])
+    full = torch.stack([obj.loss_from_prediction(pred[:, k], batch) for k in range(3)], dim=1)
+    (torch.nn.functional.one_hot(assign, 3).double() * full).sum(1).mean().backward()
+    torch.testing.assert_close(routed, _grads(model))
+
+
+def test_hard_assignment_is_the_winner():
+    losses = torch.tensor([[0.2, 0.1, 0.9], [1.0, 2.0, 0.4]])
+    assert wta_assignment(losses, "hard").tolist() == [1, 2]
+    assert torch.isclose(wta_loss(losses, "hard"), torch.tensor((0.1 + 0.4) / 2))
+
+
+# ----------------------------------------------------------------------------- quick runs
+
+
+def test_quick_cfg_edm_bf16_with_snapshots_and_time_limit(tmp_path, mnist_root):
+    run_dir, out = tmp_path / "run", tmp_path / "cfg.safetensors"
+    run_script("cfg", run_dir, out, mnist_root, "--quick", "--objective", "edm", "--precision", "bf16", "--snapshot-every", "5")
+    model = check_run(run_dir, out, "cfg", steps=16, epochs=2)
+    tr = model.config["training"]
+    assert tr["precision"] == "bf16" and tr["recipe"] == "cpu" and tr["train_time_s"] > 0
+    assert model.objective.to_dict()["name"] == "edm"
+    snaps = metrics(run_dir, "snapshot")
+    assert [s["step"] for s in snaps] == [5, 10, 15]
+    assert all(load_model(s["path"]).objective.name == "edm" for s in snaps)
+    # a time limit ends the invocation early (step 1 already exceeds it), resumable where it stopped
+    run_dir2, out2 = tmp_path / "run2", tmp_path / "cfg2.safetensors"
+    proc = run_script("cfg", run_dir2, out2, mnist_root, "--quick", "--precision", "fp32", "--max-minutes", "0.00001")
+    assert "--resume carries on" in proc.stdout + proc.stderr
+    tr2 = load_model(out2).config["training"]
+    assert tr2["precision"] == "fp32" and tr2["steps"] == 1
+    state = torch.load(run_dir2 / "state.pt", weights_only=True)
+    assert state["step"] == 1 and math.isfinite(state["train_s"])
+    # --stop-at: pause at step 6, then --resume finishes the schedule of the full run
+    run_dir3, out3 = tmp_path / "run3", tmp_path / "cfg3.safetensors"
+    run_script("cfg", run_dir3, out3, mnist_root, "--quick", "--stop-at", "6")
+    assert load_model(out3).config["training"]["steps"] == 6
+    run_script("cfg", run_dir3, out3, mnist_root, "--quick", "--resume")
+    assert load_model(out3).config["training"]["steps"] == 16
+    assert [r["step"] for r in metrics(run_dir3, "step")] == list(range(1, 17))
+
+
+def test_quick_mcl_min_snr_full_update(tmp_path, mnist_root):
+    run_dir, out = tmp_path / "run", tmp_path / "mcl.safetensors"
+    run_script("mcl", run_dir, out, mnist_root, "--quick", "--experts", 2, "--limit", 256, "--min-snr-gamma", 5, "--mcl-update", "full")
+    model = load_model(out)
+    assert model.objective.to_dict()["min_snr_gamma"] == 5 and model.config["training"]["args"]["mcl_update"] == "full"
+    assert sum(metrics(run_dir, "epoch")[-1]["wins"]) == 4 * 64
