@@ -2,7 +2,7 @@
 
 A checkpoint's config (see ``diffusion_core.checkpoints``) says what the file holds::
 
-    {"model": "ddpm" | "cfg" | "mcl" | "gating" | "classifier",
+    {"model": "ddpm" | "cfg" | "flow" | "mcl" | "gating" | "classifier",
      "network": {"kind": "unet" | "gating" | "classifier", "config": {...}},
      "objective": {...},          # diffusion models (see objectives.objective_from_dict)
      "num_experts": K,            # mcl: tensors "experts.<k>.<param>", otherwise "net.<param>"
@@ -22,7 +22,7 @@ from .mcl import MCLDenoiser, make_router
 from .nets import build_network, count_parameters
 from .objectives import Objective, objective_from_dict
 
-MODEL_KINDS = ("ddpm", "cfg", "mcl", "gating", "classifier")
+MODEL_KINDS = ("ddpm", "cfg", "flow", "mcl", "gating", "classifier")  # flow: a cfg or ddpm network trained as rectified flow
 
 
 @dataclass

@@ -3,7 +3,7 @@
 ::
 
     registry = ModelRegistry()                    # checkpoints/ (or $DIFFUSION_CHECKPOINT_DIR)
-    registry.available()                          # {"cfg": PosixPath(...), ...}: what is on disk
+    registry.available()                          # {"cfg": PosixPath(...), ...}: what is on disk (any *.safetensors)
     model, gate = registry.for_settings(settings)
     result = pipeline.generate(settings, model, gate, device=registry.device)
 
@@ -22,12 +22,14 @@ from pathlib import Path
 
 from torch import nn
 
-from .checkpoints import CheckpointError, checkpoint_dir, resolve_checkpoint
+from .checkpoints import CheckpointError, checkpoint_dir, read_config, resolve_checkpoint
 from .mcl import ROUTINGS, routing_needs_gate
 from .models import LoadedModel, load_model
 
-DIFFUSION_MODELS = ("ddpm", "cfg", "mcl")  # what a person samples from
+DIFFUSION_MODELS = ("ddpm", "cfg", "flow", "mcl")  # what a person samples from, in menu order (others follow)
 AUXILIARY_MODELS = ("gating", "classifier")  # MCL's gating network; the metrics' classifier
+SAMPLEABLE_KINDS = ("ddpm", "cfg", "flow", "mcl")  # checkpoint kinds a sampler can run
+_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_-")
 GATING = "gating"
 NEEDS_GATE = tuple(r for r in ROUTINGS if r != "expert:K" and routing_needs_gate(r))  # MCL routings that use the gating network
 
@@ -60,6 +62,7 @@ class ModelRegistry:
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()  # guards _entries and _name_locks
         self._name_locks: dict[str, threading.Lock] = {}
+        self._kinds: dict[tuple, tuple[str | None, bool]] = {}
 
     @property
     def directory(self) -> Path:
@@ -67,13 +70,22 @@ class ModelRegistry:
         return checkpoint_dir(self.checkpoint_dir)
 
     def available(self) -> dict[str, Path]:
-        """The known models (``ddpm``, ``cfg``, ``mcl``, ``gating``, ``classifier``) whose file is in
-        the checkpoint folder, or that were already loaded (e.g. from the Hub): name -> file."""
+        """The checkpoints in the checkpoint folder (``<name>.safetensors``, a name of lowercase letters,
+        digits, ``_`` and ``-``), or already loaded (e.g. from the Hub): name -> file. The known
+        names come first in their usual order (``ddpm``, ``cfg``, ``flow``, ``mcl``, ``gating``,
+        ``classifier``), then any other checkpoint by name, so a new model appears once its file lands."""
         found = {}
-        for name in DIFFUSION_MODELS + AUXILIARY_MODELS:
-            path = self.directory / f"{name}.safetensors"
-            if path.is_file():
-                found[name] = path
+        on_disk = {}
+        try:
+            for path in self.directory.glob("*.safetensors"):
+                if set(path.stem) <= _NAME_CHARS and path.is_file():
+                    on_disk[path.stem] = path
+        except OSError:
+            pass
+        known = DIFFUSION_MODELS + AUXILIARY_MODELS
+        for name in known + tuple(sorted(n for n in on_disk if n not in known)):
+            if name in on_disk:
+                found[name] = on_disk[name]
             else:
                 with self._lock:
                     entry = self._entries.get(name)
@@ -81,10 +93,34 @@ class ModelRegistry:
                     found[name] = entry.path
         return found
 
+    def kind_of(self, name: str, path: Path) -> tuple[str | None, bool]:
+        """(kind, has an objective) of a checkpoint from its metadata alone (cached until the file changes);
+        ``(None, False)`` when it cannot be read."""
+        stamp = _stamp(path)
+        key = (str(path), stamp)
+        with self._lock:
+            if key in self._kinds:
+                return self._kinds[key]
+        try:
+            config = read_config(path)
+            value = (str(config.get("model", name)), "objective" in config)
+        except (CheckpointError, OSError, AttributeError):
+            value = (None, False)
+        with self._lock:
+            self._kinds[key] = value
+        return value
+
     def available_diffusion_models(self) -> list[str]:
-        """The subset of ``available()`` a person can sample from, in the usual order."""
-        found = self.available()
-        return [n for n in DIFFUSION_MODELS if n in found]
+        """The subset of ``available()`` a person can sample from (a diffusion or flow model: a checkpoint
+        with an objective), in the usual order."""
+        out = []
+        for name, path in self.available().items():
+            if name in AUXILIARY_MODELS:
+                continue
+            kind, has_objective = self.kind_of(name, path)
+            if has_objective and kind in SAMPLEABLE_KINDS:
+                out.append(name)
+        return out
 
     def get(self, name: str | os.PathLike) -> LoadedModel:
         """The model for a name or path, loaded on first use (raises ``CheckpointError``)."""
@@ -127,8 +163,8 @@ class ModelRegistry:
         model with gated or soft routing (else ``None``). Raises ``CheckpointError`` (a
         ``ValueError``) when a file is missing or bad, ``ValueError`` when the model cannot sample."""
         model = self.get(settings.model)
-        if model.kind not in DIFFUSION_MODELS:
-            raise ValueError(f"{model.path} is a {model.kind} checkpoint, not a diffusion model ({', '.join(DIFFUSION_MODELS)})")
+        if model.kind not in SAMPLEABLE_KINDS or model.objective is None:
+            raise ValueError(f"{model.path} is a {model.kind} checkpoint, not a diffusion model ({', '.join(SAMPLEABLE_KINDS)})")
         gate = None
         if model.kind == "mcl" and routing_needs_gate(settings.routing):
             try:

@@ -4,16 +4,22 @@
     python -m diffusion_core.sample --model mcl --routing pooled --sampler heun --steps 20 --out m.npz
     python -m diffusion_core.sample --settings shared.json --out replay.npz      # replay a saved setting
     python -m diffusion_core.sample --settings replay.npz --seed 5 --out other.npz  # ...with one change
+    python -m diffusion_core.sample --settings compare.json --grid grid.png     # the app's Compare grid, same PNG
+    python -m diffusion_core.sample --settings sdedit.json --grid sdedit.png    # an Explore SDEdit result, same PNG
+    python -m diffusion_core.sample --list-models                               # the models whose checkpoints exist
 
 The ``.npz`` holds ``images`` (N, 28, 28) uint8, ``labels`` (N,) for class-conditional models,
 ``experts`` (steps, N) for MCL ensembles (the expert that served each image at each step) and
 ``settings``: the JSON of the settings used, which ``--settings`` replays to the identical images
-(on the same kind of device). Flags given alongside ``--settings`` override it. Bad input exits with
-status 2 and a one-line message.
+(on the same kind of device). Flags given alongside ``--settings`` override it. A comparison's or an
+SDEdit result's settings JSON from the app (``"kind": "compare"`` / ``"sdedit"``) replays to the
+app's own PNG (``--grid``, byte for byte) and an ``.npz`` (``--out``) with its images and settings.
+Bad input exits with status 2 and a one-line message.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -47,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
         # Setting flags default to None so that only the ones given override --settings.
         argument_default=None,
     )
-    p.add_argument("--model", metavar="{ddpm,cfg,mcl,PATH}", help=f"model name or checkpoint path (default {d.model})")
+    p.add_argument("--model", metavar="{ddpm,cfg,flow,mcl,...,PATH}",
+                   help=f"model name (any checkpoint in the checkpoint folder; --list-models) or checkpoint path (default {d.model})")
     p.add_argument("--sampler", choices=list(SAMPLERS), help=f"(default {d.sampler})")
     p.add_argument("--steps", type=int, metavar="N", help=f"sampling steps (default {d.steps})")
     p.add_argument("--seed", type=int, metavar="S", help=f"random seed, 0..2^63-1 (default {d.seed})")
@@ -56,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, metavar="G", help=f"cfg guidance scale: 0 unconditional, 1 conditional, >1 guided (default {d.guidance:g})")
     p.add_argument("--routing", metavar="{expert:K,heuristic,gated,soft,pooled}", help=f"mcl routing (default {d.routing})")
     p.add_argument("--eta", type=float, metavar="E", help=f"ddim stochasticity 0..1 (default {d.eta:g})")
-    p.add_argument("--out", required=True, metavar="FILE.npz", help="where to write the images")
-    p.add_argument("--grid", metavar="FILE.png", help="also write the images as a PNG grid")
+    p.add_argument("--out", metavar="FILE.npz", help="where to write the images (this, --grid or both)")
+    p.add_argument("--grid", metavar="FILE.png", help="write the images as a PNG grid (for compare/sdedit settings: the app's PNG)")
+    p.add_argument("--list-models", action="store_true", help="list the models whose checkpoints exist, and exit")
     p.add_argument("--settings", metavar="FILE.json", help="start from saved settings (a JSON file, or an .npz written by this command)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="(default cpu; images are bit-identical across runs on CPU)")
     p.add_argument("--checkpoint-dir", metavar="DIR", help=f"where model names are looked up (default ${DIR_ENV} or checkpoints/)")
@@ -135,18 +143,104 @@ def save_grid(path: Path, images: np.ndarray) -> None:
     Image.fromarray(image_grid(images), mode="L").save(path, format="PNG")
 
 
-def run(args: argparse.Namespace) -> Path:
+def list_models(args: argparse.Namespace) -> None:
+    from .registry import ModelRegistry
+    from .ui import available_models, model_label
+
+    registry = ModelRegistry(args.checkpoint_dir)
+    models = available_models(registry)
+    if not models:
+        print(f"no diffusion model checkpoints in {registry.directory}")
+    for name, info in models.items():
+        print(f"{name:<12} {model_label(info)}; {info.kind} checkpoint, objective {info.objective}, {info.path}")
+
+
+def _settings_kind(path: str | None) -> tuple[str, dict | None]:
+    """("compare" | "sdedit", the JSON object) for the app's comparison / SDEdit settings files, else ("sample", None)."""
+    if not path or Path(path).suffix == ".npz":
+        return "sample", None
+    p = Path(path).expanduser()
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return "sample", None  # read_settings_file reports the problem
+    if isinstance(d, dict) and d.get("kind") in ("compare", "sdedit"):
+        return d["kind"], d
+    return "sample", None
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _save_npz(path: Path, **arrays) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
+    os.replace(tmp, path)
+
+
+def run_app_settings(args: argparse.Namespace, kind: str, d: dict, out: Path | None, grid: Path | None) -> None:
+    """Replay a comparison or an SDEdit result exactly as the app renders it."""
+    import torch
+
+    from . import ui
+    from .registry import ModelRegistry
+
+    if args.device != "cpu":
+        raise UsageError(f"--device {args.device}: {kind} settings replay on the CPU, as the app runs them")
+    if args.n is not None:
+        raise UsageError(f"--n does not apply to {kind} settings (one image per row)")
+    registry = ModelRegistry(args.checkpoint_dir)
+    models = ui.available_models(registry)
+    overrides = {name: getattr(args, name) for name in SETTING_FLAGS if name != "n" and getattr(args, name) is not None}
+    with torch.inference_mode():
+        if kind == "compare":
+            d = dict(d, base=dict(d.get("base") or {}, **overrides)) if overrides else d
+            base, axis, rows, columns = ui.compare_from_dict(models, d)
+            img, meta = ui.compare(registry, rows, axis, columns=columns, base=base)
+            text = ui.compare_json(meta)
+            arrays = {"grid": img, "settings": np.array(text)}
+            what = f"a comparison of {len(rows)} {axis} values ({base.model}, seed {base.seed})"
+        else:
+            d = dict(d, **overrides)
+            es = ui.edit_from_json(models, json.dumps(d))
+            img = ui.sdedit_image(registry, es, models[es.model])
+            text = es.to_json()
+            arrays = {"images": ui.split_grid(img, 1), "settings": np.array(text)}
+            what = f"an SDEdit result ({es.model}, {es.sampler}, level {es.level:g}, seed {es.seed})"
+    if out is not None:
+        _save_npz(out, **arrays)
+    if grid is not None:
+        _atomic_write(grid, ui.png_bytes(img))
+    print(f"wrote {what} to " + " and ".join(str(p) for p in (out, grid) if p is not None))
+
+
+def run(args: argparse.Namespace) -> Path | None:
     import torch
 
     from .registry import ModelRegistry
 
-    out = Path(args.out).expanduser()
+    if args.list_models:
+        list_models(args)
+        return None
+    if not args.out and not args.grid:
+        raise UsageError("give --out FILE.npz, --grid FILE.png or both")
+    out = Path(args.out).expanduser() if args.out else None
     grid = Path(args.grid).expanduser() if args.grid else None
     for flag, p in (("--out", out), ("--grid", grid)):
         if p is not None and p.is_dir():
             raise UsageError(f"{flag} {p} is a directory; give a file name")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: CUDA is not available on this machine")
+    kind, d = _settings_kind(args.settings)
+    if kind != "sample":
+        run_app_settings(args, kind, d, out, grid)
+        return out
     settings = settings_from_args(args)
     settings.validate()
     registry = ModelRegistry(args.checkpoint_dir, device=args.device)
@@ -163,11 +257,12 @@ def run(args: argparse.Namespace) -> Path:
             print(f"note: --{name} has no effect: {why}", file=sys.stderr)
     with torch.inference_mode():
         result = generate(settings, model, gate, device=args.device)
-    save_npz(out, result)
+    if out is not None:
+        save_npz(out, result)
     if grid is not None:
         save_grid(grid, result.images.numpy())
     what = f"{len(result.images)} image(s) from {model.kind} ({model.path}), {settings.sampler} {settings.steps} steps, seed {settings.seed}"
-    print(f"wrote {what} to {out}" + (f" and {grid}" if grid else ""))
+    print(f"wrote {what} to " + " and ".join(str(p) for p in (out, grid) if p is not None))
     return out
 
 

@@ -181,7 +181,7 @@ def test_bad_flags_exit_2_with_one_clear_line(tiny_checkpoints, tmp_path, capsys
 
 def test_missing_out_and_bad_settings_files(tiny_checkpoints, tmp_path, capsys):
     code, _, err = run_cli(capsys, "--model", "cfg")
-    assert code == 2 and "the following arguments are required: --out" in err
+    assert code == 2 and "give --out FILE.npz, --grid FILE.png or both" in err
     cases = {
         "missing.json": (None, "file not found"),
         "broken.json": ('{"steps": 3', "settings are not valid JSON"),

@@ -31,12 +31,15 @@ MAX_VALUE_CHARS = 64  # longer strings in a field are refused before parsing
 MODEL_LABELS = {
     "ddpm": "DDPM (unconditional)",
     "cfg": "CFG (choose a digit)",
+    "flow": "Flow matching (choose a digit)",
     "mcl": "MCL (ensemble of experts)",
 }
 CARD_TITLES = dict(MODEL_LABELS, gating="Gating network", classifier="Classifier")
 MODEL_BLURBS = {
     "ddpm": "A denoising diffusion model trained on all digits; it draws a random digit.",
     "cfg": "Class-conditional with classifier-free guidance: pick a digit and how strongly to steer towards it.",
+    "flow": "Rectified flow (flow matching), class-conditional with classifier-free guidance: it learns the velocity "
+            "that carries noise to a digit along straight lines (x_t = (1 - t) x0 + t noise).",
     "mcl": "Multiple Choice Learning: several expert denoisers, each specialised by winner-takes-all training; a router picks an expert at every step.",
     "gating": "The gating network that routes MCL samples to experts (gated and soft routing).",
     "classifier": "The MNIST classifier behind the quality metrics (accuracy, FID-style features).",
@@ -54,7 +57,7 @@ ROUTING_LABELS = {
     "heuristic": "heuristic: by noise level",
     "pooled": "pooled: one random expert per image",
 }
-COMPARE_AXES = ("sampler", "routing", "guidance")
+COMPARE_AXES = ("sampler", "routing", "guidance", "eta")
 DEFAULT_GUIDANCES = "0, 1, 2, 4, 8"
 
 
@@ -71,10 +74,15 @@ class ModelInfo:
     conditional: bool
     num_experts: int
     path: str
+    objective: str | None = None  # ddpm_eps, edm, rectified_flow
 
     @property
     def is_mcl(self) -> bool:
         return self.kind == "mcl"
+
+    @property
+    def is_flow(self) -> bool:
+        return self.objective == "rectified_flow"
 
 
 _info_cache: dict[tuple, ModelInfo] = {}
@@ -98,6 +106,7 @@ def model_info(name: str, path) -> ModelInfo:
         conditional=bool(net.get("num_classes")) and kind != "classifier",
         num_experts=int(config.get("num_experts", 1)) if kind == "mcl" else 1,
         path=str(path),
+        objective=(config.get("objective") or {}).get("name"),
     )
     with _info_lock:
         _info_cache[key] = info
@@ -116,8 +125,17 @@ def available_models(registry) -> dict[str, ModelInfo]:
     return out
 
 
+def model_label(info: ModelInfo) -> str:
+    """The menu label of a model: its usual label, or for another checkpoint its name, kind and objective."""
+    if info.name in MODEL_LABELS:
+        return MODEL_LABELS[info.name]
+    what = "flow matching" if info.is_flow else info.kind
+    return f"{info.name} ({what}{', choose a digit' if info.conditional else ''})"
+
+
 def model_choices(models: Mapping[str, ModelInfo]) -> list[tuple[str, str]]:
-    return [(MODEL_LABELS.get(n, n), n) for n in models]
+    """(label, name) of every model whose checkpoint exists (``available_models``), in menu order."""
+    return [(model_label(info), n) for n, info in models.items()]
 
 
 def sampler_choices() -> list[tuple[str, str]]:

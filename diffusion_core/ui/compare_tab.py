@@ -1,16 +1,28 @@
-"""The Compare tab: one seed, several samplers / routings / guidance scales, as a grid of
-trajectories from the same starting noise."""
+"""The Compare tab: one seed, several samplers / routings / guidance scales / DDIM etas, as a grid
+of trajectories from the same starting noise; its settings JSON (``kind: "compare"``) and share link
+reproduce the grid pixel for pixel (in the app, through the API and with ``diffusion_core.sample``)."""
 from __future__ import annotations
 
+import json
 from typing import Mapping
+from urllib.parse import urlencode
 
 import numpy as np
 
 from ..palette import expert_color
 from ..pipeline import Settings, trajectory
-from .common import COMPARE_AXES, DEFAULT_GUIDANCES, MAX_COMPARE_ROWS, SAMPLER_LABELS, ModelInfo, _name, parse_settings, sampler_choices
+from .common import (COMPARE_AXES, DEFAULT_GUIDANCES, MAX_COMPARE_ROWS, SAMPLER_LABELS, ModelInfo, _name, parse_settings,
+                     sampler_choices)
 from .render import initial_noise, labelled_strip, snapshot_indices, vp_frame
+from .share import share_query
 
+COMPARE_KIND = "compare"
+COMPARE_COLUMNS = 8
+DEFAULT_ETAS = "0, 0.25, 0.5, 1, ddpm"
+ETA_NOTE = ("**Deterministic against stochastic.** DDIM with eta = 0 follows the probability-flow ODE: the same noise "
+            "always gives the same digit. Eta > 0 adds fresh noise at every step (and removes as much signal), so "
+            "trajectories from one seed drift apart and details are re-drawn; eta = 1 is DDPM's ancestral sampler "
+            "(the *DDPM* row), which gives the same image as DDIM at eta = 1.")
 
 def default_compare_values(axis: str, info: ModelInfo | None) -> str:
     if axis == "sampler":
@@ -18,12 +30,17 @@ def default_compare_values(axis: str, info: ModelInfo | None) -> str:
     if axis == "routing":
         k = info.num_experts if info and info.is_mcl else 0
         return ", ".join([f"expert:{i}" for i in range(k)] + ["heuristic", "gated", "soft", "pooled"])
+    if axis == "eta":
+        return DEFAULT_ETAS
     return DEFAULT_GUIDANCES
 
 
 def parse_compare(models: Mapping[str, ModelInfo], base: Settings, axis, values) -> list[Settings]:
-    """The rows of a comparison: ``base`` with ``axis`` (sampler, routing or guidance) set to each
-    of ``values`` (a list, or a comma-separated text). One image per row. Raises ``ValueError``."""
+    """The rows of a comparison: ``base`` with ``axis`` (sampler, routing, guidance or eta) set to each
+    of ``values`` (a list, or a comma-separated text). One image per row. Raises ``ValueError``.
+
+    On the ``eta`` axis every row runs DDIM with that eta, except the value ``ddpm``: a row of
+    DDPM's ancestral sampler beside them."""
     axis = _name(axis, "compare axis") if axis is not None else "sampler"
     if axis not in COMPARE_AXES:
         raise ValueError(f"unknown compare axis {axis!r}; expected one of {', '.join(COMPARE_AXES)}")
@@ -48,14 +65,30 @@ def parse_compare(models: Mapping[str, ModelInfo], base: Settings, axis, values)
     fields["n"] = 1
     for v in values:
         try:
-            s = parse_settings(models, **dict(fields, **{axis: v}))
+            if axis == "eta":
+                ddpm = isinstance(v, str) and v.strip().lower() == "ddpm"
+                row = dict(fields, sampler="ddpm") if ddpm else dict(fields, sampler="ddim", eta=v)
+            else:
+                row = dict(fields, **{axis: v})
+            s = parse_settings(models, **row)
         except ValueError as e:
             raise ValueError(f"compare value {str(v)[:40]!r}: {e}") from None
-        key = getattr(s, axis)
+        key = row_value(s, axis)
         if key not in seen:
             seen.add(key)
             rows.append(s)
     return rows
+
+
+def row_value(s: Settings, axis: str) -> str:
+    """A row's value on its axis, as ``parse_compare`` reads it back (exactly)."""
+    if axis == "sampler":
+        return s.sampler
+    if axis == "routing":
+        return s.routing
+    if axis == "eta":
+        return "ddpm" if s.sampler == "ddpm" else repr(float(s.eta))
+    return repr(float(s.guidance))
 
 
 def _row_label(s: Settings, axis: str) -> str:
@@ -63,12 +96,15 @@ def _row_label(s: Settings, axis: str) -> str:
         return SAMPLER_LABELS.get(s.sampler, s.sampler)
     if axis == "routing":
         return s.routing
+    if axis == "eta":
+        return "DDPM (ancestral)" if s.sampler == "ddpm" else f"DDIM eta {s.eta:g}"
     return f"guidance {s.guidance:g}"
 
 
-def compare(registry, rows: list[Settings], axis: str, columns: int = 8) -> tuple[np.ndarray, dict]:
+def compare(registry, rows: list[Settings], axis: str, columns: int = COMPARE_COLUMNS, base: Settings | None = None) -> tuple[np.ndarray, dict]:
     """A grid of trajectories (RGB): one row per settings, columns from the shared starting noise
-    through evenly spaced steps to the final image. Returns (image, {"axis", "rows": [settings]})."""
+    through evenly spaced steps to the final image. Returns (image, settings): ``compare_meta``,
+    which ``compare_from_json`` reads back (``base`` defaults to the first row)."""
     axis = _name(axis, "compare axis")
     tiles, borders, any_border = [], [], False
     steps = rows[0].steps
@@ -90,4 +126,56 @@ def compare(registry, rows: list[Settings], axis: str, columns: int = 8) -> tupl
         borders.append(brow)
     labels = ["noise"] + [f"step {i + 1}" for i in idx]
     img = labelled_strip(tiles, labels, [_row_label(s, axis) for s in rows], borders if any_border else None, scale=3)
-    return img, {"axis": axis, "rows": [s.to_dict() for s in rows]}
+    return img, compare_meta(base or rows[0], axis, rows, columns)
+
+
+def compare_meta(base: Settings, axis: str, rows: list[Settings], columns: int = COMPARE_COLUMNS) -> dict:
+    """A comparison's settings: the base settings, the axis and its values (what replays it) and,
+    for reading, each row's full settings."""
+    b = Settings(**base.to_dict())
+    b.n = 1
+    return {"kind": COMPARE_KIND, "axis": axis, "values": [row_value(s, axis) for s in rows], "base": b.to_dict(),
+            "columns": columns, "rows": [s.to_dict() for s in rows]}
+
+
+def compare_json(meta: dict) -> str:
+    return json.dumps(meta, indent=2, sort_keys=True)
+
+
+def compare_from_json(models: Mapping[str, ModelInfo], text: str) -> tuple[Settings, str, list[Settings], int]:
+    """A comparison's settings JSON (as the app shows it) -> (base, axis, rows, columns), validated
+    as the app does; ``ValueError`` with a clear message otherwise."""
+    if not isinstance(text, str) or len(text) > 50_000:
+        raise ValueError("comparison settings must be a JSON text of at most 50000 characters")
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"comparison settings are not valid JSON: {e}") from None
+    return compare_from_dict(models, d)
+
+
+def compare_from_dict(models: Mapping[str, ModelInfo], d) -> tuple[Settings, str, list[Settings], int]:
+    if not isinstance(d, dict) or d.get("kind") != COMPARE_KIND:
+        raise ValueError(f"these settings are not a comparison (expected a JSON object with kind {COMPARE_KIND!r})")
+    unknown = sorted(set(d) - {"kind", "axis", "values", "base", "columns", "rows"})
+    if unknown:
+        raise ValueError(f"unknown comparison settings {unknown}")
+    if not isinstance(d.get("base"), dict) or not isinstance(d.get("values"), list):
+        raise ValueError("a comparison needs 'base' (settings) and 'values' (a list)")
+    columns = d.get("columns", COMPARE_COLUMNS)
+    if isinstance(columns, bool) or not isinstance(columns, int) or not 2 <= columns <= 32:
+        raise ValueError(f"columns must be a whole number between 2 and 32, got {columns!r}")
+    base = Settings.from_dict(d["base"])
+    base = parse_settings(models, **dict(base.to_dict(), n=1))
+    values = [str(v) if not isinstance(v, str) else v for v in d["values"]]
+    rows = parse_compare(models, base, d.get("axis"), values)
+    return base, _name(d.get("axis"), "compare axis"), rows, columns
+
+
+def compare_share_query(base: Settings, info: ModelInfo, axis: str, rows: list[Settings]) -> str:
+    """``?v=1&tab=compare&axis=...&values=...`` and the base settings: opens the Compare tab and reproduces the grid."""
+    b = Settings(**base.to_dict())
+    b.n = 1
+    q = share_query(b, info)
+    extra = urlencode([("tab", "compare"), ("axis", axis), ("values", ",".join(row_value(s, axis) for s in rows))], safe=":,")
+    return q + "&" + extra

@@ -6,12 +6,14 @@ import time
 from typing import Any, Iterator
 
 import numpy as np
+import torch
 
+from ..explore import velocity
 from ..palette import expert_color
 from ..pipeline import Settings, to_uint8, trajectory
 from .common import ModelInfo
 from .render import (OutputFiles, Recording, expert_borders, expert_chart, filmstrip, frame_scale, gif_frames, initial_noise,
-                     png_bytes, render_grid, vp_frame, write_gif)
+                     png_bytes, render_grid, render_rgb_grid, velocity_tiles, vp_frame, write_gif)
 from .share import share_query
 
 
@@ -45,7 +47,9 @@ def stream(registry, settings: Settings, info: ModelInfo, files: OutputFiles | N
     """Run the trajectory for validated ``settings`` and yield updates for the app as dicts:
 
     * first the starting noise, then throttled live frames: ``noisy`` (the state, RGB, framed by
-      expert colour under MCL), ``denoised`` (the predicted clean image) and ``status``;
+      expert colour under MCL), ``denoised`` (the predicted clean image), ``status`` and, for a
+      rectified-flow model, ``velocity``: the velocity ``v = eps - x0`` the step's denoiser output
+      implies (``explore.velocity``, no extra network call), blue negative, red positive;
     * then ``final`` (the grid of final samples, grayscale, exactly ``pipeline.generate``'s
       images upscaled by ``SCALE``), ``settings_json``, ``share_query``;
     * then (``extras``) ``filmstrip``, ``gif`` (a file path), ``downloads`` and ``chart`` (a
@@ -61,7 +65,13 @@ def stream(registry, settings: Settings, info: ModelInfo, files: OutputFiles | N
     yield {"noisy": render_grid(noise, fs), "denoised": None, "status": _status(0, settings.steps, None, 0.0)}
     xs, dens, sigmas, experts, probs = [], [], [], [], []
     last = None
+    prev = None  # the state before the step (flow models: for the velocity)
+    if info.is_flow:
+        g = torch.Generator(device="cpu").manual_seed(settings.seed)
+        prev = torch.randn((n, 1, 28, 28), generator=g, dtype=torch.float32)
     for step in trajectory(settings, model, gate):
+        if prev is not None and step.index == 0:
+            prev = prev * math.sqrt(step.sigma**2 + 1)
         last = step
         x8 = vp_frame(step.x, step.sigma_next)
         d8 = to_uint8(step.denoised).numpy()
@@ -76,8 +86,13 @@ def stream(registry, settings: Settings, info: ModelInfo, files: OutputFiles | N
         if not final_step and throttle.ready():
             borders = [expert_color(int(k)) for k in step.expert] if step.expert is not None else None
             noisy = render_grid(x8, fs, border=borders, border_width=3) if borders else render_grid(x8, fs)
-            yield {"noisy": noisy, "denoised": render_grid(d8, fs),
+            upd = {"noisy": noisy, "denoised": render_grid(d8, fs),
                    "status": _status(step.index + 1, settings.steps, step.sigma_next, time.perf_counter() - t0)}
+            if prev is not None:
+                upd["velocity"] = render_rgb_grid(velocity_tiles(velocity(prev, step.denoised, step.sigma)), fs)
+            yield upd
+        if prev is not None:
+            prev = step.x
     images = to_uint8(last.x).numpy()
     rec = Recording(noise, xs, dens, sigmas, np.stack(experts) if experts else None,
                     np.stack(probs) if len(probs) == len(xs) and probs else None,

@@ -93,7 +93,7 @@ def model_card(name: str, path) -> dict:
     for key in ("test_accuracy",):
         if key in tr:
             quality.append((key.replace("_", " "), _fmt_value(tr[key])))
-    return {"name": name, "title": CARD_TITLES.get(name, name), "blurb": MODEL_BLURBS.get(kind, ""),
+    return {"name": name, "title": CARD_TITLES.get(name, name), "blurb": MODEL_BLURBS.get(name) or MODEL_BLURBS.get(kind, ""),
             "sections": [("Model", overview), ("Training", training), ("Measured quality", quality)]}
 
 

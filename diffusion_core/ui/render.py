@@ -72,6 +72,29 @@ def render_grid(images: np.ndarray, scale: int = SCALE, gap: int = GAP, border: 
     return out
 
 
+def render_rgb_grid(tiles: np.ndarray, scale: int = SCALE, gap: int = GAP) -> np.ndarray:
+    """(N, 28, 28, 3) uint8 RGB tiles -> one RGB image laid out as ``render_grid`` lays out grayscale ones."""
+    tiles = np.asarray(tiles)
+    n, h, w, _ = tiles.shape
+    rows, cols = grid_shape(n)
+    th, tw = h * scale, w * scale
+    out = np.full((rows * th + (rows - 1) * gap, cols * tw + (cols - 1) * gap, 3), BACKGROUND, dtype=np.uint8)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        out[r * (th + gap) : r * (th + gap) + th, c * (tw + gap) : c * (tw + gap) + tw] = upscale(tiles[i], scale)
+    return out
+
+
+V_RANGE = 2.5  # a velocity is shown from -2.5 (blue) through 0 (white) to +2.5 (red)
+
+
+def velocity_tiles(v: torch.Tensor) -> np.ndarray:
+    """Velocities (N, 1, 28, 28) -> (N, 28, 28, 3) uint8: blue negative, white zero, red positive."""
+    u = (v[:, 0].detach().float().cpu() / V_RANGE).clamp(-1, 1).numpy()
+    rgb = np.stack([1 - np.clip(-u, 0, 1), 1 - np.abs(u), 1 - np.clip(u, 0, 1)], axis=-1)
+    return (rgb * 255).round().astype(np.uint8)
+
+
 def split_grid(grid: np.ndarray, n: int, scale: int = SCALE, gap: int = GAP, size: int = 28) -> np.ndarray:
     """Inverse of ``render_grid`` (no border): the (N, 28, 28) samples of a grid image."""
     grid = np.asarray(grid)

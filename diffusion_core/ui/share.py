@@ -1,5 +1,6 @@
-"""Share links of Generate: every setting in a URL query and back; the decoded settings
-reproduce the identical image."""
+"""Share links: every setting in a URL query and back; the decoded settings reproduce the identical
+image. Generate's settings are the base of every link; ``tab=compare`` and ``tab=explore`` links
+add their own fields (``LINK_FIELDS``, read by ``links.parse_link``)."""
 from __future__ import annotations
 
 from typing import Mapping
@@ -7,6 +8,9 @@ from urllib.parse import parse_qsl, urlencode
 
 from ..pipeline import Settings
 from .common import SHARE_FIELDS, SHARE_VERSION, ModelInfo, parse_settings
+
+LINK_FIELDS = ("tab", "axis", "values", "index", "drawing", "level", "region")  # the other tabs' fields
+MAX_LINK_VALUE_CHARS = 4000  # the longest field (an encoded drawing) is about 1.1k characters
 
 
 def _fmt_float(x: float) -> str:
@@ -41,6 +45,26 @@ def _query_items(query) -> list[tuple[str, str]]:
     return [(str(k), str(v)) for k, v in query]
 
 
+def split_query(query) -> tuple[dict[str, str], list[str]]:
+    """A share link's query -> (its fields: Generate's, ``v`` and ``LINK_FIELDS``; notes on the others).
+    ``ValueError`` for too many parameters, a repeated field or an over-long value."""
+    items = _query_items(query)
+    if len(items) > 50:
+        raise ValueError("this share link is malformed: too many parameters")
+    ours: dict[str, str] = {}
+    notes = []
+    for k, v in items:
+        if k in SHARE_FIELDS or k in LINK_FIELDS or k == "v":
+            if k in ours:
+                raise ValueError(f"this share link is malformed: {k!r} is given more than once")
+            if len(v) > MAX_LINK_VALUE_CHARS:
+                raise ValueError(f"this share link is malformed: {k!r} is too long ({len(v)} characters)")
+            ours[k] = v
+        elif not k.startswith("_") and k not in ("view", "logs"):
+            notes.append(f"ignored unknown share-link parameter {k[:40]!r}")
+    return ours, notes
+
+
 def settings_from_query(models: Mapping[str, ModelInfo], query) -> tuple[Settings | None, list[str]]:
     """A share link's query (string, mapping, or starlette ``QueryParams``) -> (Settings, notes).
 
@@ -48,24 +72,13 @@ def settings_from_query(models: Mapping[str, ModelInfo], query) -> tuple[Setting
     ("this share link is malformed: ...") for bad values, repeated fields or an unknown version.
     Parameters the app does not know (a host may add its own) are ignored and listed in the notes.
     """
-    items = _query_items(query)
-    if len(items) > 50:
-        raise ValueError("this share link is malformed: too many parameters")
-    ours: dict[str, str] = {}
-    notes = []
-    for k, v in items:
-        if k in SHARE_FIELDS or k == "v":
-            if k in ours:
-                raise ValueError(f"this share link is malformed: {k!r} is given more than once")
-            ours[k] = v
-        elif not k.startswith("_") and k not in ("view", "logs"):
-            notes.append(f"ignored unknown share-link parameter {k[:40]!r}")
+    ours, notes = split_query(query)
     if not any(k in SHARE_FIELDS for k in ours):
         return None, []
     version = ours.pop("v", SHARE_VERSION)
     if version != SHARE_VERSION:
         raise ValueError(f"this share link is malformed: version {version[:20]!r} is not supported (this app writes v={SHARE_VERSION})")
     try:
-        return parse_settings(models, **ours), notes
+        return parse_settings(models, **{k: v for k, v in ours.items() if k in SHARE_FIELDS}), notes
     except ValueError as e:
         raise ValueError(f"this share link is malformed: {e}") from None
