@@ -1,20 +1,24 @@
-"""Images per second of our training loop against a plain fp32 DataLoader loop, same network.
+"""Images per second of our training loop against a plain fp32 DataLoader loop, and of MCL.
 
-    python train/benchmark_loop.py                        # on the GPU: the CFG UNet of train/cfg.py
+    python train/benchmark_loop.py                        # this machine's recipe (CPU: batch 128, bf16 where native)
     python train/benchmark_loop.py --compile              # ours with torch.compile
-    python train/benchmark_loop.py --device cpu --steps 5 --channels 8 --blocks 1 --batch-size 32   # smoke
+    python train/benchmark_loop.py --device cpu --steps 5 --channels 8 --blocks 1 --batch-size 32 --mcl-experts 2   # smoke
 
-Both loops train the same network (the class-conditional UNet of train/cfg.py, same
-initialisation) with the same objective and label dropout, one after the other in one process;
-each runs ``--warmup`` untimed steps (torch.compile compiles there), then ``--steps`` timed ones:
+All loops train the UNet of train/cfg.py (same initialisation, same objective), one after the
+other in one process; each runs ``--warmup`` untimed steps (torch.compile compiles there), then
+``--steps`` timed ones:
 
 * ours, the inner loop of ``diffusion_core.training.train``: MNIST preloaded as one tensor on the
-  device, batches by indexing a seeded permutation, channels_last, bf16 autocast on CUDA
-  (``--no-bf16`` to disable), optional ``--compile``, AdamW with warmup and cosine decay,
-  gradient clipping and the EMA update;
+  device, batches by indexing a seeded permutation, channels_last, autocast per ``--precision``
+  (``auto``: bf16 on CUDA and on CPUs with native bf16, else fp32), optional ``--compile``, AdamW
+  with warmup and cosine decay, gradient clipping and the EMA update;
 * plain: ``torchvision.datasets.MNIST`` with ``ToTensor()`` and ``Normalize((0.5,), (0.5,))``
   through a shuffling ``torch.utils.data.DataLoader`` (``--num-workers``, default 0 as in
-  DataLoader), each batch copied to the device, fp32, AdamW, no clipping, no EMA.
+  DataLoader), each batch copied to the device, fp32, AdamW, no clipping, no EMA;
+* MCL (``--mcl-experts K``, 0 to skip): our loop on an ensemble of K unconditional UNets of the
+  same size with annealed WTA, once with the routed update of train/mcl.py (a no-grad pass scores
+  every expert, then each example trains one expert) and once with the full update (every expert
+  forward and backward on every example).
 
 Images per second count training images through forward, backward and the optimizer step
 (CUDA is synchronised before the clock is read). Prints a table and writes JSON (``--json``).
@@ -33,36 +37,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from diffusion_core.data import MNISTNotFound, data_root, load_mnist  # noqa: E402
-from diffusion_core.tasks import DiffusionTask  # noqa: E402
-from diffusion_core.training import device_name, ema_update, lr_factor, shard_indices  # noqa: E402
+from diffusion_core.tasks import DiffusionTask, MCLTask  # noqa: E402
+from diffusion_core.training import PRECISIONS, device_name, ema_update, lr_factor, resolve_precision, shard_indices  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--steps", type=int, default=100, help="timed steps per loop")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation, cuDNN autotuning)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=None, help="default: 128 on CPU, 256 on CUDA (the recipes)")
     p.add_argument("--channels", type=int, default=32, help="UNet base width (train/cfg.py default)")
     p.add_argument("--blocks", type=int, default=2, help="ResBlocks per UNet level (train/cfg.py default)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--compile", action="store_true", help="torch.compile our loop's model")
-    p.add_argument("--no-bf16", action="store_true", help="our loop without bf16 autocast on CUDA")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="our loop's autocast (see train/cfg.py -h)")
+    p.add_argument("--objective", choices=["ddpm_eps", "edm", "rectified_flow"], default="ddpm_eps")
+    p.add_argument("--mcl-experts", type=int, default=5, help="K for the MCL rows (0: no MCL rows)")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers of the plain loop")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--data-dir", default=None, help="torchvision MNIST root (default $MNIST_DIR or ./data)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="runs/benchmark_loop.json", help="where to write the results")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
-        p.error("--steps and --batch-size must be at least 1, --warmup at least 0")
+    if args.steps < 1 or args.warmup < 0 or (args.batch_size is not None and args.batch_size < 1) or args.mcl_experts < 0:
+        p.error("--steps and --batch-size must be at least 1, --warmup and --mcl-experts at least 0")
     return args
 
 
+def _task_args(args, **extra) -> SimpleNamespace:
+    return SimpleNamespace(objective=args.objective, min_snr_gamma=None, schedule="linear", timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                           attention=True, channels=args.channels, blocks=args.blocks, init=None, **extra)
+
+
 def task_for(args) -> DiffusionTask:
-    """The CFG task of train/cfg.py with its defaults (eps objective, linear schedule, p_uncond 0.1)."""
-    return DiffusionTask(SimpleNamespace(objective="ddpm_eps", schedule="linear", timesteps=1000, beta_start=1e-4, beta_end=0.02,
-                                         attention=True, channels=args.channels, blocks=args.blocks, p_uncond=0.1),
-                         name="cfg", conditional=True)
+    """The CFG task of train/cfg.py (linear schedule for eps, p_uncond 0.1)."""
+    return DiffusionTask(_task_args(args, p_uncond=0.1), name="cfg", conditional=True)
+
+
+def mcl_task_for(args, update: str) -> MCLTask:
+    """The MCL task of train/mcl.py: K experts, annealed WTA, ``update`` routed or full."""
+    return MCLTask(_task_args(args, experts=args.mcl_experts, wta="annealed", relax_eps=0.05, t_start=0.05, t_end=1e-5, mcl_update=update))
 
 
 def sync(device):
@@ -85,10 +99,11 @@ def timed(step, args, device) -> dict:
             "seconds": dt, "final_loss": final_loss}
 
 
-def our_loop(args, device) -> dict:
+def our_loop(args, device, task=None, name="ours") -> dict:
     """The inner loop of diffusion_core.training.train, step for step (one process)."""
-    task = task_for(args)
-    use_bf16 = device.type == "cuda" and not args.no_bf16
+    task = task or task_for(args)
+    precision = resolve_precision(args.precision, device)
+    use_bf16 = precision == "bf16"
     memory_format = torch.channels_last
     images, labels = load_mnist(args.data_dir, train=True)
     images, labels = images.to(device).contiguous(memory_format=memory_format), labels.to(device)
@@ -122,7 +137,9 @@ def our_loop(args, device) -> dict:
         return loss.detach()
 
     what = ["preloaded tensor", "channels_last"] + (["bf16 autocast"] if use_bf16 else ["fp32"]) + (["compiled"] if args.compile else [])
-    return {"loop": "ours", "what": ", ".join(what), **timed(step, args, device)}
+    if isinstance(task, MCLTask):
+        what = [f"MCL K={args.mcl_experts}, {task.args.mcl_update} update"] + what
+    return {"loop": name, "what": ", ".join(what), **timed(step, args, device)}
 
 
 def plain_loop(args, device) -> dict:
@@ -171,20 +188,25 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if args.batch_size is None:
+        args.batch_size = 256 if device.type == "cuda" else 128
     results = [our_loop(args, device), plain_loop(args, device)]
-    plain = results[1]["images_per_s"]
+    if args.mcl_experts:
+        results += [our_loop(args, device, mcl_task_for(args, u), f"mcl-{u}") for u in ("routed", "full")]
+    ours, plain = results[0]["images_per_s"], results[1]["images_per_s"]
     for r in results:
         r["speedup_vs_plain"] = r["images_per_s"] / plain
+        r["share_of_ours"] = r["images_per_s"] / ours
     params = sum(p.numel() for p in task_for(args).build().parameters())
     report = {"device": device_name(device), "torch": torch.__version__, "python": platform.python_version(),
               "network": {"kind": "unet (cfg)", "channels": args.channels, "blocks": args.blocks, "parameters": params},
-              "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "results": results}
+              "batch_size": args.batch_size, "precision": resolve_precision(args.precision, device), "objective": args.objective, "steps": args.steps, "warmup": args.warmup, "results": results}
 
     print(f"{report['device']}, torch {torch.__version__}; UNet {params / 1e6:.2f}M parameters, batch {args.batch_size}, "
           f"{args.steps} timed steps after {args.warmup} warmup")
-    print(f"{'loop':6} {'images/s':>10} {'ms/step':>9} {'speedup':>8}  what")
+    print(f"{'loop':10} {'images/s':>10} {'ms/step':>9} {'vs plain':>9} {'vs ours':>8}  what")
     for r in results:
-        print(f"{r['loop']:6} {r['images_per_s']:>10.0f} {r['ms_per_step']:>9.1f} {r['speedup_vs_plain']:>7.2f}x  {r['what']}")
+        print(f"{r['loop']:10} {r['images_per_s']:>10.0f} {r['ms_per_step']:>9.1f} {r['speedup_vs_plain']:>8.2f}x {r['share_of_ours']:>7.0%}  {r['what']}")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
