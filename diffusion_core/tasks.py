@@ -279,8 +279,36 @@ class GatingTask(Task):
         with torch.no_grad():
             target = torch.stack([self.mcl.objective.loss(e, batch) for e in self.mcl.nets], dim=1).argmin(dim=1)
         logits = model(batch["x_sigma"], batch["sigma"])
-        acc = (logits.argmax(dim=1) == target).float().mean()
-        return F.cross_entropy(logits.float(), target), {"accuracy": acc}
+        hit = (logits.argmax(dim=1) == target).float()
+        band = self.band_of(batch["sigma"])
+        return F.cross_entropy(logits.float(), target), {
+            "accuracy": hit.mean(),
+            "band_hits": torch.zeros(self.bands, device=hit.device).index_add_(0, band, hit),
+            "band_counts": torch.bincount(band, minlength=self.bands).float(),
+        }
+
+    bands = 6  # noise bands of the per-band accuracy in the epoch records
+
+    def band_edges(self) -> torch.Tensor:
+        """``bands + 1`` increasing sigmas, equal steps in log sigma over the MCL model's range."""
+        den = self.mcl.objective.denoiser(self.mcl.nets[0])
+        return torch.logspace(math.log10(den.sigma_min), math.log10(den.sigma_max), self.bands + 1, dtype=torch.float64)
+
+    def band_of(self, sigma: torch.Tensor) -> torch.Tensor:
+        inner = self.band_edges()[1:-1].to(sigma.device)
+        return torch.bucketize(sigma.double(), inner).long()
+
+    def epoch_summary(self, sums, count):
+        """Adds ``band_accuracy``: top-1 accuracy per noise band (edges in ``band_sigmas``), and the
+        chance level (1 / K) to read it against."""
+        sums = dict(sums)
+        hits, counts = torch.as_tensor(sums.pop("band_hits")).double().cpu(), torch.as_tensor(sums.pop("band_counts")).double().cpu()
+        rec = super().epoch_summary(sums, count)
+        rec["band_sigmas"] = [round(float(e), 4) for e in self.band_edges()]
+        rec["band_accuracy"] = [round(float(h / c), 4) if c else None for h, c in zip(hits, counts)]
+        rec["band_examples"] = [int(c) for c in counts]
+        rec["chance"] = round(1 / self.mcl.num_experts, 4)
+        return rec
 
     @torch.no_grad()
     def sample_grid(self, model, path):

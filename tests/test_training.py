@@ -174,8 +174,15 @@ def test_quick_gating_on_quick_mcl(tmp_path, mnist_root, mcl_run):
     assert model.config["network"]["config"]["num_experts"] == 3
     assert model.config["training"]["mcl"] == str(mcl_run.out)
     assert model.net(torch.zeros(5, 1, 28, 28), torch.full((5,), 2.0)).shape == (5, 3)
-    use = metrics(run_dir, "epoch")[-1]["sample_expert_use"]
+    rec = metrics(run_dir, "epoch")[-1]
+    use = rec["sample_expert_use"]
     assert len(use) == 3 and sum(use) == pytest.approx(1, abs=1e-3)
+    # per-noise-band accuracy: 6 bands over the ensemble's sigma range, adding up to the overall accuracy
+    assert len(rec["band_sigmas"]) == 7 and rec["band_sigmas"] == sorted(rec["band_sigmas"]) and rec["chance"] == pytest.approx(1 / 3, abs=1e-3)
+    n = rec["band_examples"]
+    assert sum(n) == 4 * 64 and len(rec["band_accuracy"]) == 6
+    hits = sum((a or 0) * c for a, c in zip(rec["band_accuracy"], n))
+    assert hits / sum(n) == pytest.approx(rec["accuracy"], abs=1e-3)
 
 
 # ----------------------------------------------------------------------------- SIGKILL and --resume
