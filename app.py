@@ -186,7 +186,7 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
                                                   elem_id="compare_link", interactive=False)
                         with gr.Row():
                             compare_json = gr.Code(label="Settings JSON", language="json", interactive=False, max_lines=14, elem_id="compare_json")
-                            compare_files = gr.File(label="Downloads: PNG, settings", file_count="multiple", interactive=False)
+                            compare_files = gr.File(label="Downloads: PNG, settings", file_count="multiple", interactive=False, elem_id="compare_files")
                         gr.Markdown("Replay from the command line (the same PNG): `python -m diffusion_core.sample --settings compare.json --grid grid.png`")
                     compare_query = gr.Textbox(visible=False)
                 with gr.Tab("Explore", id="explore") as explore_tab:
@@ -198,7 +198,7 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
                             with gr.Row(equal_height=True):
                                 ex_index = gr.Number(value=0, precision=0, minimum=0, maximum=999, label="Test digit index (0-999)", scale=3, elem_id="ex_index")
                                 ex_random = gr.Button("Random digit", scale=1, min_width=90, elem_id="ex_random")
-                            ex_sketch = gr.Sketchpad(label="Draw a digit (then pick 'my drawing')", type="numpy", image_mode="RGBA", canvas_size=(280, 280),
+                            ex_sketch = gr.Sketchpad(label="Draw a digit: pick the brush, then draw", type="numpy", image_mode="RGBA", canvas_size=(280, 280),
                                                      fixed_canvas=True, layers=False, transforms=(), elem_id="ex_sketch", format="png",
                                                      brush=gr.Brush(colors=["#000000"], default_color="#000000", default_size=22, color_mode="fixed"))
                             ex_drawing = gr.Textbox(visible=False, elem_id="ex_drawing")
@@ -233,7 +233,7 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
                                              interactive=False)
                         with gr.Row():
                             ex_json = gr.Code(label="Settings JSON", language="json", interactive=False, max_lines=16, elem_id="ex_json")
-                            ex_files = gr.File(label="Downloads: PNG, settings", file_count="multiple", interactive=False)
+                            ex_files = gr.File(label="Downloads: PNG, settings", file_count="multiple", interactive=False, elem_id="ex_files")
                         gr.Markdown(f"Replay from the command line (the same PNG): `{ui.sdedit_cli_command()}`")
                     ex_query = gr.Textbox(visible=False)
                 with gr.Tab("Models", id="models") as models_tab:
@@ -380,6 +380,10 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
         fwd, _ = ui.forward_view(x0, base.seed, level)
         den = ui.denoise(registry, base, x0, level)
         return fwd, ui.schedule_figure(level), den["image"], den["figure"], den["text"]
+
+    def open_explore(*values):
+        """The Explore tab opened: remember it, and show its view."""
+        return ["explore"] + list(explore_view("explore", *values))
 
     def on_drawing(sketch):
         """A stroke on the sketchpad: the MNIST-style digit it makes (encoded), and the source set to the drawing."""
@@ -532,10 +536,12 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
     compare_btn.click(compare_ui, [axis, values] + controls, [compare_img, compare_json, compare_files, compare_query], api_visibility="private",
                       concurrency_id=SAMPLING).then(None, compare_query, compare_link, js=share_js, api_visibility="private")
 
-    for tab, name in ((generate_tab, "generate"), (compare_tab, "compare"), (explore_tab, "explore"), (models_tab, "models"), (api_tab, "api")):
+    for tab, name in ((generate_tab, "generate"), (compare_tab, "compare"), (models_tab, "models"), (api_tab, "api")):
         tab.select(lambda name=name: name, None, active_tab, api_visibility="private", queue=False)
     view_inputs = [active_tab, ex_source, ex_index, ex_drawing, ex_level, model, digit, guidance, routing, seed]
-    gr.on([ex_level.change, ex_index.change, ex_source.change, ex_drawing.change, active_tab.change, model.change, digit.change,
+    explore_tab.select(open_explore, view_inputs[1:], [active_tab] + view_outputs, api_visibility="private", concurrency_id="explore_view",
+                       concurrency_limit=CONCURRENCY)
+    gr.on([ex_level.change, ex_index.change, ex_source.change, ex_drawing.change, model.change, digit.change,
            guidance.release, routing.change], explore_view, view_inputs, view_outputs, trigger_mode="always_last", api_visibility="private",
           concurrency_id="explore_view", concurrency_limit=CONCURRENCY)
     ex_sketch.change(on_drawing, ex_sketch, [ex_drawing, ex_source], trigger_mode="always_last", api_visibility="private", queue=False)

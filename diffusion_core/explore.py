@@ -312,7 +312,7 @@ def one_step(denoiser: Denoiser, scale: NoiseScale, x0: torch.Tensor, eps: torch
     pred = denoiser(x, sigma, label)
     a, _ = scale.coefficients(min(level, FLOW_T_QUERY_MAX) if scale.kind == "flow" else level)
     return OneStep(level, sigma, a * x, pred, float((pred - x0).square().mean()),
-                   scale.sigma_min <= sigma <= scale.sigma_max or sigma == 0)
+                   scale.sigma_min * (1 - 1e-9) <= sigma <= scale.sigma_max * (1 + 1e-9) or sigma == 0)
 
 
 @torch.no_grad()

@@ -257,6 +257,8 @@ def edit_from_json(models: Mapping[str, ModelInfo], text: str) -> ex.EditSetting
     es = ex.EditSettings.from_json(text)
     d = es.to_dict()
     d.pop("kind")
+    if (d.get("index") is None) == (d.get("drawing") is None):
+        raise ValueError("give either an MNIST test digit index or a drawing")
     source = "drawing" if d.get("drawing") is not None else "mnist"
     return parse_edit(models, source=source, **d)
 

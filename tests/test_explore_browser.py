@@ -1,0 +1,197 @@
+"""The Explore tab, Compare share links and the model cards in headless Chromium (Playwright driving
+Debian's chromium), against ``python app.py`` on tiny random checkpoints plus a tiny flow model:
+
+* a Compare share link opened in a fresh page restores the tab and gives a byte-identical grid PNG,
+  which is also what ``python -m diffusion_core.sample --settings compare.json --grid`` writes;
+* the Explore tab renders, its slider changes the noisy images, and a digit drawn with the mouse on
+  the sketchpad goes through SDEdit to a final image;
+* the model menu and the Models tab show every checkpoint, the flow model included.
+
+``UPDATE_ASSETS=1`` (with the shipped checkpoints) also saves assets/app_explore.png for README.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from app_server import ROOT, running_app  # noqa: E402
+from explore_fixtures import checkpoints_with_flow  # noqa: E402
+
+from diffusion_core import sample  # noqa: E402
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or shutil.which("chromium-browser")
+if not CHROMIUM:
+    pytest.skip("no chromium executable found (apt-get install chromium, or set CHROMIUM_PATH)", allow_module_level=True)
+
+TIMEOUT_MS = 90_000
+UPDATE = os.environ.get("UPDATE_ASSETS") == "1"
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_checkpoints, tmp_path_factory):
+    shipped = ROOT / "checkpoints"
+    if UPDATE and all((shipped / f"{m}.safetensors").is_file() for m in ("ddpm", "cfg", "mcl", "gating")):
+        return shipped
+    return checkpoints_with_flow(tiny_checkpoints, tmp_path_factory.mktemp("with_flow"))
+
+
+@pytest.fixture(scope="module")
+def server(checkpoints, tmp_path_factory):
+    with running_app(checkpoints, tmp_path_factory.mktemp("app") / "app.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    ctx = browser.new_context(viewport={"width": 1360, "height": 1000})
+    pg = ctx.new_page()
+    pg.set_default_timeout(TIMEOUT_MS)
+    yield pg
+    ctx.close()
+
+
+def fetch(page, url_or_src: str) -> bytes:
+    resp = page.request.get(page.evaluate("s => new URL(s, window.location.href).href", url_or_src))
+    assert resp.ok, resp.status
+    return resp.body()
+
+
+def image_bytes(page, selector: str) -> bytes:
+    return fetch(page, page.locator(selector).get_attribute("src"))
+
+
+def download(page, files_id: str, name: str) -> bytes:
+    """The file called ``name`` from a gr.File list of downloads."""
+    link = page.locator(f"#{files_id} a[download='{name}']").first
+    link.wait_for()
+    return fetch(page, link.get_attribute("href"))
+
+
+def set_number(page, elem_id: str, value):
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def textbox(page, elem_id: str) -> str:
+    return page.locator(f"#{elem_id} textarea, #{elem_id} input").first.input_value()
+
+
+def test_compare_share_link_reproduces_the_grid(server, page, checkpoints, tmp_path):
+    page.goto(server + "?model=cfg&steps=4&seed=7")
+    page.locator("#status").filter(has_text="Done").wait_for()
+    page.get_by_role("tab", name="Compare").click()
+    page.locator("#axis label", has_text="DDIM eta").click()
+    assert "ddpm" in textbox(page, "values")  # the eta axis puts DDPM's sampler beside DDIM
+    page.locator("#compare_btn").click()
+    page.locator("#compare_img img").wait_for()
+    page.wait_for_function("() => (document.querySelector('#compare_link textarea, #compare_link input')?.value || '').includes('tab=compare')")
+    link = textbox(page, "compare_link")
+    assert link.startswith(server) and "axis=eta" in link and "seed=7" in link and "steps=4" in link
+    grid = image_bytes(page, "#compare_img img")
+    assert grid[:8] == b"\x89PNG\r\n\x1a\n"
+    settings = download(page, "compare_files", "compare.json")
+
+    fresh = page.context.browser.new_context(viewport={"width": 1360, "height": 1000}).new_page()
+    fresh.set_default_timeout(TIMEOUT_MS)
+    fresh.goto(link)
+    fresh.locator("#compare_img img").wait_for()
+    assert fresh.get_by_role("tab", name="Compare").get_attribute("aria-selected") == "true"
+    assert fresh.locator("#axis input[value='eta']").is_checked()
+    assert fresh.locator("#seed input").input_value() == "7"
+    assert image_bytes(fresh, "#compare_img img") == grid  # the same grid, byte for byte
+    assert fresh.locator("#final img").count() == 0  # a compare link does not generate
+    fresh.context.close()
+
+    (tmp_path / "compare.json").write_bytes(settings)
+    out = tmp_path / "grid.png"
+    assert sample.main(["--settings", str(tmp_path / "compare.json"), "--grid", str(out), "--checkpoint-dir", str(checkpoints)]) == 0
+    assert out.read_bytes() == grid  # the CLI writes the same PNG
+
+
+def _draw_stroke(page, selector: str, points: list[tuple[float, float]]):
+    """Drag the mouse through ``points`` (fractions of the canvas) with the button held."""
+    box = page.locator(selector).bounding_box()
+    x = lambda fx: box["x"] + fx * box["width"]  # noqa: E731
+    y = lambda fy: box["y"] + fy * box["height"]  # noqa: E731
+    page.mouse.move(x(points[0][0]), y(points[0][1]))
+    page.mouse.down()
+    for fx, fy in points[1:]:
+        page.mouse.move(x(fx), y(fy), steps=8)
+    page.mouse.up()
+
+
+def test_explore_tab_slider_and_drawn_digit_through_sdedit(server, page, tmp_path):
+    page.goto(server)
+    page.locator("#status").filter(has_text="Done").wait_for()
+    page.get_by_role("tab", name="Explore").click()
+    page.locator("#ex_forward img").wait_for()
+    page.locator("#ex_denoise img").wait_for()
+    page.locator("#ex_schedule img").wait_for()
+    page.locator("#ex_error img").wait_for()
+    before = page.locator("#ex_forward img").get_attribute("src")
+    before_den = page.locator("#ex_denoise img").get_attribute("src")
+    set_number(page, "ex_level", 0.9)
+    page.wait_for_function("s => { const i = document.querySelector('#ex_forward img'); return i && i.src && i.src !== s; }", arg=before)
+    page.wait_for_function("s => { const i = document.querySelector('#ex_denoise img'); return i && i.src && i.src !== s; }", arg=before_den)
+    assert image_bytes(page, "#ex_forward img") != fetch(page, before)
+    assert "t = 0.90" in page.locator("#ex_denoise_text").inner_text()
+
+    # Draw a "7" with the mouse: a top bar, then a diagonal down.
+    canvas = "#ex_sketch canvas"
+    page.locator(canvas).first.wait_for()
+    page.locator("#ex_sketch button[aria-label='Brush']").first.click()  # as a visitor does: pick the brush, then draw
+    _draw_stroke(page, canvas + " >> nth=0", [(0.3, 0.25), (0.7, 0.25), (0.45, 0.8)])
+    page.locator("#ex_source input[value='drawing']").wait_for()
+    page.wait_for_function("() => document.querySelector(\"#ex_source input[value='drawing']\").checked")
+    page.wait_for_timeout(300)
+    set_number(page, "ex_level", 0.6)
+    page.locator("#ex_run").click()
+    page.locator("#ex_status").filter(has_text="Done").wait_for()
+    page.locator("#ex_final img").wait_for()
+    final = image_bytes(page, "#ex_final img")
+    assert final[:8] == b"\x89PNG\r\n\x1a\n"
+    page.wait_for_function("() => (document.querySelector('#ex_link textarea, #ex_link input')?.value || '').includes('drawing=')")
+    link = textbox(page, "ex_link")
+    assert "tab=explore" in link and "level=0.6" in link
+    page.screenshot(path=str(tmp_path / "explore.png"), full_page=True)
+
+    other = page.context.new_page()  # the share link reproduces the SDEdit result of the drawing
+    other.goto(link)
+    other.locator("#ex_status").filter(has_text="Done").wait_for()
+    other.locator("#ex_final img").wait_for()
+    assert image_bytes(other, "#ex_final img") == final
+    if UPDATE:
+        other.locator("#ex_forward img").wait_for()
+        other.locator("#ex_error img").wait_for()
+        (ROOT / "assets").mkdir(exist_ok=True)
+        other.screenshot(path=str(ROOT / "assets" / "app_explore.png"), full_page=True)
+
+
+def test_models_menu_and_cards_show_every_checkpoint(server, page, checkpoints):
+    page.goto(server)
+    page.locator("#status").filter(has_text="Done").wait_for()
+    names = sorted(p.stem for p in Path(checkpoints).glob("*.safetensors"))
+    page.get_by_role("tab", name="Models").click()
+    cards = page.locator(".model-card")
+    cards.first.wait_for()
+    assert cards.count() == len(names)
+    if "flow" in names:
+        assert page.locator("#model label", has_text="Flow matching").count() == 1
+        card = page.locator(".model-card", has_text="Flow matching")
+        assert card.count() == 1 and "rectified_flow" in card.inner_text()
