@@ -51,7 +51,7 @@ from .data import MNISTNotFound, load_mnist
 def common_parser(description: str, **defaults) -> argparse.ArgumentParser:
     """Arguments every training script shares; ``defaults`` overrides per script."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=20, help="passes over the training set")
     p.add_argument("--batch-size", type=int, default=256, help="per process")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -129,9 +129,13 @@ def recipe_for(recipe: str, device: str | None) -> str:
 def parse_args(parser: argparse.ArgumentParser, recipes: dict[str, dict], argv=None):
     """Parse with the defaults of the recipe for the device (``--recipe``): ``recipes`` maps
     ``cpu`` / ``gpu`` to parser defaults. Flags given on the command line override the recipe."""
-    pre, _ = parser.parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre, _ = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])  # -h shows the recipe's defaults
     name = recipe_for(pre.recipe, pre.device)
-    parser.set_defaults(**recipes.get(name, {}))
+    recipe = dict(recipes.get(name, {}))
+    if pre.quick:
+        recipe.pop("init", None)  # a smoke run starts from scratch on its tiny network
+    parser.set_defaults(**recipe)
     args = parser.parse_args(argv)
     args.recipe = name
     return args

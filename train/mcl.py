@@ -1,6 +1,7 @@
 """Train an MCL ensemble of K expert denoisers with a winner-takes-all loss.
 
-    python train/mcl.py                          # the shipped checkpoints/mcl.safetensors (GPU), K=5
+    python train/mcl.py                          # the shipped checkpoints/mcl.safetensors (CPU recipe on a CPU), K=5
+    python train/mcl.py --recipe gpu             # the GPU recipe (the default where CUDA is available)
     python train/mcl.py --experts 3 --wta hard   # hard (stochastic) MCL
     python train/mcl.py --quick                  # a smoke run on 512 images
     torchrun --nproc_per_node 2 train/mcl.py     # DDP; win counts are summed over processes
@@ -22,7 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from diffusion_core.mcl import WTA_MODES  # noqa: E402
 from diffusion_core.tasks import MCLTask, add_diffusion_args  # noqa: E402
-from diffusion_core.training import common_parser, train  # noqa: E402
+from diffusion_core.training import common_parser, parse_args, train  # noqa: E402
+
+# The defaults per device (--recipe): the CPU one made the shipped checkpoint on a 2-core CPU,
+# starting the experts from the shipped CFG network's unconditional branch.
+RECIPES = {
+    "cpu": {"init": "cfg", "epochs": 4, "batch_size": 128, "lr": 5e-4, "warmup_steps": 50},
+    "gpu": {"epochs": 20, "batch_size": 256},
+}
 
 
 def main(argv=None):
@@ -35,7 +43,7 @@ def main(argv=None):
     p.add_argument("--mcl-update", choices=("routed", "full"), default="routed",
                    help="routed: score all experts without autograd, then train each example through one expert "
                         "(the winner, or a draw from the WTA weights); full: every expert forward and backward on every example")
-    args = p.parse_args(argv)
+    args = parse_args(p, RECIPES, argv)
     if args.experts < 1:
         p.error("--experts must be at least 1")
     train(MCLTask(args), args)
