@@ -172,6 +172,7 @@ def test_explore_tab_slider_and_drawn_digit_through_sdedit(server, page, tmp_pat
     page.screenshot(path=str(tmp_path / "explore.png"), full_page=True)
 
     other = page.context.new_page()  # the share link reproduces the SDEdit result of the drawing
+    other.set_default_timeout(TIMEOUT_MS)
     other.goto(link)
     other.locator("#ex_status").filter(has_text="Done").wait_for()
     other.locator("#ex_final img").wait_for()
