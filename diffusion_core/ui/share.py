@@ -58,7 +58,7 @@ def split_query(query) -> tuple[dict[str, str], list[str]]:
             if k in ours:
                 raise ValueError(f"this share link is malformed: {k!r} is given more than once")
             if len(v) > MAX_LINK_VALUE_CHARS:
-                raise ValueError(f"this share link is malformed: {k!r} is too long ({len(v)} characters)")
+                raise ValueError(f"this share link is malformed: {k} is too long ({len(v)} characters)")
             ours[k] = v
         elif not k.startswith("_") and k not in ("view", "logs"):
             notes.append(f"ignored unknown share-link parameter {k[:40]!r}")
