@@ -56,9 +56,15 @@ def score_snapshots(run_dir: Path, args, reference, floor, classifier) -> list[d
     from diffusion_core.models import load_model
     from diffusion_core.pipeline import Settings
 
+    cache_path = run_dir / "scores.json"  # snapshot scores, so a rerun only scores new snapshots
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     points = []
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     for rec in sorted((r for r in records if r.get("type") == "snapshot" and r["step"] <= args.steps), key=lambda r: r["step"]):
+        key = f"{rec['path']}|n={args.n}|g={args.guidance}|{Path(classifier.path).resolve()}"
+        if key in cache:
+            points.append(cache[key])
+            continue
         model = load_model(rec["path"])
         row = Row(Path(rec["path"]).stem, "study", Settings(model=rec["path"], n=args.n, guidance=args.guidance, seed=0), batch_size=100)
         t0 = time.perf_counter()
@@ -66,6 +72,8 @@ def score_snapshots(run_dir: Path, args, reference, floor, classifier) -> list[d
         m = row_metrics(samples, metrics.classify(classifier.net, samples.images.float().div(127.5).sub(1).unsqueeze(1)), reference, floor)
         points.append({"step": rec["step"], "images_seen": rec["step"] * 128, "train_minutes": rec["train_minutes"], "frechet": m["frechet"], "frechet_ratio": m["frechet_ratio"],
                        "accuracy": m["accuracy"], "confident": m["confident"], "sample_seconds": round(time.perf_counter() - t0, 1)})
+        cache[key] = points[-1]
+        cache_path.write_text(json.dumps(cache, indent=1))
         print(f"{run_dir.name} step {rec['step']}: FD/floor {m['frechet_ratio']:.2f} accuracy {m['accuracy']:.3f}", flush=True)
     return points
 
