@@ -8,7 +8,7 @@ top to bottom:
    logs and saves; ``DIFFUSION_DIST_BACKEND=gloo`` forces gloo on GPUs), the device;
 2. data: the MNIST training set as one tensor on the device (no DataLoader, no per-sample
    transforms); each epoch is one seeded permutation, rank ``r`` of ``W`` takes every W-th batch;
-3. model: the task's network (channels_last), an EMA copy (the weights exported), AdamW with
+3. model: the task's network (channels_last on CUDA; on the CPU it slows bf16 down), an EMA copy (the weights exported), AdamW with
    linear warmup and cosine decay, ``--compile``;
 4. resume: ``<run-dir>/state.pt`` holds everything needed to carry on bit for bit (model, EMA,
    optimizer, schedule, step / epoch / batch, every rank's random generators and the epoch's
@@ -116,6 +116,13 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+
+
+def channels_last_for(device: torch.device):
+    """Memory format of the network and the images: channels_last on CUDA; contiguous on the CPU,
+    where channels_last made bf16 training 29% slower (391 -> 279 images/s, this project's 2-core
+    CPU, batch 128, one ResBlock per level)."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
 def recipe_for(recipe: str, device: str | None) -> str:
@@ -342,7 +349,7 @@ def train(task: Task, args) -> dict:
     task.device = device
     precision = resolve_precision("fp32" if args.no_bf16 else args.precision, device)
     use_bf16 = precision == "bf16"
-    memory_format = torch.channels_last
+    memory_format = channels_last_for(device)
     default_dir = Path("runs") / (f"{task.name}-quick" if args.quick else task.name)
     run_dir = Path(args.run_dir or default_dir)
     out = Path(args.out or (run_dir / f"{task.name}.safetensors" if args.quick else Path("checkpoints") / f"{task.name}.safetensors"))

@@ -9,7 +9,7 @@ other in one process; each runs ``--warmup`` untimed steps (torch.compile compil
 ``--steps`` timed ones:
 
 * ours, the inner loop of ``diffusion_core.training.train``: MNIST preloaded as one tensor on the
-  device, batches by indexing a seeded permutation, channels_last, autocast per ``--precision``
+  device, batches by indexing a seeded permutation, channels_last on CUDA, autocast per ``--precision``
   (``auto``: bf16 on CUDA and on CPUs with native bf16, else fp32), optional ``--compile``, AdamW
   with warmup and cosine decay, gradient clipping and the EMA update;
 * plain: ``torchvision.datasets.MNIST`` with ``ToTensor()`` and ``Normalize((0.5,), (0.5,))``
@@ -38,7 +38,7 @@ import torch  # noqa: E402
 
 from diffusion_core.data import MNISTNotFound, data_root, load_mnist  # noqa: E402
 from diffusion_core.tasks import DiffusionTask, MCLTask  # noqa: E402
-from diffusion_core.training import PRECISIONS, device_name, ema_update, lr_factor, resolve_precision, shard_indices  # noqa: E402
+from diffusion_core.training import PRECISIONS, channels_last_for, device_name, ema_update, lr_factor, resolve_precision, shard_indices  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -104,7 +104,7 @@ def our_loop(args, device, task=None, name="ours") -> dict:
     task = task or task_for(args)
     precision = resolve_precision(args.precision, device)
     use_bf16 = precision == "bf16"
-    memory_format = torch.channels_last
+    memory_format = channels_last_for(device)
     images, labels = load_mnist(args.data_dir, train=True)
     images, labels = images.to(device).contiguous(memory_format=memory_format), labels.to(device)
     n, total = len(images), args.warmup + args.steps
@@ -136,7 +136,7 @@ def our_loop(args, device, task=None, name="ours") -> dict:
         ema_update(ema, model, min(0.999, (1 + i) / (10 + i)))
         return loss.detach()
 
-    what = ["preloaded tensor", "channels_last"] + (["bf16 autocast"] if use_bf16 else ["fp32"]) + (["compiled"] if args.compile else [])
+    what = ["preloaded tensor"] + (["channels_last"] if memory_format == torch.channels_last else []) + (["bf16 autocast"] if use_bf16 else ["fp32"]) + (["compiled"] if args.compile else [])
     if isinstance(task, MCLTask):
         what = [f"MCL K={args.mcl_experts}, {task.args.mcl_update} update"] + what
     return {"loop": name, "what": ", ".join(what), **timed(step, args, device)}

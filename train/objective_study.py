@@ -92,7 +92,7 @@ def plot(curves: dict, figure: Path, args) -> None:
     top.set_xlabel(f"minutes on the 2-core CPU at {args.images_per_s:g} images/s (bf16)", fontsize=8)
     ax.set_ylabel("FD / real-data floor (lower is better)")
     ax.set_yscale("log")
-    ax.set_title(f"CFG network, {args.n} samples, DPM-Solver++ 2M 16 steps, guidance {args.guidance:g}", fontsize=9)
+    fig.suptitle(f"CFG network, {args.n} samples a point, DPM-Solver++ 2M 16 steps, guidance {args.guidance:g}", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
