@@ -105,7 +105,8 @@ def _control_updates(model_name, sampler_name, routing_value=None):
     choices = ui.routing_choices(v.num_experts)
     values = [c[1] for c in choices]
     routing_value = routing_value if routing_value in values else D.routing
-    return (gr.update(visible=v.digit), gr.update(visible=v.guidance), gr.update(visible=v.routing, choices=choices, value=routing_value),
+    return (gr.update(visible=v.digit), gr.update(visible=v.guidance),
+            gr.update(visible=v.routing, choices=choices, value=routing_value, info=ui.routing_help(routing_value)),
             gr.update(visible=v.eta), gr.update(visible=bool(info and info.is_flow)))
 
 
@@ -137,7 +138,8 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
             digit = gr.Radio(ui.digit_choices(), value="any", label="Digit", info="'any' cycles 0-9 over the images", visible=v0.digit, elem_id="digit")
             guidance = gr.Slider(0, MAX_GUIDANCE, value=D.guidance, step=0.1, label="Guidance scale",
                                  info="0 unconditional, 1 conditional, >1 guided", visible=v0.guidance, elem_id="guidance")
-            routing = gr.Dropdown(ui.routing_choices(v0.num_experts), value=D.routing, label="Routing (which expert denoises)", visible=v0.routing, elem_id="routing")
+            routing = gr.Dropdown(ui.routing_choices(v0.num_experts), value=D.routing, label="Routing (which expert denoises)",
+                                  info=ui.routing_help(D.routing), visible=v0.routing, elem_id="routing")
             sampler = gr.Dropdown(ui.sampler_choices(), value=D.sampler, label="Sampler", elem_id="sampler")
             steps = gr.Slider(1, MAX_STEPS, value=D.steps, step=1, label="Steps", elem_id="steps")
             eta = gr.Slider(0, 1, value=D.eta, step=0.05, label="DDIM eta", info="0 deterministic, 1 like DDPM", visible=v0.eta, elem_id="eta")
@@ -533,6 +535,7 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
     model.change(_compare_axis_updates, [model, axis], [axis, values], api_visibility="private", queue=False)
     axis.input(lambda m, a: ui.default_compare_values(a, _models().get(m)), [model, axis], values, api_visibility="private", queue=False)
     dice.click(ui.random_seed, None, seed, api_visibility="private", queue=False)
+    routing.change(lambda r: gr.update(info=ui.routing_help(r)), routing, routing, api_visibility="private", queue=False)
     compare_btn.click(compare_ui, [axis, values] + controls, [compare_img, compare_json, compare_files, compare_query], api_visibility="private",
                       concurrency_id=SAMPLING).then(None, compare_query, compare_link, js=share_js, api_visibility="private")
 

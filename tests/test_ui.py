@@ -35,6 +35,21 @@ def test_available_models_and_visibility(models):
     assert [c[1] for c in ui.routing_choices(3)][-3:] == ["expert:0", "expert:1", "expert:2"]
 
 
+def test_routing_menu_offers_every_routing_with_a_sentence_and_its_cost():
+    from diffusion_core.mcl import ROUTING_HELP, ROUTINGS
+
+    offered = [value for _, value in ui.routing_choices(2)]
+    assert offered == [r for r in ROUTINGS if r != "expert:K"] + ["expert:0", "expert:1"]
+    assert Settings().routing in offered
+    for value in offered:
+        key = "expert:K" if value.startswith("expert:") else value
+        text = ui.routing_help(value)
+        assert text.startswith(ROUTING_HELP[key]) and "per image per step" in text
+    assert "K expert evaluations" in ui.routing_help("soft") and "Cost: 1 expert evaluation per" in ui.routing_help("gated")
+    assert ui.routing_help("sticky:0.5") == ui.routing_help("sticky")
+    assert ui.routing_help("nonsense") == "Which expert denoises each image at each step."
+
+
 def test_defaults_are_pipeline_defaults(models):
     assert ui.parse_settings(models) == Settings().validate()
 

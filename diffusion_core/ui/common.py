@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ..checkpoints import CheckpointError, read_config
+from ..mcl import ROUTING_COST, ROUTING_HELP, ROUTINGS
 from ..pipeline import Settings
 from ..samplers import SAMPLERS
 
@@ -53,9 +54,14 @@ SAMPLER_LABELS = {
 }
 ROUTING_LABELS = {
     "gated": "gated: the gating network picks",
+    "sampled": "sampled: drawn from the gate's probabilities",
     "soft": "soft: mixture weighted by the gate",
     "heuristic": "heuristic: by noise level",
     "pooled": "pooled: one random expert per image",
+    "winrate": "winrate: one expert per image, by training wins",
+    "x0gate": "x0gate: the gate reads the clean-image guess",
+    "scout": "scout: gate on a scout expert's guess",
+    "sticky": "sticky: gated, then each image keeps its expert",
 }
 COMPARE_AXES = ("sampler", "routing", "guidance", "eta")
 DEFAULT_GUIDANCES = "0, 1, 2, 4, 8"
@@ -144,8 +150,19 @@ def sampler_choices() -> list[tuple[str, str]]:
 
 
 def routing_choices(num_experts: int) -> list[tuple[str, str]]:
-    named = [(ROUTING_LABELS[r], r) for r in ("gated", "soft", "heuristic", "pooled")]
+    """Every routing of ``mcl.ROUTINGS`` (labelled), then each expert alone."""
+    named = [(ROUTING_LABELS.get(r, r), r) for r in ROUTINGS if r != "expert:K"]
     return named + [(f"expert {k} only", f"expert:{k}") for k in range(num_experts)]
+
+
+def routing_help(routing: str | None) -> str:
+    """One sentence on what a routing does and its cost, for the line under the routing menu."""
+    key = str(routing or "").strip().lower()
+    key = "expert:K" if key.startswith("expert:") else key.split(":", 1)[0]
+    if key not in ROUTING_HELP:
+        return "Which expert denoises each image at each step."
+    cost = ROUTING_COST[key]
+    return f"{ROUTING_HELP[key]} Cost: {cost} expert evaluation{'' if cost == '1' else 's'} per image per step."
 
 
 def digit_choices() -> list[tuple[str, str]]:
