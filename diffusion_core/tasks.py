@@ -145,7 +145,8 @@ class DiffusionTask(Task):
                 "training": dict(training, p_uncond=getattr(self.args, "p_uncond", None), init=getattr(self.args, "init", None))}
 
     def export(self, model, path, training):
-        save_model(path, "cfg" if self.conditional else "ddpm", [_unwrap(model)], self.config(training))
+        kind = "flow" if self.name == "flow" else "cfg" if self.conditional else "ddpm"
+        save_model(path, kind, [_unwrap(model)], self.config(training))
 
 
 class Ensemble(nn.Module):

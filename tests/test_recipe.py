@@ -268,3 +268,13 @@ def test_quick_mcl_min_snr_full_update(tmp_path, mnist_root):
     model = load_model(out)
     assert model.objective.to_dict()["min_snr_gamma"] == 5 and model.config["training"]["args"]["mcl_update"] == "full"
     assert sum(metrics(run_dir, "epoch")[-1]["wins"]) == 4 * 64
+
+
+def test_quick_flow_is_a_conditional_rectified_flow(tmp_path, mnist_root):
+    run_dir, out = tmp_path / "run", tmp_path / "flow.safetensors"
+    run_script("flow", run_dir, out, mnist_root, "--quick")
+    model = check_run(run_dir, out, "flow", steps=16, epochs=2)
+    assert model.objective.name == "rectified_flow" and model.num_classes == 10
+    den = model.denoiser(guidance=2.0)
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.isfinite(den(x, torch.tensor([0.5, 20.0]), torch.tensor([3, 8]))).all()
