@@ -31,7 +31,7 @@ class Settings:
     seed: int = 0
     n: int = 1
     digit: int | None = None  # CFG: the requested digit; None cycles 0-9
-    guidance: float = 2.0  # CFG scale: 0 unconditional, 1 conditional, > 1 guided
+    guidance: float = 1.35  # CFG scale: 0 unconditional, 1 conditional, > 1 guided; the default from the guidance sweep (README)
     routing: str = "gated"  # MCL: expert:K, heuristic, gated, soft, pooled, sampled, winrate, x0gate, scout, sticky[:SIGMA]
     eta: float = 0.0  # DDIM stochasticity
 

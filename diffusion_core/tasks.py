@@ -98,10 +98,11 @@ class DiffusionTask(Task):
         if conditional and not 0 <= args.p_uncond < 1:
             fail(f"--p-uncond must be in [0, 1) (got {args.p_uncond})", status=2)
         try:
-            if args.min_snr_gamma is not None and args.objective != "ddpm_eps":
+            min_snr_gamma = getattr(args, "min_snr_gamma", None)
+            if min_snr_gamma is not None and args.objective != "ddpm_eps":
                 raise ValueError("--min-snr-gamma applies to --objective ddpm_eps only")
             if args.objective == "ddpm_eps":
-                self.objective = EpsilonObjective(ScheduleConfig(args.schedule, args.timesteps, args.beta_start, args.beta_end), args.min_snr_gamma)
+                self.objective = EpsilonObjective(ScheduleConfig(args.schedule, args.timesteps, args.beta_start, args.beta_end), min_snr_gamma)
             elif args.objective == "edm":
                 self.objective = EDMObjective()
             else:

@@ -16,6 +16,8 @@ from diffusion_core.palette import EXPERT_COLORS, expert_color
 from diffusion_core.pipeline import Settings
 from diffusion_core.samplers import SAMPLERS, get_sampler, karras_sigmas
 
+G = f"{Settings().guidance:g}"  # the app's default guidance: the CFG headline row is "cfg g=<G>"
+
 # ----------------------------------------------------------------------------- helpers with known answers
 
 
@@ -276,7 +278,7 @@ def small_run(tiny_checkpoints, mnist_root, tmp_path_factory):
         "--checkpoint-dir", str(ckpt), "--data-dir", str(mnist_root), "--out-dir", str(out), "--record-quality",
         "--device", "cpu", "--n", str(N), "--steps", str(STEPS), "--batch-size", str(BATCH),
         "--samplers", "dpmpp_2m,heun", "--sweep-steps", "2,3", "--sweep-n", "20",
-        "--guidance-scales", "0,2", "--diversity-n", "20", "--usage-n", "16", "--seed", "5", "--diagnosis-n", "30", "--diagnosis-levels", "3",
+        "--guidance-scales", f"0,{G}", "--diversity-n", "20", "--usage-n", "16", "--seed", "5", "--diagnosis-n", "30", "--diagnosis-levels", "3",
     ]
     # A stand-in for InceptionV3 (which would need its weights and minutes on a CPU) to exercise
     # the --fid-inception wiring: features are a coarse subsampling of the pixels.
@@ -296,7 +298,7 @@ def test_small_run_rows_metrics_and_figures(small_run, capsys):
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results))
     names = [r["name"] for r in on_disk["rows"]]
-    assert names == ["ddpm", "cfg g=0", "cfg g=2", "mcl expert_0", "mcl expert_1", "mcl expert_2",
+    assert names == ["ddpm", "cfg g=0", f"cfg g={G}", "mcl expert_0", "mcl expert_1", "mcl expert_2",
                      "mcl heuristic", "mcl gated", "mcl soft", "mcl pooled", "mcl sampled", "mcl winrate", "mcl x0gate", "mcl scout", "mcl sticky"]
     mcl_rows = [r for r in on_disk["rows"] if r["group"] == "mcl"]
     assert [r["expert_evals_per_step"] for r in mcl_rows] == [1, 1, 1, 1, 1, 3, 1, 1, 1, 1, 2, 1]
@@ -338,7 +340,7 @@ def test_record_quality_reaches_the_model_cards(small_run, tiny_checkpoints):
     from diffusion_core.checkpoints import load_checkpoint
 
     results, out, _ = small_run
-    assert results["recorded_quality"] == {"ddpm": "ddpm", "cfg": "cfg g=2", "mcl": "mcl gated"}
+    assert results["recorded_quality"] == {"ddpm": "ddpm", "cfg": f"cfg g={G}", "mcl": "mcl gated"}
     rows = {r["name"]: r for r in results["rows"]}
     for model, row in results["recorded_quality"].items():
         path = out / "checkpoints" / f"{model}.safetensors"
@@ -362,7 +364,7 @@ def test_small_run_prints_markdown_table(small_run, capsys):
     assert len(table) == 4 * 2 + 15 + 15 + 4 + 3  # headers + rules; rows; InceptionV3 FID rows; sweep rows; diagnosis levels
 
 
-@pytest.mark.parametrize("name", ["cfg g=2", "mcl pooled", "mcl gated", "mcl sampled", "mcl winrate", "mcl scout"])
+@pytest.mark.parametrize("name", [f"cfg g={G}", "mcl pooled", "mcl gated", "mcl sampled", "mcl winrate", "mcl scout"])
 def test_rows_replay_through_generate(small_run, tiny_checkpoints, name):
     results, _, _ = small_run
     row = next(r for r in results["rows"] if r["name"] == name)

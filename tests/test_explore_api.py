@@ -55,7 +55,7 @@ def test_forward_and_one_step(client, registry):
     path, info = client.predict(model="flow", digit="8", guidance=2.0, routing="gated", index=3, level=0.4, seed=5, api_name="/explore_denoise")
     d = json.loads(info)
     models = ui.available_models(registry)
-    out = ui.denoise(registry, ui.parse_settings(models, model="flow", digit=8, seed=5), ex.test_digit(3), 0.4, curve=False)
+    out = ui.denoise(registry, ui.parse_settings(models, model="flow", digit=8, guidance=2.0, seed=5), ex.test_digit(3), 0.4, curve=False)
     assert d["mse"] == pytest.approx(out["info"]["mse"]) and d["schedule"] == "flow" and d["in_training_range"]
     assert np.array_equal(ui.decode_png(Path(path).read_bytes()), out["image"])
     _, info = client.predict(model="cfg", digit="any", guidance=2.0, routing="gated", index=3, level=1.0, seed=5, api_name="/explore_denoise")
