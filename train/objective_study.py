@@ -106,7 +106,7 @@ def main(argv=None):
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {','.join(VARIANTS)}")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps per variant (batch 128)")
     p.add_argument("--every", type=int, default=200, help="steps between snapshots")
-    p.add_argument("--images-per-s", type=float, default=216.0, help="training throughput for the minutes axis (benchmark_loop)")
+    p.add_argument("--images-per-s", type=float, default=364.0, help="training throughput for the minutes axis (train/benchmark_loop.py on this CPU)")
     p.add_argument("--n", type=int, default=500, help="samples per snapshot")
     p.add_argument("--guidance", type=float, default=1.0, help="CFG scale of the scored samples")
     p.add_argument("--classifier", default="classifier", help="the metrics' classifier (name or path)")
