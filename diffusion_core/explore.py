@@ -30,7 +30,7 @@ import functools
 import json
 import math
 import zlib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -39,7 +39,7 @@ import torch
 
 from .denoisers import Denoiser
 from .objectives import DiscreteSchedule, EDMObjective, EpsilonObjective, FlowObjective, ScheduleConfig
-from .pipeline import Settings, build_denoiser
+from .pipeline import Settings, build_denoiser, known_fields, parse_json
 from .samplers import Step, get_sampler, get_sigmas
 
 TEST_DIGITS_FILE = Path(__file__).with_name("mnist_test_1000.npz")  # the first 1000 MNIST test digits
@@ -433,19 +433,11 @@ class EditSettings:
         d = dict(d)
         if d.pop("kind", cls.KIND) != cls.KIND:
             raise ValueError(f"these settings are not an SDEdit result (kind must be {cls.KIND!r})")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown settings {unknown}; expected some of {sorted(known)}")
-        return cls(**d)
+        return cls(**known_fields(cls, d))
 
     @classmethod
     def from_json(cls, text: str) -> "EditSettings":
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"settings are not valid JSON: {e}") from None
-        return cls.from_dict(d)
+        return cls.from_dict(parse_json(text))
 
 
 @dataclass

@@ -95,21 +95,30 @@ class Settings:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Settings":
-        if not isinstance(d, dict):
-            raise ValueError("settings must be a JSON object")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown settings {unknown}; expected some of {sorted(known)}")
-        return cls(**d)
+        return cls(**known_fields(cls, d))
 
     @classmethod
     def from_json(cls, text: str) -> "Settings":
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"settings are not valid JSON: {e}") from None
-        return cls.from_dict(d)
+        return cls.from_dict(parse_json(text))
+
+
+def known_fields(cls, d) -> dict:
+    """``d`` checked to be a dict whose keys are all fields of the dataclass ``cls``."""
+    if not isinstance(d, dict):
+        raise ValueError("settings must be a JSON object")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown settings {unknown}; expected some of {sorted(known)}")
+    return d
+
+
+def parse_json(text: str):
+    """``json.loads`` with a message a person can act on."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"settings are not valid JSON: {e}") from None
 
 
 def labels_for(settings: Settings, conditional: bool) -> torch.Tensor | None:
