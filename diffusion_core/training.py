@@ -167,17 +167,15 @@ def check_args(args) -> None:
     for name, low in [("epochs", 1), ("batch_size", 1), ("warmup_steps", 0), ("save_every", 0), ("log_every", 1), ("channels", 1), ("blocks", 1)]:
         if getattr(args, name, low) < low:
             bad.append(f"--{name.replace('_', '-')} must be at least {low} (got {getattr(args, name)})")
-    for name in ("max_steps", "limit"):
+    for name in ("max_steps", "limit", "stop_at", "snapshot_every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             bad.append(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
     if not args.lr > 0:
         bad.append(f"--lr must be positive (got {args.lr})")
     if not 0 <= args.ema_decay < 1:
         bad.append(f"--ema-decay must be in [0, 1) (got {args.ema_decay})")
-    for name in ("max_minutes", "stop_at", "snapshot_every"):
-        v = getattr(args, name, None)
-        if v is not None and not v > 0:
-            bad.append(f"--{name.replace('_', '-')} must be positive (got {v})")
+    if args.max_minutes is not None and not args.max_minutes > 0:
+        bad.append(f"--max-minutes must be positive (got {args.max_minutes})")
     if not args.grad_clip > 0:
         bad.append(f"--grad-clip must be positive (got {args.grad_clip})")
     if bad:
