@@ -4,8 +4,8 @@
     python -m diffusion_core.evaluate --quick --device cpu  # small n, minutes on a CPU
     python -m diffusion_core.evaluate --models mcl --routings experts,gated --n 2000
 
-Rows of the main table (one sampler, one step count): ``ddpm``; ``cfg g=<scale>`` for each
-guidance scale; ``mcl expert_0`` .. ``mcl expert_{K-1}``, ``mcl heuristic``, ``mcl gated``,
+Rows of the main table (one sampler, one step count): ``ddpm``; ``cfg g=<scale>`` and ``flow g=<scale>`` for
+each guidance scale; ``mcl expert_0`` .. ``mcl expert_{K-1}``, ``mcl heuristic``, ``mcl gated``,
 ``mcl soft``, ``mcl pooled``, ``mcl sampled``, ``mcl winrate``, ``mcl x0gate``, ``mcl scout``,
 ``mcl sticky`` (every routing of ``mcl.ROUTINGS``, each with its ``expert_evals_per_step``). A
 second table, the sampler sweep, runs one model with every sampler
@@ -71,7 +71,7 @@ from .palette import FLOOR_COLOR, expert_color, sampler_color
 from .pipeline import Settings, generate, trajectory
 from .samplers import NFE_PER_STEP, SAMPLERS
 
-DIFFUSION_MODELS = ("ddpm", "cfg", "mcl")
+DIFFUSION_MODELS = ("ddpm", "cfg", "flow", "mcl")
 ROUTING_CHOICES = "all (every routing), experts (all of expert:0..K-1), " + ", ".join(ROUTINGS)
 ALL_ROUTINGS = ("experts",) + tuple(r for r in ROUTINGS if r != "expert:K")
 NUM_CLASSES = 10
@@ -155,7 +155,7 @@ class Row:
     """One configuration: its name, table group and the settings of its (total) ``n`` samples."""
 
     name: str
-    group: str  # ddpm | cfg | mcl | sweep
+    group: str  # ddpm | cfg | flow | mcl | sweep
     settings: Settings
     batch_size: int = 1000
 
@@ -220,15 +220,15 @@ def specs_need_gate(specs: Iterable[str]) -> bool:
 
 
 def main_rows(cfg: EvalConfig, num_experts: int | None = None) -> list[Row]:
-    """The main table's rows, in the order ddpm, cfg (each guidance scale), mcl (each routing)."""
+    """The main table's rows, in the order of ``cfg.models``: ddpm, cfg and flow (each guidance scale), mcl (each routing)."""
     base = Settings(sampler=cfg.samplers[0], steps=cfg.steps, seed=cfg.seed, n=cfg.n)
     rows = []
     for m in cfg.models:
         if m == "ddpm":
             rows.append(Row("ddpm", "ddpm", replace(base, model="ddpm"), cfg.batch_size))
-        elif m == "cfg":
+        elif m in ("cfg", "flow"):
             for g in cfg.guidance_scales:
-                rows.append(Row(f"cfg g={g:g}", "cfg", replace(base, model="cfg", guidance=float(g)), cfg.batch_size))
+                rows.append(Row(f"{m} g={g:g}", m, replace(base, model=m, guidance=float(g)), cfg.batch_size))
         elif m == "mcl":
             if num_experts is None:
                 raise ValueError("MCL rows need the number of experts")
@@ -937,25 +937,31 @@ def plot_quality_vs_nfe(points: list[dict], floor: float | None = None, title: s
     return fig
 
 
-def plot_guidance(scales: list[float], accuracies: list[float], frechets: list[float], floor: float | None = None, title: str = ""):
-    """CFG guidance scale against Frechet distance (left axis) and class accuracy (right axis)."""
+def plot_guidance(series: dict[str, tuple[list[float], list[float], list[float]]], floor: float | None = None, title: str = ""):
+    """Guidance scale against Frechet distance (left axis) and class accuracy (right axis), one
+    pair of curves per model: ``series`` maps a model name to (scales, accuracies, frechets)."""
     fig = _figure(figsize=(6.5, 4.2), layout="constrained")
     ax = fig.subplots()
+    ax2 = ax.twinx()
     c_fd, c_acc = "#0072B2", "#D55E00"
-    l1 = ax.plot(scales, frechets, marker="o", color=c_fd, label="Frechet distance")
-    lines = l1
-    if floor is not None:
-        lines += ax.plot(scales, [floor] * len(scales), linestyle="--", color=FLOOR_COLOR, label="Frechet floor (real data)")
+    lines, all_scales = [], set()
+    for i, (model, (scales, accuracies, frechets)) in enumerate(series.items()):
+        style = ("-", "--", ":")[i % 3]
+        lines += ax.plot(scales, frechets, marker="o", linestyle=style, color=c_fd, label=f"{model}: Frechet distance")
+        lines += ax2.plot(scales, accuracies, marker="s", linestyle=style, color=c_acc, label=f"{model}: class accuracy")
+        all_scales.update(scales)
+    span = sorted(all_scales)
+    if floor is not None and span:
+        lines += ax.plot(span, [floor] * len(span), linestyle="--", color=FLOOR_COLOR, label="Frechet floor (real data)")
     ax.set_xlabel("guidance scale (0: unconditional, 1: conditional)")
     ax.set_ylabel("Frechet distance (classifier features)", color=c_fd)
-    ax2 = ax.twinx()
-    lines += ax2.plot(scales, accuracies, marker="s", color=c_acc, label="class accuracy")
     ax2.set_ylabel("accuracy (requested digit = classified)", color=c_acc)
-    lines += ax2.plot(scales, [1 / NUM_CLASSES] * len(scales), linestyle=":", color=c_acc, alpha=0.7, label="chance accuracy")
+    if span:
+        lines += ax2.plot(span, [1 / NUM_CLASSES] * len(span), linestyle=":", color=c_acc, alpha=0.5, label="chance accuracy")
     ax2.set_ylim(0, 1.02)
     ax.set_ylim(bottom=0)
     ax.set_title(title or "Classifier-free guidance: accuracy and quality")
-    ax.legend(lines, [ln.get_label() for ln in lines], loc="center right", frameon=False)
+    ax.legend(lines, [ln.get_label() for ln in lines], loc="center right", frameon=False, fontsize="small")
     ax.grid(True, alpha=0.3)
     return fig
 
@@ -1111,7 +1117,7 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = _log, command: str | 
 
 
 # Row names as main_rows writes them (the app's default guidance and routing first).
-HEADLINE_ROWS = {"ddpm": ("ddpm",), "cfg": (f"cfg g={Settings().guidance:g}",),
+HEADLINE_ROWS = {"ddpm": ("ddpm",), "cfg": (f"cfg g={Settings().guidance:g}",), "flow": (f"flow g={Settings().guidance:g}",),
                  "mcl": (f"mcl {routing_label(Settings().routing)}", "mcl heuristic")}
 
 
@@ -1119,7 +1125,7 @@ def quality_summary(record: dict, command: str) -> dict:
     """The numbers of one result row, as a model card shows them."""
     m, s = record["metrics"], record["settings"]
     how = f"{s['sampler']}, {s['steps']} steps, {s['n']} samples, seed {s['seed']}"
-    if record["group"] == "cfg":
+    if record["group"] in ("cfg", "flow"):
         how += f", guidance {s['guidance']:g}"
     if record["group"] == "mcl":
         how += f", {s['routing']} routing"
@@ -1133,7 +1139,7 @@ def quality_summary(record: dict, command: str) -> dict:
 
 
 def record_quality(records: list[dict], paths: dict, command: str) -> dict[str, str]:
-    """Write each diffusion model's headline row (DDPM; CFG at the app's default guidance; MCL with
+    """Write each diffusion model's headline row (DDPM; CFG and flow at the app's default guidance; MCL with
     the app's default routing) into its checkpoint's ``quality`` metadata, which the app's model
     cards show. Returns {model: row name} for the checkpoints updated."""
     by_name = {r["name"]: r for r in records}
@@ -1207,15 +1213,14 @@ def make_figures(cfg: EvalConfig, models: Models, records, sweep_records, floors
         model = sweep_records[0]["settings"]["model"]
         save("quality_nfe", plot_quality_vs_nfe(pts, floors.get(cfg.sweep_n, {}).get("frechet"), f"Quality against NFE: {model}, {cfg.sweep_n} samples per point"))
 
-    cfg_rows = sorted((r for r in records if r["group"] == "cfg"), key=lambda r: r["settings"]["guidance"])
-    if cfg_rows:
-        save("guidance", plot_guidance(
-            [r["settings"]["guidance"] for r in cfg_rows],
-            [r["metrics"]["accuracy"] for r in cfg_rows],
-            [r["metrics"]["frechet"] for r in cfg_rows],
-            cfg_rows[0]["metrics"]["frechet_floor"],
-            f"Classifier-free guidance ({cfg.samplers[0]}, {cfg.steps} steps, {cfg.n} samples per point)",
-        ))
+    series = {}
+    for model in ("cfg", "flow"):
+        rows = sorted((r for r in records if r["group"] == model), key=lambda r: r["settings"]["guidance"])
+        if rows:
+            series[model] = ([r["settings"]["guidance"] for r in rows], [r["metrics"]["accuracy"] for r in rows], [r["metrics"]["frechet"] for r in rows])
+            floor = rows[0]["metrics"]["frechet_floor"]
+    if series:
+        save("guidance", plot_guidance(series, floor, f"Classifier-free guidance ({cfg.samplers[0]}, {cfg.steps} steps, {cfg.n} samples per point)"))
     return written
 
 
@@ -1240,15 +1245,15 @@ def _csv(cast):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m diffusion_core.evaluate",
-        description="Metrics table, results.json and MCL analysis figures for the ddpm/cfg/mcl checkpoints.",
+        description="Metrics table, results.json and MCL analysis figures for the ddpm/cfg/flow/mcl checkpoints.",
     )
     d = EvalConfig()
-    p.add_argument("--models", type=_csv(str), default=d.models, help="subset of ddpm,cfg,mcl (default: all)")
+    p.add_argument("--models", type=_csv(str), default=d.models, help="subset of ddpm,cfg,flow,mcl (default: all)")
     p.add_argument("--samplers", type=_csv(str), default=d.samplers, help=f"samplers; the first one runs the main rows, all run in the sweep (default: {','.join(d.samplers)})")
     p.add_argument("--steps", type=int, default=d.steps, help=f"steps of the main rows (default {d.steps})")
     p.add_argument("--sweep-steps", type=_csv(int), default=d.sweep_steps, help="step counts of the sampler sweep (default 4,8,16,32)")
     p.add_argument("--sweep-model", default=None, help="model of the sampler sweep (default: the first of --models)")
-    p.add_argument("--guidance-scales", type=_csv(float), default=d.guidance_scales, help="CFG rows (default 0,1,2,3,5)")
+    p.add_argument("--guidance-scales", type=_csv(float), default=d.guidance_scales, help="guidance scales of the cfg and flow rows (default 0,1,2,3,5)")
     p.add_argument("--routings", type=_csv(str), default=d.routings, help=f"MCL rows: {ROUTING_CHOICES} (default: all)")
     p.add_argument("--n", type=int, default=None, help=f"samples per main row (default {d.n}; {QUICK['n']} with --quick)")
     p.add_argument("--sweep-n", type=int, default=None, help=f"samples per sweep row, 0 for no sweep (default {d.sweep_n}; {QUICK['sweep_n']} with --quick)")
@@ -1260,7 +1265,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"on CUDA, {CPU_BATCH} on the CPU, where larger batches are slower per image)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=None, help="cuda if available, else cpu")
-    p.add_argument("--checkpoint-dir", default=None, help="folder with ddpm/cfg/mcl/gating/classifier.safetensors (default: checkpoints/ or $DIFFUSION_CHECKPOINT_DIR)")
+    p.add_argument("--checkpoint-dir", default=None, help="folder with ddpm/cfg/flow/mcl/gating/classifier.safetensors (default: checkpoints/ or $DIFFUSION_CHECKPOINT_DIR)")
     p.add_argument("--data-dir", default=None, help="torchvision MNIST root (default $MNIST_DIR or ./data)")
     p.add_argument("--out-dir", default=d.out_dir, help="where results.json, results.md and the figures go (default assets/)")
     p.add_argument("--figures", action=argparse.BooleanOptionalAction, default=True, help="write the figures (default yes)")
