@@ -26,19 +26,18 @@ ten digits <= 1.2 s.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from diffusion_core import ui
 from diffusion_core.pipeline import Settings, generate
 from diffusion_core.registry import ModelRegistry
+
+from .report import machine_info, write_json
 
 TARGETS = {"first_frame_s": 0.15, "final_image_s": 0.5, "ten_digits_s": 1.2}
 
@@ -234,13 +233,11 @@ def main(argv=None) -> int:
         "cases": rows,
         "targets_s": TARGETS,
         "passed": all(v <= t for _, v, t in checks),
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "platform": platform.platform(), "processor": platform.processor() or platform.machine()},
+        "machine": machine_info(),
         "checkpoint_dir": str(registry.directory),
     }
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     return 0
 
 

@@ -17,13 +17,10 @@ Targets (issue 10): one-step denoising <= 0.1 s, SDEdit from half the range at 1
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -31,6 +28,8 @@ from diffusion_core import explore as ex
 from diffusion_core import ui
 from diffusion_core.pipeline import build_denoiser
 from diffusion_core.registry import ModelRegistry
+
+from .report import machine_info, write_json
 
 TARGETS = {"one_step_s": 0.1, "sdedit_half_16_s": 0.5}
 
@@ -106,12 +105,10 @@ def main(argv=None) -> int:
         print(f"{name:<50}{t['median_s']:>10.4f}{t['min_s']:>9.4f}{'' if target is None else f'{target:.2f}':>8}  {ok}")
     result = {"cases": r, "targets_s": TARGETS,
               "passed": all(t["median_s"] <= target for _, t, target in checks if target is not None),
-              "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                          "platform": platform.platform(), "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None},
+              "machine": machine_info(),
               "checkpoint_dir": str(registry.directory)}
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     return 0
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -21,6 +20,8 @@ import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
+
+from .report import machine_info, write_json
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -152,7 +153,7 @@ def main(argv=None) -> int:
         with running_app(args.checkpoint_dir) as url:
             warm_up(url)
             result = go(url)
-    result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    result["machine"] = machine_info()
     lat = result["latency_s"]
     print(f"{result['requests']} requests ({result['clients']} clients x {result['requests_per_client']}) in {result['wall_s']:.1f} s: "
           f"{result['errors']} errors, {result['throughput_rps']:.2f} req/s")
@@ -160,8 +161,7 @@ def main(argv=None) -> int:
     for e in result["error_samples"]:
         print("  error:", e)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     return 1 if result["errors"] else 0
 
 

@@ -3,8 +3,6 @@ controls, generate, watch streamed frames and the final image, open the share li
 pixel-identical image, save a screenshot (``UPDATE_ASSETS=1`` also writes assets/app_screenshot.png)."""
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -14,27 +12,18 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from app_server import ROOT, running_app  # noqa: E402
+from browser_support import (  # noqa: E402, F401  (browser, page: fixtures)
+    TIMEOUT_MS, UPDATE_ASSETS, browser, image_bytes, page, set_number, shipped_checkpoints)
 
 from diffusion_core import ui  # noqa: E402
 from diffusion_core.pipeline import Settings, generate  # noqa: E402
 from diffusion_core.registry import ModelRegistry  # noqa: E402
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or shutil.which("chromium-browser")
-if not CHROMIUM:
-    pytest.skip("no chromium executable found (apt-get install chromium, or set CHROMIUM_PATH)", allow_module_level=True)
-
-TIMEOUT_MS = 90_000
-
 
 @pytest.fixture(scope="module")
 def checkpoints(tiny_checkpoints):
-    """Tiny random checkpoints; the shipped ones (checkpoints/) when UPDATE_ASSETS=1 and they exist,
-    so that the screenshot in assets/ shows real digits."""
-    shipped = ROOT / "checkpoints"
-    if os.environ.get("UPDATE_ASSETS") == "1" and all((shipped / f"{m}.safetensors").is_file() for m in ("ddpm", "cfg", "mcl", "gating")):
-        return shipped
-    return tiny_checkpoints
+    """Tiny random checkpoints; the shipped ones with UPDATE_ASSETS=1 (see ``shipped_checkpoints``)."""
+    return shipped_checkpoints() or tiny_checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -43,39 +32,9 @@ def server(checkpoints, tmp_path_factory):
         yield url
 
 
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"])
-        yield b
-        b.close()
-
-
-@pytest.fixture
-def page(browser):
-    ctx = browser.new_context(viewport={"width": 1360, "height": 1000})
-    pg = ctx.new_page()
-    pg.set_default_timeout(TIMEOUT_MS)
-    yield pg
-    ctx.close()
-
-
 def wait_done(page, text: str = "Done"):
     page.locator("#status").filter(has_text=text).wait_for(timeout=TIMEOUT_MS)
     page.locator("#final img").wait_for(timeout=TIMEOUT_MS)
-
-
-def image_bytes(page, selector: str) -> bytes:
-    src = page.locator(selector).get_attribute("src")
-    resp = page.request.get(page.evaluate("s => new URL(s, window.location.href).href", src))
-    assert resp.ok, resp.status
-    return resp.body()
-
-
-def set_number(page, elem_id: str, value):
-    box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(str(value))
-    box.press("Enter")
 
 
 COUNT_FRAMES = """() => {
@@ -125,7 +84,7 @@ def test_generate_stream_share_link(server, page, checkpoints, tmp_path):
     assert other.locator("#seed input").input_value() == "4242"
     assert image_bytes(other, "#final img") == final  # pixel-identical (byte-identical PNG)
     other.screenshot(path=str(tmp_path / "shared.png"), full_page=True)
-    if os.environ.get("UPDATE_ASSETS") == "1":  # the README's picture: sixteen digits, 0-9 then 0-5
+    if UPDATE_ASSETS:  # the README's picture: sixteen digits, 0-9 then 0-5
         other.goto(server + "?v=1&model=cfg&digit=any&guidance=2.0&sampler=dpmpp_2m&steps=16&seed=0&n=16")
         wait_done(other, "16 steps")
         other.locator("#filmstrip img").wait_for()
@@ -139,7 +98,7 @@ def test_mcl_controls_chart_and_compare(server, page, tmp_path):
     assert page.locator("#routing").is_visible() and not page.locator("#digit").is_visible()
     page.locator("#chart").wait_for(state="visible")
     page.locator("#chart img").wait_for()
-    if os.environ.get("UPDATE_ASSETS") == "1":  # the README's MCL picture: live expert chart of three images
+    if UPDATE_ASSETS:  # the README's MCL picture: live expert chart of three images
         page.screenshot(path=str(ROOT / "assets" / "app_mcl.png"), full_page=True)
     page.get_by_role("tab", name="Compare").click()
     page.locator("#compare_btn").click()

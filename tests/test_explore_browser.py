@@ -11,8 +11,6 @@ Debian's chromium), against ``python app.py`` on tiny random checkpoints plus a 
 """
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -21,25 +19,16 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from app_server import ROOT, running_app  # noqa: E402
+from browser_support import (  # noqa: E402, F401  (browser, page: fixtures)
+    UPDATE_ASSETS, browser, fetch, image_bytes, new_page, page, set_number, shipped_checkpoints)
 from explore_fixtures import checkpoints_with_flow  # noqa: E402
 
 from diffusion_core import sample  # noqa: E402
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or shutil.which("chromium-browser")
-if not CHROMIUM:
-    pytest.skip("no chromium executable found (apt-get install chromium, or set CHROMIUM_PATH)", allow_module_level=True)
-
-TIMEOUT_MS = 90_000
-UPDATE = os.environ.get("UPDATE_ASSETS") == "1"
-
 
 @pytest.fixture(scope="module")
 def checkpoints(tiny_checkpoints, tmp_path_factory):
-    shipped = ROOT / "checkpoints"
-    if UPDATE and all((shipped / f"{m}.safetensors").is_file() for m in ("ddpm", "cfg", "mcl", "gating")):
-        return shipped
-    return checkpoints_with_flow(tiny_checkpoints, tmp_path_factory.mktemp("with_flow"))
+    return shipped_checkpoints() or checkpoints_with_flow(tiny_checkpoints, tmp_path_factory.mktemp("with_flow"))
 
 
 @pytest.fixture(scope="module")
@@ -48,44 +37,11 @@ def server(checkpoints, tmp_path_factory):
         yield url
 
 
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"])
-        yield b
-        b.close()
-
-
-@pytest.fixture
-def page(browser):
-    ctx = browser.new_context(viewport={"width": 1360, "height": 1000})
-    pg = ctx.new_page()
-    pg.set_default_timeout(TIMEOUT_MS)
-    yield pg
-    ctx.close()
-
-
-def fetch(page, url_or_src: str) -> bytes:
-    resp = page.request.get(page.evaluate("s => new URL(s, window.location.href).href", url_or_src))
-    assert resp.ok, resp.status
-    return resp.body()
-
-
-def image_bytes(page, selector: str) -> bytes:
-    return fetch(page, page.locator(selector).get_attribute("src"))
-
-
 def download(page, files_id: str, name: str) -> bytes:
     """The file called ``name`` from a gr.File list of downloads."""
     link = page.locator(f"#{files_id} a[download='{name}']").first
     link.wait_for()
     return fetch(page, link.get_attribute("href"))
-
-
-def set_number(page, elem_id: str, value):
-    box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(str(value))
-    box.press("Enter")
 
 
 def textbox(page, elem_id: str) -> str:
@@ -107,8 +63,7 @@ def test_compare_share_link_reproduces_the_grid(server, page, checkpoints, tmp_p
     assert grid[:8] == b"\x89PNG\r\n\x1a\n"
     settings = download(page, "compare_files", "compare.json")
 
-    fresh = page.context.browser.new_context(viewport={"width": 1360, "height": 1000}).new_page()
-    fresh.set_default_timeout(TIMEOUT_MS)
+    fresh = new_page(page.context.browser)
     fresh.goto(link)
     fresh.locator("#compare_img img").wait_for()
     assert fresh.get_by_role("tab", name="Compare").get_attribute("aria-selected") == "true"
@@ -172,12 +127,11 @@ def test_explore_tab_slider_and_drawn_digit_through_sdedit(server, page, tmp_pat
     page.screenshot(path=str(tmp_path / "explore.png"), full_page=True)
 
     other = page.context.new_page()  # the share link reproduces the SDEdit result of the drawing
-    other.set_default_timeout(TIMEOUT_MS)
     other.goto(link)
     other.locator("#ex_status").filter(has_text="Done").wait_for()
     other.locator("#ex_final img").wait_for()
     assert image_bytes(other, "#ex_final img") == final
-    if UPDATE:
+    if UPDATE_ASSETS:
         other.locator("#ex_forward img").wait_for()
         other.locator("#ex_error img").wait_for()
         (ROOT / "assets").mkdir(exist_ok=True)

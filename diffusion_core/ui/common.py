@@ -186,6 +186,14 @@ def visibility(info: ModelInfo | None, sampler: str | None) -> Visibility:
     return Visibility(digit=cond, guidance=cond, routing=mcl, eta=sampler == "ddim", num_experts=info.num_experts if mcl else 0)
 
 
+def final_image(updates, what: str):
+    """The ``final`` image (a numpy array) among a tab's stream of updates, run to its end."""
+    for update in updates:
+        if "final" in update:
+            return update["final"]
+    raise RuntimeError(f"{what} ended without a final image")
+
+
 def random_seed() -> int:
     return secrets.randbelow(2**32)
 

@@ -21,7 +21,7 @@ import torch
 
 from .. import explore as ex
 from ..pipeline import Settings, build_denoiser, to_uint8
-from .common import ModelInfo, _check_length, parse_settings
+from .common import ModelInfo, _check_length, final_image, parse_settings
 from .generate_tab import Throttle
 from .render import OutputFiles, labelled_strip, png_bytes, render_grid, render_rgb_grid, velocity_tiles, vp_frame
 from .share import share_query
@@ -341,10 +341,7 @@ def sdedit_stream(registry, es: ex.EditSettings, info: ModelInfo, files: OutputF
 
 def sdedit_image(registry, es: ex.EditSettings, info: ModelInfo) -> np.ndarray:
     """The SDEdit result as the app shows it (224x224 grayscale), without the frames."""
-    for update in sdedit_stream(registry, es, info, min_interval=math.inf, extras=False):
-        if "final" in update:
-            return update["final"]
-    raise RuntimeError("SDEdit ended without a final image")
+    return final_image(sdedit_stream(registry, es, info, min_interval=math.inf, extras=False), "SDEdit")
 
 
 def sdedit_cli_command() -> str:

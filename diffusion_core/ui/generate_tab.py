@@ -11,7 +11,7 @@ import torch
 from ..explore import velocity
 from ..palette import expert_color
 from ..pipeline import Settings, to_uint8, trajectory
-from .common import ModelInfo
+from .common import ModelInfo, final_image
 from .render import (OutputFiles, Recording, expert_borders, expert_chart, filmstrip, frame_scale, gif_frames, initial_noise,
                      png_bytes, render_grid, render_rgb_grid, velocity_tiles, vp_frame, write_gif)
 from .share import share_query
@@ -123,10 +123,7 @@ def stream(registry, settings: Settings, info: ModelInfo, files: OutputFiles | N
 
 def generate_image(registry, settings: Settings, info: ModelInfo) -> np.ndarray:
     """The final grid for validated settings, without the live frames (the API's ``generate``)."""
-    for update in stream(registry, settings, info, min_interval=math.inf, extras=False):
-        if "final" in update:
-            return update["final"]
-    raise RuntimeError("the trajectory ended without a final image")
+    return final_image(stream(registry, settings, info, min_interval=math.inf, extras=False), "the trajectory")
 
 
 def cli_command() -> str:
