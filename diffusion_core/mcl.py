@@ -411,7 +411,13 @@ class MCLDenoiser(Denoiser):
 
     After each call: ``last_expert`` (B,), ``last_gate_probs`` (B, K) or None, ``last_denoised``
     (the output, which ``x0gate`` reads on the next call) and ``last_evals`` (expert evaluations,
-    counted per sample); ``expert_evals`` sums them since ``reset``."""
+    counted per sample); ``expert_evals`` sums them since ``reset``.
+
+    ``watch_gate = True`` (the app sets it) asks the gating network for its probabilities on
+    every call even when the router does not use them, so a routing such as ``winrate`` can show
+    what the gate thinks along the trajectory; ``last_gate_routed`` says whether the probabilities
+    of the last call chose the expert. The gate costs about 6% of one expert and draws no random
+    numbers, so the images are the same either way."""
 
     def __init__(self, experts: list[Denoiser], router: Router, gate: torch.nn.Module | None = None):
         super().__init__()
@@ -423,10 +429,12 @@ class MCLDenoiser(Denoiser):
         self.sigma_max = first.sigma_max
         self.discrete_sigmas = getattr(first, "discrete_sigmas", None)
         self.current_label: torch.Tensor | None = None
+        self.watch_gate = False
         self._clear()
 
     def _clear(self):
         self.last_expert = self.last_gate_probs = self.last_denoised = None
+        self.last_gate_routed = False
         self.last_evals = self.expert_evals = 0
 
     @property
@@ -471,8 +479,12 @@ class MCLDenoiser(Denoiser):
                 else:
                     out[m] = self.experts[k](x[m], sigma[m], None if label is None else label[m])
                     evals += int(m.sum())
+        probs = route.probs
+        self.last_gate_routed = probs is not None
+        if probs is None and self.watch_gate and self.gate is not None:
+            probs = self.gate_probs(x, sigma)  # shown, not used
         self.last_expert = route.index.detach().cpu()
-        self.last_gate_probs = None if route.probs is None else route.probs.detach().cpu()
+        self.last_gate_probs = None if probs is None else probs.detach().cpu()
         self.last_denoised = out.detach()
         self.last_evals = evals
         self.expert_evals += evals

@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from .checkpoints import CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint

@@ -139,10 +139,14 @@ def build_denoiser(settings: Settings, model, gate=None):
     return model.denoiser(guidance=settings.guidance, routing=settings.routing, gate=gate)
 
 
-def trajectory(settings: Settings, model, gate=None, device="cpu") -> Iterator[Step]:
-    """Yield one ``Step`` per sampler step for these settings (validated first)."""
+def trajectory(settings: Settings, model, gate=None, device="cpu", watch_gate: bool = False) -> Iterator[Step]:
+    """Yield one ``Step`` per sampler step for these settings (validated first). ``watch_gate``:
+    MCL steps carry the gating network's probabilities even under a routing that does not use
+    them (``MCLDenoiser.watch_gate``; the images do not change)."""
     settings.validate(num_experts=model.num_experts if model.kind == "mcl" else None)
     denoiser = build_denoiser(settings, model, gate)
+    if watch_gate and hasattr(denoiser, "watch_gate"):
+        denoiser.watch_gate = True
     sigmas = get_sigmas(settings.sampler, denoiser, settings.steps)
     g = torch.Generator(device="cpu").manual_seed(settings.seed)
     noise = torch.randn((settings.n, 1, 28, 28), generator=g, dtype=torch.float32)

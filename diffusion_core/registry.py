@@ -158,10 +158,12 @@ class ModelRegistry:
             raise ValueError(f"the gating network {gate.path} routes to {k} experts but the MCL ensemble {model.path} has {model.num_experts}")
         return gate.net
 
-    def for_settings(self, settings) -> tuple[LoadedModel, nn.Module | None]:
+    def for_settings(self, settings, watch_gate: bool = False) -> tuple[LoadedModel, nn.Module | None]:
         """(model, gate) for ``pipeline.Settings``: the gating network is loaded only for an MCL
-        model with gated or soft routing (else ``None``). Raises ``CheckpointError`` (a
-        ``ValueError``) when a file is missing or bad, ``ValueError`` when the model cannot sample."""
+        model with a routing that uses it (else ``None``); ``watch_gate=True`` also loads it for the
+        other routings when it is there, to show its probabilities (a missing or bad gate then gives
+        ``None``). Raises ``CheckpointError`` (a ``ValueError``) when a file is missing or bad,
+        ``ValueError`` when the model cannot sample."""
         model = self.get(settings.model)
         if model.kind not in SAMPLEABLE_KINDS or model.objective is None:
             raise ValueError(f"{model.path} is a {model.kind} checkpoint, not a diffusion model ({', '.join(SAMPLEABLE_KINDS)})")
@@ -170,7 +172,13 @@ class ModelRegistry:
             try:
                 gate = self.gate_for(model, settings.model)
             except CheckpointError as e:
-                raise CheckpointError(e.path, f"{e.reason} (routing {settings.routing!r} needs the gating network; routings heuristic, pooled and expert:K do not)") from None
+                needless = ", ".join(r for r in ROUTINGS if r == "expert:K" or not routing_needs_gate(r))
+                raise CheckpointError(e.path, f"{e.reason} (routing {settings.routing!r} needs the gating network; routings {needless} do not)") from None
+        elif model.kind == "mcl" and watch_gate:
+            try:
+                gate = self.gate_for(model, settings.model)
+            except ValueError:  # CheckpointError included: no gate to show, and none needed
+                gate = None
         return model, gate
 
     def clear(self) -> None:

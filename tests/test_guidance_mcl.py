@@ -329,6 +329,27 @@ def test_gated_is_argmax_of_gate_and_evaluates_only_needed_experts():
     torch.testing.assert_close(mcl.last_gate_probs, torch.softmax(ToyGate()(x, sigma), dim=1))
 
 
+def test_watch_gate_shows_the_gate_without_changing_the_route():
+    x, sigma = toy_x(), 1.5
+    gate_probs = torch.softmax(ToyGate()(x, sigma), dim=1)
+    plain, experts = toy_mcl("expert:1")
+    out = plain(x, sigma)
+    assert plain.last_gate_probs is None and not plain.last_gate_routed  # off by default
+    watched, _ = toy_mcl("expert:1")
+    watched.watch_gate = True
+    assert torch.equal(watched(x, sigma), out) and watched.last_expert.tolist() == [1] * len(x)
+    torch.testing.assert_close(watched.last_gate_probs, gate_probs)
+    assert not watched.last_gate_routed and watched.last_evals == len(x)  # the gate is not an expert evaluation
+    gated, _ = toy_mcl("gated")
+    gated.watch_gate = True
+    gated(x, sigma)
+    assert gated.last_gate_routed and torch.equal(gated.last_expert, gate_probs.argmax(dim=1))
+    no_gate, _ = toy_mcl("expert:1", gate=False)
+    no_gate.watch_gate = True
+    no_gate(x, sigma)
+    assert no_gate.last_gate_probs is None  # nothing to watch
+
+
 def test_gated_skips_experts_nobody_needs():
     mcl, experts = toy_mcl("gated")
     x = toy_x()

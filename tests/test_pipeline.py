@@ -267,6 +267,21 @@ def test_registry_for_settings_loads_gate_only_when_needed(ckdir, monkeypatch):
     assert model.kind == "cfg" and gate is None
 
 
+def test_watch_gate_loads_the_gate_when_present_and_keeps_the_images(ckdir):
+    reg = ModelRegistry(ckdir)
+    settings = Settings(model="mcl", routing="pooled", steps=3, n=2, seed=4)
+    model, gate = reg.for_settings(settings, watch_gate=True)
+    assert gate is reg.get("gating").net
+    plain = list(trajectory(settings, model, None))
+    watched = list(trajectory(settings, model, gate, watch_gate=True))
+    assert all(a.gate_probs is None for a in plain)
+    for a, b in zip(plain, watched):
+        assert torch.equal(a.x, b.x) and torch.equal(a.expert, b.expert)
+        assert b.gate_probs.shape == (2, model.num_experts) and torch.allclose(b.gate_probs.sum(dim=1), torch.ones(2))
+    (ckdir / "gating.safetensors").unlink()
+    assert ModelRegistry(ckdir).for_settings(settings, watch_gate=True)[1] is None  # nothing to show, nothing needed
+
+
 def test_registry_missing_gate_says_which_routing_needs_it(ckdir):
     (ckdir / "gating.safetensors").unlink()
     reg = ModelRegistry(ckdir)

@@ -56,7 +56,7 @@ def stream(registry, settings: Settings, info: ModelInfo, files: OutputFiles | N
       matplotlib figure, or None outside MCL).
     """
     t0 = time.perf_counter()
-    model, gate = registry.for_settings(settings)
+    model, gate = registry.for_settings(settings, watch_gate=True)  # the chart shows the gate under every routing
     n = settings.n
     fs = frame_scale(n)
     throttle = Throttle(min_interval)
@@ -69,7 +69,7 @@ def stream(registry, settings: Settings, info: ModelInfo, files: OutputFiles | N
     if info.is_flow:
         g = torch.Generator(device="cpu").manual_seed(settings.seed)
         prev = torch.randn((n, 1, 28, 28), generator=g, dtype=torch.float32)
-    for step in trajectory(settings, model, gate):
+    for step in trajectory(settings, model, gate, watch_gate=True):
         if prev is not None and step.index == 0:
             prev = prev * math.sqrt(step.sigma**2 + 1)
         last = step

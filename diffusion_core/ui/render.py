@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from ..mcl import routing_needs_gate
 from ..palette import expert_color
 from ..pipeline import Settings, to_uint8
 from .common import BACKGROUND, GAP, SCALE
@@ -317,7 +318,8 @@ def mean_gate_probs(probs: np.ndarray) -> np.ndarray:
 
 def expert_chart(rec: Recording, routing: str):
     """A matplotlib figure: the expert chosen at each step (one image) or each expert's share of
-    the images per step (several), and the gating probabilities for gated and soft routing.
+    the images per step (several), and the gating probabilities when the recording has them (the
+    app records them for every routing; the title says when the routing does not use them).
     Colours are the palette's, one per expert."""
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
@@ -354,7 +356,8 @@ def expert_chart(rec: Recording, routing: str):
         ax2.stackplot(steps, probs.T, colors=colors, labels=[f"expert {k}" for k in range(K)], step="mid" if S < 3 else None)
         ax2.set_ylim(0, 1)
         ax2.set_ylabel("probability")
-        ax2.set_title("gating probabilities" + (" (mean over images)" if N > 1 else ""), fontsize=10, loc="left")
+        what = "gating probabilities" if routing_needs_gate(routing) else f"what the gating network thinks (not used by {routing} routing)"
+        ax2.set_title(what + (" (mean over images)" if N > 1 else ""), fontsize=10, loc="left")
     handles = [Patch(color=colors[k], label=f"expert {k}") for k in range(K)]
     fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False)
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
