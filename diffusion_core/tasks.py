@@ -14,7 +14,7 @@ from .guidance import CFGDenoiser
 from .mcl import WTA_MODES, ExpertRouter, GatedRouter, MCLDenoiser, annealed_temperature, win_counts, wta_assignment, wta_loss
 from .models import load_model, save_model
 from .nets import Classifier, ClassifierConfig, GatingConfig, GatingNet, UNet, UNetConfig
-from .objectives import EDMObjective, EpsilonObjective, FlowObjective, ScheduleConfig
+from .objectives import FLOW_T_SAMPLING, EDMObjective, EpsilonObjective, FlowObjective, ScheduleConfig
 from .samplers import get_sigmas, sample_dpmpp_2m
 from .training import Task, fail
 
@@ -50,6 +50,8 @@ def add_diffusion_args(p):
                         "(preconditioned, log-normal sigma, variance exploding 0.002..80); rectified_flow: velocity")
     p.add_argument("--min-snr-gamma", type=float, default=None, metavar="GAMMA",
                    help="ddpm_eps: weight each example's loss by min(SNR, GAMMA) / SNR (Min-SNR, Hang et al. 2023; 5 is usual)")
+    p.add_argument("--flow-t", choices=FLOW_T_SAMPLING, default=None,
+                   help="rectified_flow: training density of t (default uniform; logit_normal: Esser et al. 2024)")
     p.add_argument("--schedule", choices=["linear", "cosine"], default="linear")
     p.add_argument("--timesteps", type=int, default=1000)
     p.add_argument("--beta-start", type=float, default=1e-4)
@@ -101,12 +103,15 @@ class DiffusionTask(Task):
             min_snr_gamma = getattr(args, "min_snr_gamma", None)
             if min_snr_gamma is not None and args.objective != "ddpm_eps":
                 raise ValueError("--min-snr-gamma applies to --objective ddpm_eps only")
+            flow_t = getattr(args, "flow_t", None)
+            if flow_t is not None and args.objective != "rectified_flow":
+                raise ValueError("--flow-t applies to --objective rectified_flow only")
             if args.objective == "ddpm_eps":
                 self.objective = EpsilonObjective(ScheduleConfig(args.schedule, args.timesteps, args.beta_start, args.beta_end), min_snr_gamma)
             elif args.objective == "edm":
                 self.objective = EDMObjective()
             else:
-                self.objective = FlowObjective()
+                self.objective = FlowObjective(t_sampling=flow_t or "uniform")
         except ValueError as e:
             fail(f"bad objective settings: {e}", status=2)
         self.init_net = None

@@ -14,8 +14,8 @@ from diffusion_core.denoisers import EDMDenoiser
 from diffusion_core.mcl import wta_assignment, wta_loss, wta_weights
 from diffusion_core.models import load_model
 from diffusion_core.nets import UNet, UNetConfig
-from diffusion_core.objectives import EDMObjective, EpsilonObjective, ScheduleConfig, objective_from_dict
-from diffusion_core.tasks import Ensemble, MCLTask
+from diffusion_core.objectives import EDMObjective, EpsilonObjective, FlowObjective, ScheduleConfig, objective_from_dict
+from diffusion_core.tasks import DiffusionTask, Ensemble, MCLTask, add_diffusion_args
 from test_training import check_run, metrics, run_script
 
 # ----------------------------------------------------------------------------- precision, recipes
@@ -149,6 +149,52 @@ def test_min_snr_weights_match_diffusers_snr():
         EpsilonObjective(min_snr_gamma=0)
 
 
+# ----------------------------------------------------------------------------- rectified flow's t
+
+
+def test_flow_logit_normal_t_has_the_stated_density():
+    g = torch.Generator().manual_seed(0)
+    t = FlowObjective(t_sampling="logit_normal", logit_mean=0.5, logit_std=0.8).sample_t(200_000, g)
+    logit = torch.log(t / (1 - t))
+    assert abs(float(logit.mean()) - 0.5) < 0.01 and abs(float(logit.std()) - 0.8) < 0.01
+    u = FlowObjective().sample_t(200_000, g)
+    assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float((u < 0.1).float().mean()) - 0.1) < 0.005  # uniform
+    # logit-normal(0, 1) puts far fewer draws near the ends of the path than uniform does
+    ln = FlowObjective(t_sampling="logit_normal").sample_t(200_000, g)
+    assert float((ln < 0.1).float().mean()) < 0.03
+
+
+def test_flow_t_sampling_round_trips_and_old_checkpoints_read_as_uniform():
+    obj = FlowObjective(t_sampling="logit_normal", logit_std=1.2)
+    back = objective_from_dict(obj.to_dict())
+    assert (back.t_sampling, back.logit_mean, back.logit_std) == ("logit_normal", 0.0, 1.2)
+    assert objective_from_dict({"name": "rectified_flow", "sigma_min": 0.002, "sigma_max": 80.0}).t_sampling == "uniform"
+    x0 = torch.zeros(64, 1, 28, 28)
+    b = obj.training_batch(x0, torch.Generator().manual_seed(1))
+    t = b["net_time"] / 1000
+    torch.testing.assert_close(b["sigma"], t / (1 - t))
+    with pytest.raises(ValueError, match="t_sampling must be one of"):
+        FlowObjective(t_sampling="beta")
+    with pytest.raises(ValueError, match="positive std"):
+        FlowObjective(t_sampling="logit_normal", logit_std=0)
+
+
+def test_flow_script_recipe_uses_logit_normal_and_other_objectives_refuse_it(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("flow_script", Path(training.__file__).resolve().parent.parent / "train" / "flow.py")
+    flow = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(flow)
+    assert flow.RECIPES["cpu"]["flow_t"] == flow.RECIPES["gpu"]["flow_t"] == "logit_normal"
+    p = add_diffusion_args(training.common_parser("t"))
+    p.add_argument("--p-uncond", type=float, default=0.1)
+    args = p.parse_args(["--device", "cpu", "--objective", "edm", "--flow-t", "logit_normal"])
+    with pytest.raises(SystemExit) as e:
+        DiffusionTask(args, name="cfg", conditional=True)
+    assert e.value.code == 2 and "--flow-t applies to --objective rectified_flow only" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- routed MCL
 
 
@@ -275,6 +321,7 @@ def test_quick_flow_is_a_conditional_rectified_flow(tmp_path, mnist_root):
     run_script("flow", run_dir, out, mnist_root, "--quick")
     model = check_run(run_dir, out, "flow", steps=16, epochs=2)
     assert model.objective.name == "rectified_flow" and model.num_classes == 10
+    assert model.objective.t_sampling == "logit_normal"  # the recipe's, recorded in the checkpoint
     den = model.denoiser(guidance=2.0)
     x = torch.randn(2, 1, 28, 28)
     assert torch.isfinite(den(x, torch.tensor([0.5, 20.0]), torch.tensor([3, 8]))).all()

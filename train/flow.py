@@ -6,7 +6,8 @@
     python train/flow.py --resume                # carry on from runs/flow/state.pt
 
 The network sees ``x_t = (1 - t) x0 + t eps`` and predicts the velocity ``eps - x0`` (Liu et al.
-2022); labels are replaced by the null class with probability --p-uncond, so one network gives the
+2022), with t drawn logit-normal in training (--flow-t; Esser et al. 2024); labels are replaced by
+the null class with probability --p-uncond, so one network gives the
 conditional and the unconditional velocity and guidance works as for cfg. Wrapped as a denoiser,
 it runs with every sampler (see diffusion_core/objectives.py).
 
@@ -23,8 +24,8 @@ from diffusion_core.training import common_parser, parse_args, train  # noqa: E4
 
 # The defaults per device (--recipe): the CPU one fits an hour on a 2-core CPU.
 RECIPES = {
-    "cpu": {"epochs": 16, "batch_size": 128, "blocks": 1},
-    "gpu": {"epochs": 20, "batch_size": 256},
+    "cpu": {"epochs": 16, "batch_size": 128, "blocks": 1, "flow_t": "logit_normal"},
+    "gpu": {"epochs": 20, "batch_size": 256, "flow_t": "logit_normal"},
 }
 
 
