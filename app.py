@@ -102,7 +102,7 @@ def _control_updates(model_name, sampler_name, routing_value=None):
     models = _models()
     info = models.get(model_name)
     v = ui.visibility(info, sampler_name)
-    choices = ui.routing_choices(v.num_experts)
+    choices = ui.routing_choices(v.num_experts, keep=routing_value)
     values = [c[1] for c in choices]
     routing_value = routing_value if routing_value in values else D.routing
     return (gr.update(visible=v.digit), gr.update(visible=v.guidance),

@@ -242,11 +242,11 @@ def sweep_model_name(cfg: EvalConfig) -> str:
 
 
 def sweep_rows(cfg: EvalConfig) -> list[Row]:
-    """Every sampler at every step count for one model (CFG at guidance 2, MCL gated)."""
+    """Every sampler at every step count for one model (CFG at guidance 2, MCL with the app's default routing)."""
     if not cfg.sweep_n:
         return []
     model = sweep_model_name(cfg)
-    base = Settings(model=model, seed=cfg.seed, n=cfg.sweep_n, guidance=2.0, routing="gated")
+    base = Settings(model=model, seed=cfg.seed, n=cfg.sweep_n, guidance=2.0)
     return [
         Row(f"{model} {s} {st} steps", "sweep", replace(base, sampler=s, steps=st), cfg.batch_size)
         for s in cfg.samplers

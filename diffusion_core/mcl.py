@@ -332,7 +332,7 @@ STICKY_SIGMA = 1.0  # sticky's default lock level: the digit is mostly decided b
 ROUTINGS = ("expert:K", "heuristic", "gated", "soft", "pooled", "sampled", "winrate", "x0gate", "scout", "sticky")
 
 ROUTING_HELP = {
-    "expert:K": "One expert, the same for every image and step.",
+    "expert:K": "One expert, the same for every image and step; each expert draws mostly the few digits it won in training.",
     "heuristic": "A fixed rule on the noise level: the noise range is cut into K equal bands, expert 0 serves the noisiest, the last expert the cleanest.",
     "gated": "The gating network looks at the noisy image and picks its most likely best expert, at every step.",
     "soft": "Every expert predicts at every step and the predictions are averaged with the gating network's probabilities as weights (K times the cost).",

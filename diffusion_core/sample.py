@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, metavar="N", help=f"number of images (default {d.n})")
     p.add_argument("--digit", type=int, metavar="D", help="digit 0-9 for cfg (default: cycle 0-9)")
     p.add_argument("--guidance", type=float, metavar="G", help=f"cfg guidance scale: 0 unconditional, 1 conditional, >1 guided (default {d.guidance:g})")
-    p.add_argument("--routing", metavar="{expert:K,heuristic,gated,soft,pooled}", help=f"mcl routing (default {d.routing})")
+    p.add_argument("--routing", metavar="{pooled,winrate,sampled,soft,gated,heuristic,x0gate,scout,sticky[:SIGMA],expert:K}", help=f"mcl routing (default {d.routing})")
     p.add_argument("--eta", type=float, metavar="E", help=f"ddim stochasticity 0..1 (default {d.eta:g})")
     p.add_argument("--out", metavar="FILE.npz", help="where to write the images (this, --grid or both)")
     p.add_argument("--grid", metavar="FILE.png", help="write the images as a PNG grid (for compare/sdedit settings: the app's PNG)")

@@ -93,10 +93,28 @@ def test_generate_stream_share_link(server, page, checkpoints, tmp_path):
 
 
 def test_mcl_controls_chart_and_compare(server, page, tmp_path):
-    page.goto(server + "?model=mcl&routing=soft&steps=8&n=3&seed=1")
+    page.goto(server + "?model=mcl&steps=8&n=3&seed=1")  # no routing in the link: the app's default
     wait_done(page, "8 steps")
     assert page.locator("#routing").is_visible() and not page.locator("#digit").is_visible()
+    default = Settings().routing
+    assert page.locator("#routing input").input_value() == ui.routing_label(default)
+    assert ui.routing_help(default)[:40] in page.locator("#routing").inner_text()  # the sentence under the menu
+    assert f"routing={default}" in page.locator("#share_link textarea, #share_link input").first.input_value()
     page.locator("#chart").wait_for(state="visible")
+    page.locator("#chart img").wait_for()  # experts per step, and the gate's probabilities
+    page.locator("#routing input").click()
+    offered = [t.strip() for t in page.get_by_role("option").all_inner_texts()]
+    assert offered == [ui.routing_label(r) for r in ui.MENU_ROUTINGS]
+    page.keyboard.press("Escape")
+
+    other = page.context.new_page()  # a link with a routing outside the menu keeps it, and reproduces
+    other.goto(server + "?v=1&model=mcl&sampler=dpmpp_2m&steps=4&routing=expert:1&seed=2&n=1")
+    wait_done(other, "4 steps")
+    assert other.locator("#routing input").input_value() == "expert 1 only"
+    other.close()
+
+    page.goto(server + "?model=mcl&routing=soft&steps=8&n=3&seed=1")
+    wait_done(page, "8 steps")
     page.locator("#chart img").wait_for()
     if UPDATE_ASSETS:  # the README's MCL picture: live expert chart of three images
         page.screenshot(path=str(ROOT / "assets" / "app_mcl.png"), full_page=True)

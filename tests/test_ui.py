@@ -32,15 +32,20 @@ def test_available_models_and_visibility(models):
     assert (v.digit, v.guidance, v.routing, v.eta) == (True, True, False, False)
     v = ui.visibility(models["mcl"], "ddim")
     assert (v.digit, v.guidance, v.routing, v.eta, v.num_experts) == (False, False, True, True, 3)
-    assert [c[1] for c in ui.routing_choices(3)][-3:] == ["expert:0", "expert:1", "expert:2"]
+    assert [c[1] for c in ui.routing_choices(3)] == list(ui.MENU_ROUTINGS)
 
 
-def test_routing_menu_offers_every_routing_with_a_sentence_and_its_cost():
+def test_routing_menu_offers_the_menu_routings_with_a_sentence_and_its_cost():
     from diffusion_core.mcl import ROUTING_HELP, ROUTINGS
 
     offered = [value for _, value in ui.routing_choices(2)]
-    assert offered == [r for r in ROUTINGS if r != "expert:K"] + ["expert:0", "expert:1"]
-    assert Settings().routing in offered
+    assert offered == list(ui.MENU_ROUTINGS) and set(offered) <= set(ROUTINGS)
+    assert Settings().routing in offered and not any(v.startswith("expert:") for v in offered)
+    # a share link's routing outside the menu joins it, so that the link still reproduces
+    assert ui.routing_choices(2, keep="expert:1")[-1] == ("expert 1 only", "expert:1")
+    assert ui.routing_choices(2, keep="sticky:0.5")[-1][1] == "sticky:0.5"
+    assert [v for _, v in ui.routing_choices(2, keep="expert:5")] == offered  # no expert 5 among two
+    assert [v for _, v in ui.routing_choices(2, keep=offered[0])] == offered
     for value in offered:
         key = "expert:K" if value.startswith("expert:") else value
         text = ui.routing_help(value)

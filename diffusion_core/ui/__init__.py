@@ -24,9 +24,9 @@ from __future__ import annotations
 
 from ..pipeline import Settings
 from .common import (BACKGROUND, CARD_TITLES, COMPARE_AXES, DEFAULT_GUIDANCES, GAP, MAX_COMPARE_ROWS, MAX_IMAGES, MAX_VALUE_CHARS,
-                     MODEL_BLURBS, MODEL_LABELS, ROUTING_LABELS, SAMPLER_LABELS, SCALE, SHARE_FIELDS, SHARE_VERSION, ModelInfo,
+                     MENU_ROUTINGS, MODEL_BLURBS, MODEL_LABELS, ROUTING_LABELS, SAMPLER_LABELS, SCALE, SHARE_FIELDS, SHARE_VERSION, ModelInfo,
                      Visibility, available_models, digit_choices, model_choices, model_info, model_label, parse_settings,
-                     random_seed, routing_choices, routing_help, sampler_choices, settings_from_json, user_errors, visibility)
+                     random_seed, routing_choices, routing_help, routing_label, sampler_choices, settings_from_json, user_errors, visibility)
 from .compare_tab import (COMPARE_KIND, DEFAULT_ETAS, ETA_NOTE, compare, compare_from_dict, compare_from_json, compare_json,
                           compare_meta, compare_share_query, default_compare_values, parse_compare, row_value)
 from .explore_tab import (denoise, drawing_code, edit_from_json, edit_share_query, forward_view, input_digit, parse_edit,
@@ -41,9 +41,9 @@ from .share import settings_from_query, share_query
 
 __all__ = [
     "Settings", "BACKGROUND", "CARD_TITLES", "COMPARE_AXES", "DEFAULT_GUIDANCES", "GAP", "MAX_COMPARE_ROWS", "MAX_IMAGES",
-    "MAX_VALUE_CHARS", "MODEL_BLURBS", "MODEL_LABELS", "ROUTING_LABELS", "SAMPLER_LABELS", "SCALE", "SHARE_FIELDS",
+    "MAX_VALUE_CHARS", "MENU_ROUTINGS", "MODEL_BLURBS", "MODEL_LABELS", "ROUTING_LABELS", "SAMPLER_LABELS", "SCALE", "SHARE_FIELDS",
     "SHARE_VERSION", "ModelInfo", "Visibility", "available_models", "digit_choices", "model_choices", "model_info",
-    "parse_settings", "random_seed", "routing_choices", "routing_help", "sampler_choices", "settings_from_json", "user_errors", "visibility",
+    "parse_settings", "random_seed", "routing_choices", "routing_help", "routing_label", "sampler_choices", "settings_from_json", "user_errors", "visibility",
     "compare", "default_compare_values", "parse_compare", "Throttle", "cli_command", "generate_image", "stream", "card_html",
     "model_card", "model_cards", "OutputFiles", "Recording", "decode_png", "expert_borders", "expert_chart", "expert_usage",
     "filmstrip", "frame_scale", "gif_frames", "grid_shape", "hex_rgb", "initial_noise", "labelled_strip", "mean_gate_probs",

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..palette import expert_color
 from ..pipeline import Settings, trajectory
-from .common import (COMPARE_AXES, DEFAULT_GUIDANCES, MAX_COMPARE_ROWS, SAMPLER_LABELS, ModelInfo, _name, parse_settings,
+from .common import (COMPARE_AXES, DEFAULT_GUIDANCES, MAX_COMPARE_ROWS, MENU_ROUTINGS, SAMPLER_LABELS, ModelInfo, _name, parse_settings,
                      sampler_choices)
 from .render import initial_noise, labelled_strip, snapshot_indices, vp_frame
 from .share import share_query
@@ -28,8 +28,7 @@ def default_compare_values(axis: str, info: ModelInfo | None) -> str:
     if axis == "sampler":
         return ", ".join(s for _, s in sampler_choices())
     if axis == "routing":
-        k = info.num_experts if info and info.is_mcl else 0
-        return ", ".join([f"expert:{i}" for i in range(k)] + ["heuristic", "gated", "soft", "pooled"])
+        return ", ".join(MENU_ROUTINGS)
     if axis == "eta":
         return DEFAULT_ETAS
     return DEFAULT_GUIDANCES
