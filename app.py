@@ -139,7 +139,8 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
             guidance = gr.Slider(0, MAX_GUIDANCE, value=D.guidance, step=0.1, label="Guidance scale",
                                  info="0 unconditional, 1 conditional, >1 guided", visible=v0.guidance, elem_id="guidance")
             routing = gr.Dropdown(ui.routing_choices(v0.num_experts), value=D.routing, label="Routing (which expert denoises)",
-                                  info=ui.routing_help(D.routing), visible=v0.routing, elem_id="routing")
+                                  info=ui.routing_help(D.routing), visible=v0.routing, elem_id="routing",
+                                  allow_custom_value=True)  # any routing by name (API, links); parse_settings validates it
             sampler = gr.Dropdown(ui.sampler_choices(), value=D.sampler, label="Sampler", elem_id="sampler")
             steps = gr.Slider(1, MAX_STEPS, value=D.steps, step=1, label="Steps", elem_id="steps")
             eta = gr.Slider(0, 1, value=D.eta, step=0.05, label="DDIM eta", info="0 deterministic, 1 like DDPM", visible=v0.eta, elem_id="eta")

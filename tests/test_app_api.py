@@ -76,7 +76,8 @@ def test_generate_settings_and_replay(client, registry):
 
 @pytest.mark.parametrize("kwargs, rows", [
     (dict(axis="sampler", values="euler, dpmpp_2m", model="cfg", digit=3, steps=3), 2),
-    (dict(axis="routing", values="", model="mcl", steps=3), 7),  # expert:0..2, heuristic, gated, soft, pooled
+    (dict(axis="routing", values="", model="mcl", steps=3), len(ui.MENU_ROUTINGS)),  # the menu's routings
+    (dict(axis="routing", values="expert:0, expert:2, gated", model="mcl", steps=3), 3),  # others by name
     (dict(axis="guidance", values="0, 4", model="cfg", steps=3), 2),
 ])
 def test_compare(client, kwargs, rows):

@@ -103,7 +103,7 @@ def test_mcl_controls_chart_and_compare(server, page, tmp_path):
     page.locator("#chart").wait_for(state="visible")
     page.locator("#chart img").wait_for()  # experts per step, and the gate's probabilities
     page.locator("#routing input").click()
-    offered = [t.strip() for t in page.get_by_role("option").all_inner_texts()]
+    offered = [t.replace("✓", "").strip() for t in page.get_by_role("option").all_inner_texts()]  # the selected one is ticked
     assert offered == [ui.routing_label(r) for r in ui.MENU_ROUTINGS]
     page.keyboard.press("Escape")
 

@@ -135,7 +135,7 @@ def test_validation_messages(models, fields, words):
 
 def test_settings_are_canonical(models):
     s = ui.parse_settings(models, model="ddpm", digit=3, guidance=5, routing="soft", eta=0.5, sampler="euler")
-    assert (s.digit, s.guidance, s.routing, s.eta) == (None, Settings().guidance, "gated", 0.0)
+    assert (s.digit, s.guidance, s.routing, s.eta) == (None, Settings().guidance, Settings().routing, 0.0)
     s = ui.parse_settings(models, model="cfg", digit="4", seed="  17 ", steps="8", n=2.0, sampler="DDIM", eta="0.25")
     assert (s.digit, s.seed, s.steps, s.n, s.sampler, s.eta) == (4, 17, 8, 2, "ddim", 0.25)
     assert ui.settings_from_json(models, s.to_json()) == s
