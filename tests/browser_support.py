@@ -66,3 +66,11 @@ def set_number(page, elem_id: str, value):
     box = page.locator(f"#{elem_id} input[type=number]")
     box.fill(str(value))
     box.press("Enter")
+
+
+def filled_textbox(page, elem_id: str) -> str:
+    """A textbox's value once the app has filled it: links and settings arrive in the event after the
+    final image, so reading right after ``wait_done`` can race them."""
+    box = page.locator(f"#{elem_id} textarea, #{elem_id} input").first
+    sync_api.expect(box).not_to_have_value("", timeout=TIMEOUT_MS)
+    return box.input_value()

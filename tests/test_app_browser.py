@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from app_server import ROOT, running_app  # noqa: E402
 from browser_support import (  # noqa: E402, F401  (browser, page: fixtures)
-    TIMEOUT_MS, UPDATE_ASSETS, browser, image_bytes, page, set_number, shipped_checkpoints)
+    TIMEOUT_MS, UPDATE_ASSETS, browser, filled_textbox, image_bytes, page, set_number, shipped_checkpoints)
 
 from diffusion_core import ui  # noqa: E402
 from diffusion_core.pipeline import Settings, generate  # noqa: E402
@@ -72,7 +72,7 @@ def test_generate_stream_share_link(server, page, checkpoints, tmp_path):
     assert np.array_equal(ui.split_grid(ui.decode_png(final), 2), expected_images(checkpoints, settings))
     page.locator("#filmstrip img").wait_for()
 
-    link = page.locator("#share_link textarea, #share_link input").first.input_value()
+    link = filled_textbox(page, "share_link")
     assert link.startswith(server) and "digit=7" in link and "seed=4242" in link and "steps=300" in link
     assert page.url == link  # the address bar is the share link too
     page.screenshot(path=str(tmp_path / "generate.png"), full_page=True)
@@ -99,7 +99,7 @@ def test_mcl_controls_chart_and_compare(server, page, tmp_path):
     default = Settings().routing
     assert page.locator("#routing input").input_value() == ui.routing_label(default)
     assert ui.routing_help(default)[:40] in page.locator("#routing").inner_text()  # the sentence under the menu
-    assert f"routing={default}" in page.locator("#share_link textarea, #share_link input").first.input_value()
+    assert f"routing={default}" in filled_textbox(page, "share_link")
     page.locator("#chart").wait_for(state="visible")
     page.locator("#chart img").wait_for()  # experts per step, and the gate's probabilities
     page.locator("#routing input").click()

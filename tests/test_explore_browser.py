@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from app_server import ROOT, running_app  # noqa: E402
 from browser_support import (  # noqa: E402, F401  (browser, page: fixtures)
-    UPDATE_ASSETS, browser, fetch, image_bytes, new_page, page, set_number, shipped_checkpoints)
+    UPDATE_ASSETS, browser, fetch, filled_textbox, image_bytes, new_page, page, set_number, shipped_checkpoints)
 from explore_fixtures import checkpoints_with_flow  # noqa: E402
 
 from diffusion_core import sample  # noqa: E402
@@ -44,20 +44,17 @@ def download(page, files_id: str, name: str) -> bytes:
     return fetch(page, link.get_attribute("href"))
 
 
-def textbox(page, elem_id: str) -> str:
-    return page.locator(f"#{elem_id} textarea, #{elem_id} input").first.input_value()
-
-
 def test_compare_share_link_reproduces_the_grid(server, page, checkpoints, tmp_path):
     page.goto(server + "?model=cfg&steps=4&seed=7")
     page.locator("#status").filter(has_text="Done").wait_for()
     page.get_by_role("tab", name="Compare").click()
     page.locator("#axis label", has_text="DDIM eta").click()
-    assert "ddpm" in textbox(page, "values")  # the eta axis puts DDPM's sampler beside DDIM
+    # the eta axis puts DDPM's sampler beside DDIM (the values box is refilled by the axis' change event)
+    page.wait_for_function("() => (document.querySelector('#values textarea, #values input')?.value || '').includes('ddpm')")
     page.locator("#compare_btn").click()
     page.locator("#compare_img img").wait_for()
     page.wait_for_function("() => (document.querySelector('#compare_link textarea, #compare_link input')?.value || '').includes('tab=compare')")
-    link = textbox(page, "compare_link")
+    link = filled_textbox(page, "compare_link")
     assert link.startswith(server) and "axis=eta" in link and "seed=7" in link and "steps=4" in link
     grid = image_bytes(page, "#compare_img img")
     assert grid[:8] == b"\x89PNG\r\n\x1a\n"
@@ -122,7 +119,7 @@ def test_explore_tab_slider_and_drawn_digit_through_sdedit(server, page, tmp_pat
     final = image_bytes(page, "#ex_final img")
     assert final[:8] == b"\x89PNG\r\n\x1a\n"
     page.wait_for_function("() => (document.querySelector('#ex_link textarea, #ex_link input')?.value || '').includes('drawing=')")
-    link = textbox(page, "ex_link")
+    link = filled_textbox(page, "ex_link")
     assert "tab=explore" in link and "level=0.6" in link
     page.screenshot(path=str(tmp_path / "explore.png"), full_page=True)
 
