@@ -58,15 +58,18 @@ def add_diffusion_args(p):
     p.add_argument("--beta-end", type=float, default=0.02)
     p.add_argument("--attention", action=__import__("argparse").BooleanOptionalAction, default=True)
     p.add_argument("--init", default=None, metavar="CHECKPOINT",
-                   help="fine-tune from a trained ddpm/cfg checkpoint (its network and objective are used); "
+                   help="fine-tune from a trained ddpm/cfg/flow checkpoint (its network and objective are used); "
                         "an unconditional model takes a CFG network's unconditional branch, converted exactly")
+    p.add_argument("--init-weights-only", action="store_true",
+                   help="with --init: take only the network's weights and train it with this run's --objective "
+                        "(a warm start across objectives: the features carry over, the output head relearns)")
     p.add_argument("--init-noise", type=float, default=0.02,
                    help="MCL with --init: relative noise added to each expert's copy to break their symmetry")
     return p
 
 
 def unet_from_checkpoint(path, conditional: bool):
-    """A trained UNet (and its objective) to start from. For an unconditional target, a
+    """A trained UNet (and its objective) to start from (a ddpm, cfg or flow checkpoint). For an unconditional target, a
     class-conditional network becomes unconditional by folding its null-class embedding (the
     constant it adds to the time embedding when the label is dropped) into the time MLP's last
     bias: the same function as the CFG network at guidance 0."""
@@ -76,8 +79,8 @@ def unet_from_checkpoint(path, conditional: bool):
         src = load_model(path)
     except (CheckpointError, ValueError) as e:
         fail(f"--init: {e}", status=2)
-    if src.kind not in ("ddpm", "cfg"):
-        fail(f"--init: {path} is a {src.kind} checkpoint; expected ddpm or cfg", status=2)
+    if src.kind not in ("ddpm", "cfg", "flow"):
+        fail(f"--init: {path} is a {src.kind} checkpoint; expected ddpm, cfg or flow", status=2)
     net = src.net
     num_classes = net.config.num_classes
     if conditional and not num_classes:
@@ -115,8 +118,12 @@ class DiffusionTask(Task):
         except ValueError as e:
             fail(f"bad objective settings: {e}", status=2)
         self.init_net = None
+        if getattr(args, "init_weights_only", False) and not getattr(args, "init", None):
+            fail("--init-weights-only needs --init", status=2)
         if getattr(args, "init", None):
-            self.init_net, self.objective = unet_from_checkpoint(args.init, conditional)
+            self.init_net, init_objective = unet_from_checkpoint(args.init, conditional)
+            if not getattr(args, "init_weights_only", False):
+                self.objective = init_objective
 
     def unet_config(self) -> UNetConfig:
         if self.init_net is not None:
@@ -148,7 +155,8 @@ class DiffusionTask(Task):
 
     def config(self, training: dict) -> dict:
         return {"network": {"kind": "unet", "config": self.unet_config().to_dict()}, "objective": self.objective.to_dict(),
-                "training": dict(training, p_uncond=getattr(self.args, "p_uncond", None), init=getattr(self.args, "init", None))}
+                "training": dict(training, p_uncond=getattr(self.args, "p_uncond", None), init=getattr(self.args, "init", None),
+                                 init_weights_only=bool(getattr(self.args, "init_weights_only", False)))}
 
     def export(self, model, path, training):
         kind = "flow" if self.name == "flow" else "cfg" if self.conditional else "ddpm"

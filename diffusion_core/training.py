@@ -142,6 +142,7 @@ def parse_args(parser: argparse.ArgumentParser, recipes: dict[str, dict], argv=N
     recipe = dict(recipes.get(name, {}))
     if pre.quick:
         recipe.pop("init", None)  # a smoke run starts from scratch on its tiny network
+        recipe.pop("init_weights_only", None)
     parser.set_defaults(**recipe)
     args = parser.parse_args(argv)
     args.recipe = name

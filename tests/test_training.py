@@ -353,3 +353,32 @@ def test_init_from_cfg_gives_its_unconditional_branch_exactly(tiny_checkpoints):
         got = objective.denoiser(net.eval())(x, sigma)
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-4), (got - want).abs().max()
     assert not torch.allclose(got, cfg.denoiser(guidance=1.0)(x, sigma, torch.full((4,), 3)), atol=1e-3)
+
+
+def test_init_weights_only_warm_starts_across_objectives(tiny_checkpoints, tmp_path):
+    """--init-weights-only takes a flow network's weights (its unconditional branch for a DDPM) and
+    trains them with the run's own objective: epsilon prediction, recorded in the config."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from explore_fixtures import add_tiny_flow
+
+    from diffusion_core.models import load_model
+    from diffusion_core.objectives import EpsilonObjective
+    from diffusion_core.tasks import DiffusionTask, add_diffusion_args, unet_from_checkpoint
+    from diffusion_core.training import common_parser, parse_args
+
+    flow = add_tiny_flow(tmp_path)
+    parser = lambda: add_diffusion_args(common_parser("test"))  # noqa: E731
+    args = parse_args(parser(), {}, ["--init", str(flow), "--init-weights-only", "--min-snr-gamma", "5", "--device", "cpu"])
+    task = DiffusionTask(args, name="ddpm", conditional=False)
+    assert isinstance(task.objective, EpsilonObjective) and task.objective.min_snr_gamma == 5
+    want, _ = unet_from_checkpoint(flow, conditional=False)
+    got = task.build()
+    assert got.config.num_classes is None
+    assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), want.state_dict().values()))
+    config = task.config({})
+    assert config["objective"]["name"] == "ddpm_eps" and config["training"]["init_weights_only"] is True
+    # without the flag the run keeps the source's objective (a plain fine-tune)
+    plain = DiffusionTask(parse_args(parser(), {}, ["--init", str(flow), "--device", "cpu"]), name="ddpm")
+    assert plain.objective.to_dict() == load_model(flow).objective.to_dict()
+    with pytest.raises(SystemExit):
+        DiffusionTask(parse_args(parser(), {}, ["--init-weights-only"]), name="ddpm")

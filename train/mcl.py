@@ -26,9 +26,9 @@ from diffusion_core.tasks import MCLTask, add_diffusion_args  # noqa: E402
 from diffusion_core.training import common_parser, parse_args, train  # noqa: E402
 
 # The defaults per device (--recipe): the CPU one made the shipped checkpoint on a 2-core CPU,
-# starting the experts from the shipped CFG network's unconditional branch.
+# starting the experts from the shipped DDPM (so they inherit its objective: epsilon, Min-SNR-5).
 RECIPES = {
-    "cpu": {"init": "cfg", "epochs": 4, "batch_size": 128, "lr": 5e-4, "warmup_steps": 50},
+    "cpu": {"init": "ddpm", "epochs": 5, "batch_size": 128, "lr": 5e-4, "warmup_steps": 50},
     "gpu": {"epochs": 20, "batch_size": 256},
 }
 
