@@ -385,7 +385,7 @@ class EditSettings:
     seed: int = 0
     digit: int | None = None  # the target digit under CFG; None: the unconditional branch
     guidance: float = 2.0
-    routing: str = "pooled"
+    routing: str = "sampled"
     eta: float = 0.0
     index: int | None = 0  # an MNIST test digit
     drawing: str | None = None  # or a drawn digit, ``encode_digit``'s text

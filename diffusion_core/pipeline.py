@@ -31,8 +31,8 @@ class Settings:
     seed: int = 0
     n: int = 1
     digit: int | None = None  # CFG: the requested digit; None cycles 0-9
-    guidance: float = 1.35  # CFG scale: 0 unconditional, 1 conditional, > 1 guided; the default from the guidance sweep (README)
-    routing: str = "pooled"  # MCL: expert:K, heuristic, gated, soft, pooled, sampled, winrate, x0gate, scout, sticky[:SIGMA]; the default by measurement (README)
+    guidance: float = 1.2  # CFG scale: 0 unconditional, 1 conditional, > 1 guided; the default from the guidance sweep (README)
+    routing: str = "sampled"  # MCL: expert:K, heuristic, gated, soft, pooled, sampled, winrate, x0gate, scout, sticky[:SIGMA]; the default by measurement (README)
     eta: float = 0.0  # DDIM stochasticity
 
     def validate(self, max_n: int = 10000, num_experts: int | None = None) -> "Settings":

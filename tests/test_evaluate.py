@@ -341,7 +341,7 @@ def test_record_quality_reaches_the_model_cards(small_run, tiny_checkpoints, tmp
     from diffusion_core.checkpoints import load_checkpoint
 
     results, out, _ = small_run
-    assert results["recorded_quality"] == {"ddpm": "ddpm", "cfg": f"cfg g={G}", "flow": f"flow g={G}", "mcl": "mcl pooled"}
+    assert results["recorded_quality"] == {"ddpm": "ddpm", "cfg": f"cfg g={G}", "flow": f"flow g={G}", "mcl": f"mcl {Settings().routing}"}
     rows = {r["name"]: r for r in results["rows"]}
     for model, row in results["recorded_quality"].items():
         path = out / "checkpoints" / f"{model}.safetensors"
