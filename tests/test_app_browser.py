@@ -113,7 +113,7 @@ def test_mcl_controls_chart_and_compare(server, page, tmp_path):
     assert other.locator("#routing input").input_value() == "expert 1 only"
     other.close()
 
-    page.goto(server + "?model=mcl&routing=soft&steps=8&n=3&seed=1")
+    page.goto(server + "?model=mcl&routing=sampled&steps=8&n=3&seed=2")  # the default, named in the link
     wait_done(page, "8 steps")
     page.locator("#chart img").wait_for()
     if UPDATE_ASSETS:  # the README's MCL picture: live expert chart of three images
