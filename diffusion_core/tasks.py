@@ -118,11 +118,12 @@ class DiffusionTask(Task):
         except ValueError as e:
             fail(f"bad objective settings: {e}", status=2)
         self.init_net = None
-        if getattr(args, "init_weights_only", False) and not getattr(args, "init", None):
+        init, weights_only = getattr(args, "init", None), getattr(args, "init_weights_only", False)
+        if weights_only and not init:
             fail("--init-weights-only needs --init", status=2)
-        if getattr(args, "init", None):
-            self.init_net, init_objective = unet_from_checkpoint(args.init, conditional)
-            if not getattr(args, "init_weights_only", False):
+        if init:
+            self.init_net, init_objective = unet_from_checkpoint(init, conditional)
+            if not weights_only:
                 self.objective = init_objective
 
     def unet_config(self) -> UNetConfig:

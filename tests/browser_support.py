@@ -5,6 +5,7 @@ Playwright or chromium is missing."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 import pytest
@@ -68,9 +69,12 @@ def set_number(page, elem_id: str, value):
     box.press("Enter")
 
 
-def filled_textbox(page, elem_id: str) -> str:
-    """A textbox's value once the app has filled it: links and settings arrive in the event after the
-    final image, so reading right after ``wait_done`` can race them."""
+def filled_textbox(page, elem_id: str, containing: str | None = None) -> str:
+    """A textbox's value once the app has filled it (with ``containing`` in it, when given): links and
+    settings arrive in the event after the final image, so reading right after ``wait_done`` can race them."""
     box = page.locator(f"#{elem_id} textarea, #{elem_id} input").first
-    sync_api.expect(box).not_to_have_value("", timeout=TIMEOUT_MS)
+    if containing is None:
+        sync_api.expect(box).not_to_have_value("", timeout=TIMEOUT_MS)
+    else:
+        sync_api.expect(box).to_have_value(re.compile(re.escape(containing)), timeout=TIMEOUT_MS)
     return box.input_value()

@@ -49,12 +49,10 @@ def test_compare_share_link_reproduces_the_grid(server, page, checkpoints, tmp_p
     page.locator("#status").filter(has_text="Done").wait_for()
     page.get_by_role("tab", name="Compare").click()
     page.locator("#axis label", has_text="DDIM eta").click()
-    # the eta axis puts DDPM's sampler beside DDIM (the values box is refilled by the axis' change event)
-    page.wait_for_function("() => (document.querySelector('#values textarea, #values input')?.value || '').includes('ddpm')")
+    filled_textbox(page, "values", containing="ddpm")  # the eta axis puts DDPM's sampler beside DDIM
     page.locator("#compare_btn").click()
     page.locator("#compare_img img").wait_for()
-    page.wait_for_function("() => (document.querySelector('#compare_link textarea, #compare_link input')?.value || '').includes('tab=compare')")
-    link = filled_textbox(page, "compare_link")
+    link = filled_textbox(page, "compare_link", containing="tab=compare")
     assert link.startswith(server) and "axis=eta" in link and "seed=7" in link and "steps=4" in link
     grid = image_bytes(page, "#compare_img img")
     assert grid[:8] == b"\x89PNG\r\n\x1a\n"
@@ -118,8 +116,7 @@ def test_explore_tab_slider_and_drawn_digit_through_sdedit(server, page, tmp_pat
     page.locator("#ex_final img").wait_for()
     final = image_bytes(page, "#ex_final img")
     assert final[:8] == b"\x89PNG\r\n\x1a\n"
-    page.wait_for_function("() => (document.querySelector('#ex_link textarea, #ex_link input')?.value || '').includes('drawing=')")
-    link = filled_textbox(page, "ex_link")
+    link = filled_textbox(page, "ex_link", containing="drawing=")
     assert "tab=explore" in link and "level=0.6" in link
     page.screenshot(path=str(tmp_path / "explore.png"), full_page=True)
 
