@@ -39,10 +39,10 @@ def browser():
 
 
 def new_page(browser):
-    """A page in a fresh browser context (no shared storage), with the tests' timeout."""
-    pg = browser.new_context(viewport={"width": 1360, "height": 1000}).new_page()
-    pg.set_default_timeout(TIMEOUT_MS)
-    return pg
+    """A page in a fresh browser context (no shared storage), with the tests' timeout on every page of it."""
+    context = browser.new_context(viewport={"width": 1360, "height": 1000})
+    context.set_default_timeout(TIMEOUT_MS)  # also for pages opened later in it (a share link's second page)
+    return context.new_page()
 
 
 @pytest.fixture
