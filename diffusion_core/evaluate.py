@@ -784,10 +784,14 @@ def winner_share_by_digit(winners: torch.Tensor, labels: torch.Tensor, num_exper
 
 def gate_summary(probs: torch.Tensor, winners: torch.Tensor) -> dict:
     """The gate's mean probabilities (S, K), the mean normalized entropy of its per-example
-    probabilities (S,), and the share of examples whose argmax is the winner (S,)."""
+    probabilities (S,), the share of examples whose argmax is the winner (S,), and the baseline to
+    read that against (S,): ``majority``, the accuracy of naming the level's most frequent winner
+    for every image (what a gate that sees only sigma can reach; chance, 1/K, is its floor)."""
     p = torch.as_tensor(probs, dtype=torch.float64)
+    w = torch.as_tensor(winners).long()
     return {"mean_probs": p.mean(dim=1), "entropy": normalized_entropy(p).mean(dim=1),
-            "accuracy": (p.argmax(dim=2) == torch.as_tensor(winners).long()).double().mean(dim=1)}
+            "accuracy": (p.argmax(dim=2) == w).double().mean(dim=1),
+            "majority": winner_shares(w, p.shape[2]).max(dim=1).values}
 
 
 def mcl_diagnosis(model: LoadedModel, x0: torch.Tensor, labels: torch.Tensor, levels: int = 8, gate=None, seed: int = 0, batch_size: int = 500) -> dict:
@@ -830,7 +834,9 @@ def specialisation_summary(diag: dict, top: int = 2) -> list[str]:
         acc = g["accuracy"]
         top_noisy = int(torch.tensor(g["mean_probs"][0]).argmax())
         lines.append(f"gate: picks the winner for {sum(acc) / len(acc):.0%} of examples on average (chance {1 / k:.0%}), "
-                     f"{acc[0]:.0%} at the noisiest level and {acc[-1]:.0%} at the cleanest; at sigma {sig[0]:.3g} it gives expert "
+                     f"{acc[0]:.0%} at the noisiest level and {acc[-1]:.0%} at the cleanest"
+                     + (f" (naming each level's most frequent winner: {g['majority'][0]:.0%} and {g['majority'][-1]:.0%})" if "majority" in g else "")
+                     + f"; at sigma {sig[0]:.3g} it gives expert "
                      f"{top_noisy} {g['mean_probs'][0][top_noisy]:.0%} on average (entropy {g['entropy'][0]:.2f})")
     return lines
 
@@ -840,12 +846,14 @@ def diagnosis_markdown(diag: dict) -> str:
     head = "| sigma | " + " | ".join(f"wins e{e}" for e in range(k)) + " | winner entropy |"
     gate = diag.get("gate")
     if gate:
-        head += " " + " | ".join(f"gate p(e{e})" for e in range(k)) + " | gate entropy | gate picks winner |"
+        head += " " + " | ".join(f"gate p(e{e})" for e in range(k)) + " | gate entropy | gate picks winner | most frequent winner's share |"
     rows = [head, "|" + "---:|" * (head.count("|") - 1)]
     for i, s in enumerate(diag["sigmas"]):
         r = f"| {s:.3g} | " + " | ".join(f"{v:.2f}" for v in diag["winner_share"][i]) + f" | {diag['winner_entropy'][i]:.2f} |"
         if gate:
             r += " " + " | ".join(f"{v:.2f}" for v in gate["mean_probs"][i]) + f" | {gate['entropy'][i]:.2f} | {gate['accuracy'][i]:.2f} |"
+            if "majority" in gate:  # results.json files from before the baseline lack it
+                r += f" {gate['majority'][i]:.2f} |"
         rows.append(r)
     return "\n".join([f"MCL diagnosis: {diag['n']} MNIST test images noised at {len(diag['sigmas'])} levels; "
                       "the winner of an example is the expert with the smallest error on the clean image.", "", *rows, "",

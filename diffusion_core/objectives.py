@@ -9,6 +9,12 @@ trained network into a denoiser ``D(x, sigma, label) -> x0`` (see ``diffusion_co
   image scaled by ``1 / sqrt(sigma^2 + 1)`` with ``sigma_t = sqrt((1 - alphabar_t) / alphabar_t)``.
   With ``min_snr_gamma`` the per-example loss is weighted by ``min(SNR, gamma) / SNR``
   (Min-SNR-gamma, Hang et al. 2023; ``SNR = alphabar / (1 - alphabar) = 1 / sigma^2``).
+  ``t_sampling="lognormal"`` draws the timesteps with EDM's density instead of uniformly
+  (``ln sigma ~ N(P_mean, P_std^2)``, each draw taken to the nearest training timestep in
+  log-sigma), and ``edm_weight`` weights the epsilon loss by ``1 + sigma^2 / sigma_data^2``, which
+  is EDM's ``lambda(sigma) |D - x0|^2`` written for an epsilon network (``D = x - sigma eps``).
+  Both only shape training: the network stays an epsilon predictor on the discrete schedule
+  (the VP preconditioning of Karras et al. 2022, Table 1, trained with EDM's distribution).
 * ``EDMObjective``: Karras et al. 2022 (EDM): variance-exploding, ``sigma`` log-normal
   (``ln sigma ~ N(P_mean, P_std^2)``), the network preconditioned (``EDMDenoiser``) and trained on
   ``F_target = (x0 - c_skip x) / c_out``, which is EDM's loss weight ``lambda(sigma)`` on ``|D - x0|^2``.
@@ -110,6 +116,12 @@ class Objective:
     def training_batch(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> dict:
         raise NotImplementedError
 
+    def training_batch_at(self, x0: torch.Tensor, sigma: torch.Tensor, generator: torch.Generator | None = None) -> dict:
+        """A training batch at the noise levels ``sigma`` (B,) chosen by the caller instead of
+        drawn from the objective's density (a discrete schedule takes the nearest timestep); the
+        gating network trains on levels spread evenly in log-sigma this way."""
+        raise NotImplementedError
+
     def loss(self, net, batch: dict, label: torch.Tensor | None = None) -> torch.Tensor:
         """Per-example loss (B,) of ``net`` on a batch from ``training_batch``."""
         return self.loss_from_prediction(net(batch["net_input"], batch["net_time"], label), batch)
@@ -127,19 +139,48 @@ class Objective:
         raise NotImplementedError
 
 
+EPS_T_SAMPLING = ("uniform", "lognormal")
+
+
 class EpsilonObjective(Objective):
+    """DDPM epsilon prediction; see the module docstring for ``min_snr_gamma``, ``t_sampling``
+    (with ``p_mean``, ``p_std``) and ``edm_weight`` (with ``sigma_data``). A checkpoint without
+    these fields was trained with uniform timesteps and no EDM weight."""
+
     name = "ddpm_eps"
 
-    def __init__(self, schedule: DiscreteSchedule | ScheduleConfig | dict | None = None, min_snr_gamma: float | None = None):
+    def __init__(self, schedule: DiscreteSchedule | ScheduleConfig | dict | None = None, min_snr_gamma: float | None = None,
+                 t_sampling: str = "uniform", p_mean: float = -1.2, p_std: float = 1.2, edm_weight: bool = False,
+                 sigma_data: float = 0.5):
         self.schedule = schedule if isinstance(schedule, DiscreteSchedule) else DiscreteSchedule(schedule)
         if min_snr_gamma is not None and not min_snr_gamma > 0:
             raise ValueError(f"min_snr_gamma must be positive (got {min_snr_gamma})")
+        if t_sampling not in EPS_T_SAMPLING:
+            raise ValueError(f"t_sampling must be one of {', '.join(EPS_T_SAMPLING)}, got {t_sampling!r}")
+        if not (math.isfinite(p_mean) and math.isfinite(p_std) and p_std > 0 and sigma_data > 0):
+            raise ValueError(f"log-normal timesteps need a finite P_mean, a positive P_std and sigma_data, got {p_mean}, {p_std}, {sigma_data}")
+        if edm_weight and min_snr_gamma is not None:
+            raise ValueError("choose one loss weight: min_snr_gamma or edm_weight")
         self.min_snr_gamma = min_snr_gamma
+        self.t_sampling, self.p_mean, self.p_std = t_sampling, float(p_mean), float(p_std)
+        self.edm_weight, self.sigma_data = bool(edm_weight), float(sigma_data)
+
+    def sample_t(self, n: int, generator=None, device="cpu") -> torch.Tensor:
+        """``n`` training timesteps (long) from ``t_sampling``."""
+        if self.t_sampling == "uniform":
+            return torch.randint(0, self.schedule.num_timesteps, (n,), generator=generator, device=device)
+        log_sigma = self.p_mean + self.p_std * torch.randn((n,), generator=generator, device=device, dtype=torch.float64)
+        return self.schedule.sigma_to_t(log_sigma.exp()).round().long()
 
     def training_batch(self, x0, generator=None):
-        n = x0.shape[0]
         dev = generator.device if generator is not None else x0.device
-        t = torch.randint(0, self.schedule.num_timesteps, (n,), generator=generator, device=dev).to(x0.device)
+        return self._batch_at_t(x0, self.sample_t(x0.shape[0], generator, dev).to(x0.device), generator)
+
+    def training_batch_at(self, x0, sigma, generator=None):
+        return self._batch_at_t(x0, self.schedule.sigma_to_t(sigma).round().long().to(x0.device), generator)
+
+    def _batch_at_t(self, x0, t, generator):
+        dev = generator.device if generator is not None else x0.device
         noise = torch.randn(x0.shape, generator=generator, device=dev).to(x0.device, x0.dtype)
         ab = self.schedule.alphas_cumprod.to(x0.device)[t].float()[:, None, None, None]
         x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
@@ -148,6 +189,8 @@ class EpsilonObjective(Objective):
         if self.min_snr_gamma is not None:
             snr = 1 / sigma.double() ** 2
             batch["weight"] = (snr.clamp(max=self.min_snr_gamma) / snr).float()
+        elif self.edm_weight:
+            batch["weight"] = 1 + sigma.square() / self.sigma_data**2
         return batch
 
     def denoiser(self, net):
@@ -157,6 +200,10 @@ class EpsilonObjective(Objective):
         d = {"name": self.name, "schedule": asdict(self.schedule.config)}
         if self.min_snr_gamma is not None:
             d["min_snr_gamma"] = self.min_snr_gamma
+        if self.t_sampling != "uniform":
+            d.update(t_sampling=self.t_sampling, p_mean=self.p_mean, p_std=self.p_std)
+        if self.edm_weight:
+            d.update(edm_weight=True, sigma_data=self.sigma_data)
         return d
 
 
@@ -175,6 +222,11 @@ class EDMObjective(Objective):
         n = x0.shape[0]
         dev = generator.device if generator is not None else x0.device
         sigma = (self.p_mean + self.p_std * torch.randn((n,), generator=generator, device=dev)).exp().to(x0.device)
+        return self.training_batch_at(x0, sigma, generator)
+
+    def training_batch_at(self, x0, sigma, generator=None):
+        dev = generator.device if generator is not None else x0.device
+        sigma = sigma.to(x0.device, torch.float32)
         noise = torch.randn(x0.shape, generator=generator, device=dev).to(x0.device, x0.dtype)
         x = x0 + sigma[:, None, None, None] * noise
         c_skip, c_out, c_in = (c[:, None, None, None] for c in edm_scalings(sigma, self.sigma_data))
@@ -223,6 +275,14 @@ class FlowObjective(Objective):
         t = self.sample_t(n, generator, dev).to(x0.device)
         t_max = self.sigma_max / (1 + self.sigma_max)
         t = (t * t_max).clamp_min(self.sigma_min / (1 + self.sigma_min))
+        return self._batch_at_t(x0, t, generator)
+
+    def training_batch_at(self, x0, sigma, generator=None):
+        sigma = sigma.to(x0.device, torch.float32)
+        return self._batch_at_t(x0, sigma / (1 + sigma), generator)
+
+    def _batch_at_t(self, x0, t, generator):
+        dev = generator.device if generator is not None else x0.device
         noise = torch.randn(x0.shape, generator=generator, device=dev).to(x0.device, x0.dtype)
         tt = t[:, None, None, None]
         x_t = (1 - tt) * x0 + tt * noise
@@ -243,7 +303,8 @@ def objective_from_dict(d: dict) -> Objective:
     d = dict(d)
     name = d.pop("name", None)
     if name == EpsilonObjective.name:
-        return EpsilonObjective(ScheduleConfig(**d.get("schedule", {})), d.get("min_snr_gamma"))
+        keys = ("min_snr_gamma", "t_sampling", "p_mean", "p_std", "edm_weight", "sigma_data")
+        return EpsilonObjective(ScheduleConfig(**d.get("schedule", {})), **{k: d[k] for k in keys if k in d})
     if name == EDMObjective.name:
         return EDMObjective(**d)
     if name == FlowObjective.name:

@@ -1,6 +1,7 @@
 """The five training tasks (what differs between train/*.py); the loop is ``training.train``."""
 from __future__ import annotations
 
+import argparse
 import copy
 import math
 from pathlib import Path
@@ -14,7 +15,7 @@ from .guidance import CFGDenoiser
 from .mcl import WTA_MODES, ExpertRouter, GatedRouter, MCLDenoiser, annealed_temperature, win_counts, wta_assignment, wta_loss
 from .models import load_model, save_model
 from .nets import Classifier, ClassifierConfig, GatingConfig, GatingNet, UNet, UNetConfig
-from .objectives import FLOW_T_SAMPLING, EDMObjective, EpsilonObjective, FlowObjective, ScheduleConfig
+from .objectives import EPS_T_SAMPLING, FLOW_T_SAMPLING, EDMObjective, EpsilonObjective, FlowObjective, ScheduleConfig
 from .samplers import get_sigmas, sample_dpmpp_2m
 from .training import Task, fail
 
@@ -44,19 +45,35 @@ def _sample(denoiser, n: int, label=None, steps: int = 16, seed: int = 0, device
     return x
 
 
+def _optional_float(text: str) -> float | None:
+    """A float, or ``none`` for None (to switch off a value a recipe sets)."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+
+
 def add_diffusion_args(p):
     p.add_argument("--objective", choices=["ddpm_eps", "edm", "rectified_flow"], default="ddpm_eps",
                    help="ddpm_eps: DDPM epsilon prediction on the discrete schedule; edm: Karras et al. 2022 "
                         "(preconditioned, log-normal sigma, variance exploding 0.002..80); rectified_flow: velocity")
-    p.add_argument("--min-snr-gamma", type=float, default=None, metavar="GAMMA",
-                   help="ddpm_eps: weight each example's loss by min(SNR, GAMMA) / SNR (Min-SNR, Hang et al. 2023; 5 is usual)")
+    p.add_argument("--min-snr-gamma", type=_optional_float, default=None, metavar="GAMMA",
+                   help="ddpm_eps: weight each example's loss by min(SNR, GAMMA) / SNR (Min-SNR, Hang et al. 2023; 5 is usual; "
+                        "none: no weight, where a recipe sets one)")
+    p.add_argument("--eps-t", choices=EPS_T_SAMPLING, default=None,
+                   help="ddpm_eps: training density of the timesteps (default uniform; lognormal: EDM's log-normal sigma, "
+                        "each draw taken to the nearest training timestep)")
+    p.add_argument("--edm-weight", action="store_true",
+                   help="ddpm_eps: weight each example's loss by 1 + sigma^2 / 0.25, EDM's loss weight written for an epsilon network")
     p.add_argument("--flow-t", choices=FLOW_T_SAMPLING, default=None,
                    help="rectified_flow: training density of t (default uniform; logit_normal: Esser et al. 2024)")
     p.add_argument("--schedule", choices=["linear", "cosine"], default="linear")
     p.add_argument("--timesteps", type=int, default=1000)
     p.add_argument("--beta-start", type=float, default=1e-4)
     p.add_argument("--beta-end", type=float, default=0.02)
-    p.add_argument("--attention", action=__import__("argparse").BooleanOptionalAction, default=True)
+    p.add_argument("--attention", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--init", default=None, metavar="CHECKPOINT",
                    help="fine-tune from a trained ddpm/cfg/flow checkpoint (its network and objective are used); "
                         "an unconditional model takes a CFG network's unconditional branch, converted exactly")
@@ -105,12 +122,17 @@ class DiffusionTask(Task):
         try:
             min_snr_gamma = getattr(args, "min_snr_gamma", None)
             if min_snr_gamma is not None and args.objective != "ddpm_eps":
-                raise ValueError("--min-snr-gamma applies to --objective ddpm_eps only")
+                raise ValueError("--min-snr-gamma applies to --objective ddpm_eps only (the ddpm CPU recipe sets it: "
+                                 "add --min-snr-gamma none)")
+            eps_t, edm_weight = getattr(args, "eps_t", None), getattr(args, "edm_weight", False)
+            if (eps_t is not None or edm_weight) and args.objective != "ddpm_eps":
+                raise ValueError("--eps-t and --edm-weight apply to --objective ddpm_eps only")
             flow_t = getattr(args, "flow_t", None)
             if flow_t is not None and args.objective != "rectified_flow":
                 raise ValueError("--flow-t applies to --objective rectified_flow only")
             if args.objective == "ddpm_eps":
-                self.objective = EpsilonObjective(ScheduleConfig(args.schedule, args.timesteps, args.beta_start, args.beta_end), min_snr_gamma)
+                self.objective = EpsilonObjective(ScheduleConfig(args.schedule, args.timesteps, args.beta_start, args.beta_end), min_snr_gamma,
+                                                  t_sampling=eps_t or "uniform", edm_weight=edm_weight)
             elif args.objective == "edm":
                 self.objective = EDMObjective()
             else:
@@ -290,8 +312,25 @@ class GatingTask(Task):
         self.mcl.to(self.device)
         return GatingNet(GatingConfig(num_experts=self.mcl.num_experts, channels=self.args.channels))
 
+    def training_sigmas(self, n: int, generator: torch.Generator) -> torch.Tensor | None:
+        """``--gate-sigma loguniform``: ``n`` levels spread evenly in log-sigma over the ensemble's
+        range, as a sampler's steps visit them; ``objective``: None (the MCL objective's own density)."""
+        if getattr(self.args, "gate_sigma", "objective") != "loguniform":
+            return None
+        lo, hi = (math.log(s) for s in self.sigma_range())
+        u = torch.rand((n,), generator=generator, device=generator.device, dtype=torch.float64)
+        return (lo + (hi - lo) * u).exp()
+
+    def sigma_range(self) -> tuple[float, float]:
+        den = self.mcl.objective.denoiser(self.mcl.nets[0])
+        return den.sigma_min, den.sigma_max
+
     def loss(self, model, x0, y, generator, progress):
-        batch = self.mcl.objective.training_batch(x0, generator)
+        sigma = self.training_sigmas(x0.shape[0], generator)
+        if sigma is None:
+            batch = self.mcl.objective.training_batch(x0, generator)
+        else:
+            batch = self.mcl.objective.training_batch_at(x0, sigma, generator)
         with torch.no_grad():
             target = torch.stack([self.mcl.objective.loss(e, batch) for e in self.mcl.nets], dim=1).argmin(dim=1)
         logits = model(batch["x_sigma"], batch["sigma"])
@@ -307,8 +346,8 @@ class GatingTask(Task):
 
     def band_edges(self) -> torch.Tensor:
         """``bands + 1`` increasing sigmas, equal steps in log sigma over the MCL model's range."""
-        den = self.mcl.objective.denoiser(self.mcl.nets[0])
-        return torch.logspace(math.log10(den.sigma_min), math.log10(den.sigma_max), self.bands + 1, dtype=torch.float64)
+        lo, hi = self.sigma_range()
+        return torch.logspace(math.log10(lo), math.log10(hi), self.bands + 1, dtype=torch.float64)
 
     def band_of(self, sigma: torch.Tensor) -> torch.Tensor:
         inner = self.band_edges()[1:-1].to(sigma.device)
@@ -337,7 +376,8 @@ class GatingTask(Task):
 
     def export(self, model, path, training):
         net = _unwrap(model)
-        cfg = {"network": {"kind": "gating", "config": net.config.to_dict()}, "training": dict(training, mcl=str(self.args.mcl))}
+        cfg = {"network": {"kind": "gating", "config": net.config.to_dict()},
+               "training": dict(training, mcl=str(self.args.mcl), gate_sigma=getattr(self.args, "gate_sigma", "objective"))}
         save_model(path, "gating", [net], cfg)
 
 

@@ -143,6 +143,7 @@ def test_gate_summary_by_hand():
     g = ev.gate_summary(probs, winners)
     torch.testing.assert_close(g["mean_probs"], torch.tensor([[0.75, 0.25], [0.55, 0.45]], dtype=torch.float64))
     assert g["accuracy"].tolist() == [0.5, 0.5]  # argmax of [0.5, 0.5] is expert 0; the first sample's winner is 1
+    assert g["majority"].tolist() == [0.5, 1.0]  # level 0: experts 1 and 0 win once each; level 1: expert 0 twice
     h01 = -(0.9 * math.log(0.9) + 0.1 * math.log(0.1)) / math.log(2)
     h28 = -(0.2 * math.log(0.2) + 0.8 * math.log(0.8)) / math.log(2)
     assert g["entropy"].tolist() == pytest.approx([0.5, (h01 + h28) / 2])

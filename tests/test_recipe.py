@@ -149,6 +149,69 @@ def test_min_snr_weights_match_diffusers_snr():
         EpsilonObjective(min_snr_gamma=0)
 
 
+# ----------------------------------------------------------------------------- epsilon with EDM's training distribution
+
+
+def test_eps_lognormal_timesteps_follow_edm_density_on_the_discrete_schedule():
+    obj = EpsilonObjective(ScheduleConfig("linear", 1000, 1e-4, 0.02), t_sampling="lognormal", p_mean=-1.2, p_std=1.2)
+    batch = obj.training_batch(torch.zeros(50000, 1, 2, 2), torch.Generator().manual_seed(0))
+    t = batch["net_time"].long()
+    assert torch.equal(batch["net_time"], t.float()) and int(t.min()) >= 0 and int(t.max()) <= 999  # training timesteps only
+    sigma = batch["sigma"].double()
+    torch.testing.assert_close(sigma, obj.schedule.sigmas[t], rtol=1e-6, atol=0)
+    # ln sigma ~ N(-1.2, 1.2^2), snapped to the grid (a step is < 2% in log-sigma above t=10) and clamped at
+    # sigma_min = 0.01 (ln 0.01 = -4.6 is 2.8 std below the mean): the median and quartiles carry over
+    q = torch.quantile(sigma.log().float(), torch.tensor([0.25, 0.5, 0.75]))
+    expected = torch.tensor([-1.2 - 0.6745 * 1.2, -1.2, -1.2 + 0.6745 * 1.2])
+    torch.testing.assert_close(q, expected, atol=0.04, rtol=0)
+    # uniform timesteps put half the examples above sigma 3.3 (t > 500); EDM's density about 2%
+    assert float((sigma > obj.schedule.sigmas[500]).double().mean()) < 0.03
+    uniform = EpsilonObjective().training_batch(torch.zeros(50000, 1, 2, 2), torch.Generator().manual_seed(0))
+    assert abs(float((uniform["sigma"] > obj.schedule.sigmas[500]).double().mean()) - 0.5) < 0.01
+
+
+def test_eps_edm_weight_is_edms_loss_on_the_denoised_image():
+    """Weighted epsilon loss == EDM's lambda(sigma) |D - x0|^2 with D = x - sigma eps_hat (Karras et al. 2022,
+    eq. 8 with lambda = (sigma^2 + sd^2) / (sigma sd)^2), for any prediction."""
+    obj = EpsilonObjective(t_sampling="lognormal", edm_weight=True)
+    x0 = torch.rand(256, 1, 4, 4, dtype=torch.float64) * 2 - 1
+    batch = obj.training_batch(x0, torch.Generator().manual_seed(3))
+    eps_hat = torch.randn_like(batch["target"])
+    sigma = batch["sigma"].double()
+    denoised = batch["x_sigma"] - sigma[:, None, None, None] * eps_hat
+    lam = (sigma**2 + obj.sigma_data**2) / (sigma * obj.sigma_data) ** 2
+    edm = lam * (denoised - x0).square().flatten(1).mean(1)
+    torch.testing.assert_close(obj.loss_from_prediction(eps_hat, batch).double(), edm, rtol=1e-5, atol=1e-9)
+    back = objective_from_dict(obj.to_dict())
+    assert (back.t_sampling, back.p_mean, back.p_std, back.edm_weight, back.sigma_data) == ("lognormal", -1.2, 1.2, True, 0.5)
+    old = objective_from_dict({"name": "ddpm_eps", "schedule": {"kind": "linear"}, "min_snr_gamma": 5.0})
+    assert (old.t_sampling, old.edm_weight, old.min_snr_gamma) == ("uniform", False, 5.0)  # older checkpoints read as before
+    assert "t_sampling" not in EpsilonObjective().to_dict() and "edm_weight" not in EpsilonObjective().to_dict()
+    with pytest.raises(ValueError, match="t_sampling must be one of"):
+        EpsilonObjective(t_sampling="beta")
+    with pytest.raises(ValueError, match="choose one loss weight"):
+        EpsilonObjective(min_snr_gamma=5.0, edm_weight=True)
+    with pytest.raises(ValueError, match="positive P_std"):
+        EpsilonObjective(t_sampling="lognormal", p_std=0)
+
+
+@pytest.mark.parametrize("obj", [EpsilonObjective(), EDMObjective(), FlowObjective()], ids=["eps", "edm", "flow"])
+def test_training_batch_at_given_noise_levels(obj):
+    x0 = torch.rand(5, 1, 3, 3) * 2 - 1
+    sigma = torch.tensor([0.02, 0.3, 1.0, 7.0, 60.0])
+    batch = obj.training_batch_at(x0, sigma, torch.Generator().manual_seed(0))
+    if isinstance(obj, EpsilonObjective):  # the nearest training timestep: within half a grid step in log-sigma
+        step = obj.schedule.log_sigmas.diff().max()
+        assert ((batch["sigma"].double().log() - sigma.double().log()).abs() <= step / 2 + 1e-6).all()
+    else:
+        torch.testing.assert_close(batch["sigma"], sigma)
+    noise = (batch["x_sigma"] - x0) / batch["sigma"][:, None, None, None]
+    # the same noise reaches the network input and the target as in a drawn batch
+    again = obj.training_batch_at(x0, sigma, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(again["x_sigma"], batch["x_sigma"])
+    assert noise.abs().max() < 10
+
+
 # ----------------------------------------------------------------------------- rectified flow's t
 
 
@@ -325,3 +388,50 @@ def test_quick_flow_is_a_conditional_rectified_flow(tmp_path, mnist_root):
     den = model.denoiser(guidance=2.0)
     x = torch.randn(2, 1, 28, 28)
     assert torch.isfinite(den(x, torch.tensor([0.5, 20.0]), torch.tensor([3, 8]))).all()
+
+
+def test_quick_ddpm_with_edms_training_distribution(tmp_path, mnist_root):
+    """--eps-t lognormal --edm-weight (Min-SNR switched off with 'none', where the CPU recipe sets it):
+    still an epsilon DDPM on the discrete schedule, with the training density recorded."""
+    run_dir, out = tmp_path / "run", tmp_path / "ddpm.safetensors"
+    run_script("ddpm", run_dir, out, mnist_root, "--quick", "--recipe", "cpu", "--max-steps", 4,
+               "--eps-t", "lognormal", "--edm-weight", "--min-snr-gamma", "none")
+    model = load_model(out)
+    d = model.objective.to_dict()
+    assert model.kind == "ddpm" and d["name"] == "ddpm_eps" and "min_snr_gamma" not in d
+    assert (d["t_sampling"], d["edm_weight"], d["p_mean"], d["sigma_data"]) == ("lognormal", True, -1.2, 0.5)
+    assert model.denoiser().discrete_sigmas is not None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--objective", "edm", "--edm-weight", "--min-snr-gamma", "none"], "--eps-t and --edm-weight apply to --objective ddpm_eps only"),
+    (["--objective", "rectified_flow", "--eps-t", "lognormal", "--min-snr-gamma", "none"], "--eps-t and --edm-weight apply to --objective ddpm_eps only"),
+    (["--objective", "edm", "--recipe", "cpu"], "the ddpm CPU recipe sets it: add --min-snr-gamma none"),
+    (["--edm-weight", "--min-snr-gamma", "5"], "choose one loss weight"),
+])
+def test_eps_training_flags_refuse_nonsense(tmp_path, capsys, monkeypatch, argv, message):
+    from test_training import _fails
+
+    monkeypatch.chdir(tmp_path)
+    err = _fails(capsys, "ddpm", ["--quick", *argv], status=2)
+    assert err.startswith("error: ") and message in err
+
+
+def test_min_snr_gamma_none_and_bad_values():
+    p = add_diffusion_args(training.common_parser("x"))
+    assert p.parse_args(["--min-snr-gamma", "none"]).min_snr_gamma is None
+    assert p.parse_args(["--min-snr-gamma", "5"]).min_snr_gamma == 5.0
+    with pytest.raises(SystemExit):
+        p.parse_args(["--min-snr-gamma", "five"])
+
+
+def test_quick_gating_with_loguniform_noise_levels(tmp_path, mnist_root):
+    """--gate-sigma loguniform: the training examples fill every noise band about equally (the
+    objective's own density puts ~1% below sigma 0.05), and the checkpoint records the choice."""
+    mcl_dir, mcl_out = tmp_path / "mcl", tmp_path / "mcl.safetensors"
+    run_script("mcl", mcl_dir, mcl_out, mnist_root, "--quick", "--experts", 2, "--limit", 128, "--epochs", 1)
+    run_dir, out = tmp_path / "run", tmp_path / "gating.safetensors"
+    run_script("gating", run_dir, out, mnist_root, "--quick", "--epochs", 1, "--max-steps", 8, "--mcl", mcl_out, "--gate-sigma", "loguniform")
+    assert load_model(out).config["training"]["gate_sigma"] == "loguniform"
+    n = metrics(run_dir, "epoch")[-1]["band_examples"]
+    assert sum(n) == 8 * 64 and min(n) >= 50  # 512 draws over 6 bands: ~85 each
