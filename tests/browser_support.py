@@ -78,3 +78,14 @@ def filled_textbox(page, elem_id: str, containing: str | None = None) -> str:
     else:
         sync_api.expect(box).to_have_value(re.compile(re.escape(containing)), timeout=TIMEOUT_MS)
     return box.input_value()
+
+
+def wait_image(page, elem_id: str, status_id: str | None = None):
+    """Wait for the ``<img>`` of the image component ``elem_id``; on a timeout, fail with what the
+    component and the status line held (a CI run once saw the status say Done and no image)."""
+    try:
+        page.locator(f"#{elem_id} img").wait_for()
+    except sync_api.TimeoutError:
+        html = page.locator(f"#{elem_id}").first.evaluate("e => e.outerHTML")[:2000]
+        status = page.locator(f"#{status_id}").inner_text() if status_id else ""
+        pytest.fail(f"no image in #{elem_id} after {TIMEOUT_MS / 1000:.0f} s; status {status!r}; component HTML: {html}")

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from app_server import ROOT, running_app  # noqa: E402
 from browser_support import (  # noqa: E402, F401  (browser, page: fixtures)
-    UPDATE_ASSETS, browser, fetch, filled_textbox, image_bytes, new_page, page, set_number, shipped_checkpoints)
+    UPDATE_ASSETS, browser, fetch, filled_textbox, image_bytes, new_page, page, set_number, shipped_checkpoints, wait_image)
 from explore_fixtures import checkpoints_with_flow  # noqa: E402
 
 from diffusion_core import sample  # noqa: E402
@@ -123,7 +123,7 @@ def test_explore_tab_slider_and_drawn_digit_through_sdedit(server, page, tmp_pat
     other = page.context.new_page()  # the share link reproduces the SDEdit result of the drawing
     other.goto(link)
     other.locator("#ex_status").filter(has_text="Done").wait_for()
-    other.locator("#ex_final img").wait_for()
+    wait_image(other, "ex_final", "ex_status")
     assert image_bytes(other, "#ex_final img") == final
     if UPDATE_ASSETS:
         other.locator("#ex_forward img").wait_for()
