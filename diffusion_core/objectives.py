@@ -95,6 +95,10 @@ class DiscreteSchedule:
         w = ((log_sigma - lo) / (hi - lo)).clamp(0, 1)
         return low + w
 
+    def nearest_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The training timestep (long) nearest to each ``sigma`` in log-sigma (clamped to the range)."""
+        return self.sigma_to_t(sigma).round().long()
+
     def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(t, dtype=torch.float64).clamp(0, self.num_timesteps - 1)
         low = t.floor().long().clamp(max=self.num_timesteps - 2)
@@ -170,14 +174,14 @@ class EpsilonObjective(Objective):
         if self.t_sampling == "uniform":
             return torch.randint(0, self.schedule.num_timesteps, (n,), generator=generator, device=device)
         log_sigma = self.p_mean + self.p_std * torch.randn((n,), generator=generator, device=device, dtype=torch.float64)
-        return self.schedule.sigma_to_t(log_sigma.exp()).round().long()
+        return self.schedule.nearest_t(log_sigma.exp())
 
     def training_batch(self, x0, generator=None):
         dev = generator.device if generator is not None else x0.device
         return self._batch_at_t(x0, self.sample_t(x0.shape[0], generator, dev).to(x0.device), generator)
 
     def training_batch_at(self, x0, sigma, generator=None):
-        return self._batch_at_t(x0, self.schedule.sigma_to_t(sigma).round().long().to(x0.device), generator)
+        return self._batch_at_t(x0, self.schedule.nearest_t(sigma).to(x0.device), generator)
 
     def _batch_at_t(self, x0, t, generator):
         dev = generator.device if generator is not None else x0.device

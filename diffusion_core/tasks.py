@@ -307,6 +307,8 @@ class GatingTask(Task):
             fail(f"--mcl {args.mcl}: {e}")
         if self.mcl.kind != "mcl":
             fail(f"--mcl {args.mcl} is a {self.mcl.kind} checkpoint, not an MCL ensemble")
+        den = self.mcl.objective.denoiser(self.mcl.nets[0])
+        self.sigma_range = (den.sigma_min, den.sigma_max)  # the ensemble's noise range (bands, --gate-sigma)
 
     def build(self):
         self.mcl.to(self.device)
@@ -317,13 +319,9 @@ class GatingTask(Task):
         range, as a sampler's steps visit them; ``objective``: None (the MCL objective's own density)."""
         if getattr(self.args, "gate_sigma", "objective") != "loguniform":
             return None
-        lo, hi = (math.log(s) for s in self.sigma_range())
+        lo, hi = (math.log(s) for s in self.sigma_range)
         u = torch.rand((n,), generator=generator, device=generator.device, dtype=torch.float64)
         return (lo + (hi - lo) * u).exp()
-
-    def sigma_range(self) -> tuple[float, float]:
-        den = self.mcl.objective.denoiser(self.mcl.nets[0])
-        return den.sigma_min, den.sigma_max
 
     def loss(self, model, x0, y, generator, progress):
         sigma = self.training_sigmas(x0.shape[0], generator)
@@ -346,7 +344,7 @@ class GatingTask(Task):
 
     def band_edges(self) -> torch.Tensor:
         """``bands + 1`` increasing sigmas, equal steps in log sigma over the MCL model's range."""
-        lo, hi = self.sigma_range()
+        lo, hi = self.sigma_range
         return torch.logspace(math.log10(lo), math.log10(hi), self.bands + 1, dtype=torch.float64)
 
     def band_of(self, sigma: torch.Tensor) -> torch.Tensor:
