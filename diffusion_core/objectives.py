@@ -143,6 +143,24 @@ class Objective:
         raise NotImplementedError
 
 
+def teacher_target(batch: dict, teacher_x0: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
+    """An epsilon batch's target with a class-conditional teacher: ``noise + w (x0 - D_T) / sigma``
+    with ``w = sigma^2 / (sigma^2 + sigma_data^2)``, where ``teacher_x0`` is the teacher's
+    ``D_T(x, sigma, y)`` given each image's true label ``y``. That is ``(1 - w) noise + w eps_T`` for
+    the teacher's epsilon ``eps_T = (x - D_T) / sigma``.
+
+    For an exact teacher ``E[D_T(x, sigma, y) | x] = E[x0 | x]`` (the tower property over the
+    label), so the target's mean given the noisy image, which is what the loss's minimiser
+    predicts, is the noise target's: the unconditional model is unchanged. What the teacher removes
+    is the spread of clean images within a class, the bulk of the target's variance at high noise;
+    at low noise, where the teacher's own error divided by sigma would dominate, ``w`` goes to 0."""
+    x, sigma, noise = batch["x_sigma"].float(), batch["sigma"].float(), batch["target"].float()
+    s = sigma.reshape(-1, *([1] * (x.dim() - 1)))
+    w = s.square() / (s.square() + sigma_data**2)
+    x0 = x - s * noise
+    return noise + w * (x0 - teacher_x0.float()) / s
+
+
 EPS_T_SAMPLING = ("uniform", "lognormal")
 
 

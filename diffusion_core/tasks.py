@@ -15,7 +15,7 @@ from .guidance import CFGDenoiser
 from .mcl import WTA_MODES, ExpertRouter, GatedRouter, MCLDenoiser, annealed_temperature, win_counts, wta_assignment, wta_loss
 from .models import load_model, save_model
 from .nets import Classifier, ClassifierConfig, GatingConfig, GatingNet, UNet, UNetConfig
-from .objectives import EPS_T_SAMPLING, FLOW_T_SAMPLING, EDMObjective, EpsilonObjective, FlowObjective, ScheduleConfig
+from .objectives import EPS_T_SAMPLING, FLOW_T_SAMPLING, EDMObjective, EpsilonObjective, FlowObjective, ScheduleConfig, teacher_target
 from .samplers import get_sigmas, sample_dpmpp_2m
 from .training import Task, fail
 
@@ -147,6 +147,19 @@ class DiffusionTask(Task):
             self.init_net, init_objective = unet_from_checkpoint(init, conditional)
             if not weights_only:
                 self.objective = init_objective
+        self.teacher = None
+        teacher = getattr(args, "teacher", None)
+        if teacher:
+            if conditional or not isinstance(self.objective, EpsilonObjective):
+                fail("--teacher applies to an unconditional --objective ddpm_eps model", status=2)
+            try:
+                self.teacher = load_model(teacher)
+            except (CheckpointError, OSError, ValueError) as e:
+                fail(f"--teacher: {e}", status=2)
+            if self.teacher.kind not in ("cfg", "flow"):
+                fail(f"--teacher: {teacher} is a {self.teacher.kind} checkpoint; expected a class-conditional cfg or flow", status=2)
+            self.teacher.net.eval().requires_grad_(False)
+            self.teacher_denoiser = self.teacher.objective.denoiser(self.teacher.net)
 
     def unet_config(self) -> UNetConfig:
         if self.init_net is not None:
@@ -155,6 +168,8 @@ class DiffusionTask(Task):
                           attention=self.args.attention, num_classes=10 if self.conditional else None)
 
     def build(self):
+        if self.teacher is not None:
+            self.teacher.to(self.device)
         return self.init_net if self.init_net is not None else UNet(self.unet_config())
 
     def labels(self, y, generator):
@@ -165,6 +180,9 @@ class DiffusionTask(Task):
 
     def loss(self, model, x0, y, generator, progress):
         batch = self.objective.training_batch(x0, generator)
+        if self.teacher is not None:
+            with torch.no_grad():
+                batch["target"] = teacher_target(batch, self.teacher_denoiser(batch["x_sigma"], batch["sigma"], y))
         return self.objective.loss(model, batch, self.labels(y, generator)).mean(), {}
 
     def denoiser(self, model):
@@ -179,6 +197,7 @@ class DiffusionTask(Task):
     def config(self, training: dict) -> dict:
         return {"network": {"kind": "unet", "config": self.unet_config().to_dict()}, "objective": self.objective.to_dict(),
                 "training": dict(training, p_uncond=getattr(self.args, "p_uncond", None), init=getattr(self.args, "init", None),
+                                 teacher=getattr(self.args, "teacher", None),
                                  init_weights_only=bool(getattr(self.args, "init_weights_only", False)))}
 
     def export(self, model, path, training):

@@ -14,7 +14,7 @@ from diffusion_core.denoisers import EDMDenoiser
 from diffusion_core.mcl import wta_assignment, wta_loss, wta_weights
 from diffusion_core.models import load_model
 from diffusion_core.nets import UNet, UNetConfig
-from diffusion_core.objectives import EDMObjective, EpsilonObjective, FlowObjective, ScheduleConfig, objective_from_dict
+from diffusion_core.objectives import EDMObjective, EpsilonObjective, FlowObjective, ScheduleConfig, objective_from_dict, teacher_target
 from diffusion_core.tasks import DiffusionTask, Ensemble, MCLTask, add_diffusion_args
 from test_training import check_run, metrics, run_script
 
@@ -402,6 +402,80 @@ def test_quick_ddpm_with_edms_training_distribution(tmp_path, mnist_root):
     assert model.kind == "ddpm" and d["name"] == "ddpm_eps" and "min_snr_gamma" not in d
     assert (d["t_sampling"], d["edm_weight"], d["p_mean"], d["sigma_data"]) == ("lognormal", True, -1.2, 0.5)
     assert model.denoiser().discrete_sigmas is not None
+
+
+# ----------------------------------------------------------------------------- a class-conditional teacher for ddpm
+
+
+def _two_class_gaussians(sigma: float, n: int = 400_000, s: float = 0.3, seed: int = 0):
+    """1-D data: two classes at -1 and +1 (equal weight), each Gaussian with std ``s``; the exact
+    class-conditional posterior mean (the ideal teacher) and the exact unconditional epsilon."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=g)
+    mu = (2 * y - 1).double()
+    x0 = mu + s * torch.randn(n, generator=g, dtype=torch.float64)
+    noise = torch.randn(n, generator=g, dtype=torch.float64)
+    x = x0 + sigma * noise
+    shrink = s**2 / (s**2 + sigma**2)
+    d_cond = lambda m: m + shrink * (x - m)  # noqa: E731  E[x0 | x, class at m]
+    log_lik = lambda m: -(x - m) ** 2 / (2 * (s**2 + sigma**2))  # noqa: E731
+    p_plus = torch.sigmoid(log_lik(1.0) - log_lik(-1.0))
+    eps_exact = (x - (p_plus * d_cond(1.0) + (1 - p_plus) * d_cond(-1.0))) / sigma  # (x - E[x0 | x]) / sigma
+    shape = (n, 1, 1, 1)
+    batch = {"x_sigma": x.reshape(shape), "sigma": torch.full((n,), sigma, dtype=torch.float64), "target": noise.reshape(shape)}
+    return batch, x, mu, d_cond(mu), eps_exact
+
+
+@pytest.mark.parametrize("sigma", [0.3, 1.0, 3.0])
+def test_teacher_target_keeps_the_unconditional_optimum_and_varies_less(sigma):
+    """With the exact class-conditional teacher, the new target has the noise target's mean given x
+    (tested against functions of x: no bias a network could learn) and lies closer to the exact
+    unconditional epsilon E[eps | x]."""
+    batch, x, mu, d_teacher, eps_exact = _two_class_gaussians(sigma)
+    target = teacher_target(batch, d_teacher.reshape(-1, 1, 1, 1)).reshape(-1).double()
+    noise = batch["target"].reshape(-1)
+    diff = target - noise
+    for g in (torch.ones_like(x), x, torch.tanh(3 * x), x**2):
+        v = diff * g
+        assert abs(v.mean()) < 5 * v.std() / math.sqrt(len(v)) + 1e-6
+    assert (target - eps_exact).square().mean() < 0.95 * (noise - eps_exact).square().mean()
+    # a teacher that ignores x (the class mean) is biased, and the same check sees it
+    biased = teacher_target(batch, mu.reshape(-1, 1, 1, 1)).reshape(-1).double() - noise
+    v = biased * x
+    assert abs(v.mean()) > 10 * v.std() / math.sqrt(len(v))
+
+
+def test_teacher_target_limits():
+    """An oracle teacher (D = x0) leaves the noise target as it is; a teacher that does not denoise
+    (D = x) scales it by 1 - w, w = sigma^2 / (sigma^2 + 0.25)."""
+    x0, noise = torch.randn(4, 1, 28, 28), torch.randn(4, 1, 28, 28)
+    sigma = torch.tensor([0.01, 0.5, 2.0, 80.0])
+    x = x0 + sigma[:, None, None, None] * noise
+    batch = {"x_sigma": x, "sigma": sigma, "target": noise}
+    torch.testing.assert_close(teacher_target(batch, x0), noise, atol=2e-4, rtol=1e-4)
+    w = (sigma**2 / (sigma**2 + 0.25))[:, None, None, None]
+    torch.testing.assert_close(teacher_target(batch, x), (1 - w) * noise, atol=2e-4, rtol=1e-4)
+
+
+def test_quick_ddpm_with_a_teacher_records_it(tmp_path, mnist_root):
+    run_dir, out = tmp_path / "run", tmp_path / "ddpm.safetensors"
+    run_script("ddpm", run_dir, out, mnist_root, "--quick", "--recipe", "cpu", "--max-steps", 3, "--teacher", "flow")
+    model = load_model(out)
+    assert model.kind == "ddpm" and model.objective.to_dict()["name"] == "ddpm_eps"
+    assert model.config["training"]["teacher"] == "flow"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--teacher", "classifier"], "expected a class-conditional cfg or flow"),
+    (["--teacher", "nowhere.safetensors"], "--teacher: "),
+    (["--teacher", "flow", "--objective", "edm", "--min-snr-gamma", "none"], "--teacher applies to an unconditional --objective ddpm_eps model"),
+])
+def test_teacher_refuses_what_it_cannot_use(tmp_path, capsys, monkeypatch, argv, message):
+    from test_training import _fails
+
+    monkeypatch.chdir(tmp_path)
+    err = _fails(capsys, "ddpm", ["--quick", *argv], status=2)
+    assert err.startswith("error: ") and message in err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -3,6 +3,7 @@
     python train/ddpm.py                         # the shipped checkpoints/ddpm.safetensors (CPU recipe on a CPU)
     python train/ddpm.py --recipe gpu            # the GPU recipe (the default where CUDA is available)
     python train/ddpm.py --quick                 # a smoke run on 512 images (CPU is fine)
+    python train/ddpm.py --teacher flow          # regress on the class-conditional flow model's predictions (less target variance)
     python train/ddpm.py --resume                # carry on from runs/ddpm/state.pt
     torchrun --nproc_per_node 2 train/ddpm.py    # DDP; --batch-size is per process
 
@@ -29,7 +30,13 @@ RECIPES = {
 
 
 def main(argv=None):
-    args = parse_args(add_diffusion_args(common_parser(__doc__.splitlines()[0])), RECIPES, argv)
+    p = add_diffusion_args(common_parser(__doc__.splitlines()[0]))
+    p.add_argument("--teacher", default=None, metavar="CHECKPOINT",
+                   help="ddpm_eps, unconditional: a class-conditional model (cfg or flow) whose prediction given each "
+                        "image's true label replaces the noise target, blended in by sigma^2 / (sigma^2 + 0.25); "
+                        "the optimum is the same unconditional model (see objectives.teacher_target), the target "
+                        "varies less")
+    args = parse_args(p, RECIPES, argv)
     train(DiffusionTask(args, name="ddpm", conditional=False), args)
 
 
