@@ -324,13 +324,15 @@ def test_bad_arguments_are_clear_errors(tmp_path, capsys, monkeypatch, mnist_roo
 def test_benchmark_loop_smoke(tmp_path, mnist_root):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(ROOT / "train" / "benchmark_loop.py"), "--device", "cpu", "--steps", "2", "--warmup", "1",
-                           "--channels", "8", "--blocks", "1", "--batch-size", "16", "--mcl-experts", "2", "--precision", "fp32",
+                           "--channels", "8", "--batch-size", "16", "--mcl-experts", "2", "--precision", "fp32",
                            "--data-dir", str(mnist_root), "--json", str(out)],
                           cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
     assert [r["loop"] for r in report["results"]] == ["ours", "plain", "mcl-routed", "mcl-full"]
     assert report["precision"] == "fp32" and "MCL K=2, routed update" in report["results"][2]["what"]
+    # with no --blocks / --objective: the UNet of train/cfg.py's CPU recipe, which made the shipped cfg
+    assert (report["network"]["blocks"], report["objective"]) == (1, "edm")
     for r in report["results"]:
         assert r["images_per_s"] > 0 and torch.isfinite(torch.tensor(r["final_loss"]))
         assert f"{r['images_per_s']:.0f}" in proc.stdout

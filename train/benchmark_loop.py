@@ -1,10 +1,11 @@
 """Images per second of our training loop against a plain fp32 DataLoader loop, and of MCL.
 
-    python train/benchmark_loop.py                        # this machine's recipe (CPU: batch 128, bf16 where native)
+    python train/benchmark_loop.py                        # this machine's cfg recipe (CPU: batch 128, one ResBlock a level, EDM, bf16 where native)
     python train/benchmark_loop.py --compile              # ours with torch.compile
     python train/benchmark_loop.py --device cpu --steps 5 --channels 8 --blocks 1 --batch-size 32 --mcl-experts 2   # smoke
 
-All loops train the UNet of train/cfg.py (same initialisation, same objective), one after the
+All loops train the UNet of train/cfg.py's recipe for the device (same initialisation, same objective;
+on a CPU the shipped cfg's: one ResBlock per level, EDM), one after the
 other in one process; each runs ``--warmup`` untimed steps (torch.compile compiles there), then
 ``--steps`` timed ones:
 
@@ -33,9 +34,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
+from cfg import RECIPES as CFG_RECIPES  # noqa: E402  (train/cfg.py, beside this file)
 from diffusion_core.data import MNISTNotFound, data_root, load_mnist  # noqa: E402
 from diffusion_core.tasks import DiffusionTask, MCLTask  # noqa: E402
 from diffusion_core.training import PRECISIONS, channels_last_for, device_name, ema_update, lr_factor, resolve_precision, shard_indices  # noqa: E402
@@ -47,11 +50,12 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation, cuDNN autotuning)")
     p.add_argument("--batch-size", type=int, default=None, help="default: 128 on CPU, 256 on CUDA (the recipes)")
     p.add_argument("--channels", type=int, default=32, help="UNet base width (train/cfg.py default)")
-    p.add_argument("--blocks", type=int, default=2, help="ResBlocks per UNet level (train/cfg.py default)")
+    p.add_argument("--blocks", type=int, default=None, help="ResBlocks per UNet level (default: train/cfg.py's recipe, 1 on CPU, 2 on CUDA)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--compile", action="store_true", help="torch.compile our loop's model")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="our loop's autocast (see train/cfg.py -h)")
-    p.add_argument("--objective", choices=["ddpm_eps", "edm", "rectified_flow"], default="ddpm_eps")
+    p.add_argument("--objective", choices=["ddpm_eps", "edm", "rectified_flow"], default=None,
+                   help="default: train/cfg.py's recipe, edm on CPU, ddpm_eps on CUDA")
     p.add_argument("--mcl-experts", type=int, default=5, help="K for the MCL rows (0: no MCL rows)")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers of the plain loop")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -188,8 +192,13 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    recipe = CFG_RECIPES["gpu" if device.type == "cuda" else "cpu"]
     if args.batch_size is None:
-        args.batch_size = 256 if device.type == "cuda" else 128
+        args.batch_size = recipe.get("batch_size", 128)
+    if args.blocks is None:
+        args.blocks = recipe.get("blocks", 2)
+    if args.objective is None:
+        args.objective = recipe.get("objective", "ddpm_eps")
     results = [our_loop(args, device), plain_loop(args, device)]
     if args.mcl_experts:
         results += [our_loop(args, device, mcl_task_for(args, u), f"mcl-{u}") for u in ("routed", "full")]
