@@ -319,6 +319,25 @@ def test_output_files(tmp_path):
     assert files.write("x.json", b"[]") != a
 
 
+def test_output_files_sweep_old_folders_but_not_one_just_handed_out(tmp_path):
+    """A file written an hour ago (say by an earlier run of the app) and asked for again must
+    survive the next sweep; one nobody asked for again is removed."""
+    import os
+    import time
+    from pathlib import Path
+
+    files = ui.OutputFiles(tmp_path, max_age_s=60)
+    again, stale = Path(files.write("compare.png", b"grid")), Path(files.write("old.png", b"old"))
+    old = time.time() - 3600
+    for p in (again, again.parent, stale, stale.parent):
+        os.utime(p, (old, old))
+    assert files.write("compare.png", b"grid") == str(again)  # the same bytes: handed out again
+    files._last_sweep = 0.0  # the next write sweeps
+    files.write("new.png", b"new")
+    assert again.read_bytes() == b"grid"
+    assert not stale.exists() and not stale.parent.exists()
+
+
 def test_initial_noise_matches_pipeline(registry, models):
     s = ui.parse_settings(models, model="ddpm", steps=2, seed=42, n=2)
     g = torch.Generator().manual_seed(42)

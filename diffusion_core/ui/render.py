@@ -375,7 +375,9 @@ def expert_chart(rec: Recording, routing: str):
 
 class OutputFiles:
     """Content-addressed files for downloads (GIF, PNG, JSON) in one temporary folder; files older
-    than ``max_age_s`` are removed as new ones are written."""
+    than ``max_age_s`` are removed as new ones are written. Writing bytes that are already there
+    renews their folder's age (the same seed gives the same file, perhaps written hours ago by
+    another run of the app), so a file just handed out is never swept."""
 
     def __init__(self, root=None, max_age_s: float = 3600):
         self.root = Path(root or Path(tempfile.gettempdir()) / "diffusion_app_files")
@@ -395,6 +397,7 @@ class OutputFiles:
                 os.replace(tmp, path)
             else:
                 os.utime(path)
+                os.utime(folder)  # the sweep reads the folder's age
             self._sweep()
         return str(path)
 
