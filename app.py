@@ -285,14 +285,22 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
         except ValueError:
             return None
 
+    def _streamed(updates):
+        """A streaming handler's updates as Gradio should get them: every chunk repeats the outputs set so far (``ui.carry_forward``),
+        images go out as PNG files (``ui.png_files``)."""
+        return ui.carry_forward(ui.png_files(u, files) for u in updates)
+
     # ----- Generate
 
     @ui.user_errors
     def generate_stream(*values):
         models = _models()
         s = _settings(models, *values)
+        yield from _streamed(_generate_updates(s, models[s.model]))
+
+    def _generate_updates(s, info):
         first = True
-        for update in ui.stream(registry, s, models[s.model], files):
+        for update in ui.stream(registry, s, info, files):
             out = {outputs[k]: v for k, v in update.items() if k in outputs}
             if "chart" in update:
                 out[chart] = gr.Plot(value=update["chart"], visible=update["chart"] is not None)
@@ -314,14 +322,14 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
         """Generate images: the final image (a PNG grid, 224x224 pixels per image, 4 pixels apart) and the settings JSON."""
         models = _models()
         s = _settings(models, model, digit, guidance, sampler, steps, eta, routing, seed, n)
-        return ui.generate_image(registry, s, models[s.model]), s.to_json()
+        return ui.png_files(ui.generate_image(registry, s, models[s.model]), files), s.to_json()
 
     @ui.user_errors
     def generate_from_settings(settings_json):
         """Generate from a settings JSON (as returned by /generate or shown in the app): the same image and settings."""
         models = _models()
         s = ui.settings_from_json(models, settings_json)
-        return ui.generate_image(registry, s, models[s.model]), s.to_json()
+        return ui.png_files(ui.generate_image(registry, s, models[s.model]), files), s.to_json()
 
     # ----- Compare
 
@@ -382,7 +390,7 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
         base = _settings(models, model, digit, guidance, D.sampler, D.steps, D.eta, routing, seed, 1)
         fwd, _ = ui.forward_view(x0, base.seed, level)
         den = ui.denoise(registry, base, x0, level)
-        return fwd, ui.schedule_figure(level), den["image"], den["figure"], den["text"]
+        return ui.png_files((fwd, ui.schedule_figure(level), den["image"], den["figure"], den["text"]), files)
 
     def open_explore(*values):
         """The Explore tab opened: remember it, and show its view."""
@@ -404,10 +412,13 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
     @ui.user_errors
     def sdedit_stream(model, digit, guidance, sampler, steps, eta, routing, seed, n, source, index, drawing, level, region):
         es, info = _edit(model, digit, guidance, sampler, steps, eta, routing, seed, source, index, drawing, level, region)
+        yield from _streamed(_sdedit_updates(es, info))
+
+    def _sdedit_updates(es, info):
         first = True
         for update in ui.sdedit_stream(registry, es, info, files):
             out = {ex_outputs[k]: v for k, v in update.items() if k in ex_outputs}
-            if first:
+            if first:  # clear the previous result while the new one streams in
                 out.update({ex_final: None, ex_strip: None, ex_files: None, ex_query: ""})
                 first = False
             yield out
@@ -429,7 +440,7 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
         source, drawing = _api_source(index, image)
         x0 = ui.input_digit(source, index, drawing)
         img, info = ui.forward_view(x0, seed, level)
-        return img, json.dumps(info, indent=2)
+        return ui.png_files(img, files), json.dumps(info, indent=2)
 
     @ui.user_errors
     def explore_denoise(model, digit, guidance, routing, index, image=None, level=0.5, seed=0):
@@ -440,7 +451,7 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
         x0 = ui.input_digit(source, index, drawing)
         base = _settings(models, model, digit, guidance, D.sampler, D.steps, D.eta, routing, seed, 1)
         den = ui.denoise(registry, base, x0, level, curve=False)
-        return den["image"], json.dumps(den["info"], indent=2)
+        return ui.png_files(den["image"], files), json.dumps(den["info"], indent=2)
 
     @ui.user_errors
     def sdedit(model, digit, guidance, sampler, steps, eta, routing, seed, index, image=None, level=0.5, region="none"):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,6 +162,26 @@ def test_user_errors_wraps_functions_and_generators():
     assert next(g) == 1
     with pytest.raises(gr.Error, match="internal error.*boom"):
         next(g)
+
+
+def test_carry_forward_repeats_every_output_set_so_far():
+    chunks = [{"a": None, "b": 1}, {"c": "x"}, {"b": 2}, {}]
+    out = list(ui.carry_forward(iter(chunks)))
+    assert out == [{"a": None, "b": 1}, {"a": None, "b": 1, "c": "x"}, {"a": None, "b": 2, "c": "x"}, {"a": None, "b": 2, "c": "x"}]
+    assert chunks[0] == {"a": None, "b": 1}  # the inputs are not changed
+    assert out[0] is not out[1]  # each chunk is a dict of its own
+
+
+def test_png_files_writes_uint8_images_and_leaves_the_rest(tmp_path):
+    files = ui.OutputFiles(tmp_path)
+    img = np.arange(28 * 28, dtype=np.uint8).reshape(28, 28)
+    rgb = np.zeros((4, 6, 3), np.uint8)
+    out = ui.png_files({"a": img, "b": [rgb, "keep.gif"], "c": None, "d": np.zeros(3, np.float32)}, files)
+    assert np.array_equal(ui.decode_png(out["a"]), img) and np.array_equal(ui.decode_png(out["b"][0]), rgb)
+    assert Path(out["a"]).read_bytes() == ui.png_bytes(img)  # the bytes the CLI writes
+    assert out["b"][1] == "keep.gif" and out["c"] is None and out["d"].dtype == np.float32
+    again = ui.png_files((img,), files)
+    assert isinstance(again, tuple) and again[0] == out["a"]  # the same image, the same file
 
 
 def test_grid_upscale_and_split_round_trip():

@@ -11,7 +11,7 @@ import secrets
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Iterator, Mapping
 
 from ..checkpoints import CheckpointError, read_config
 from ..mcl import ROUTING_COST, ROUTING_HELP, make_router
@@ -213,6 +213,23 @@ def final_image(updates, what: str):
         if "final" in update:
             return update["final"]
     raise RuntimeError(f"{what} ended without a final image")
+
+
+def carry_forward(updates: Iterable[dict]) -> Iterator[dict]:
+    """Yield each update of a streaming handler together with the latest value of every output an
+    earlier update set, so no chunk leaves out an output that already has a value.
+
+    Why: Gradio's browser client (6.x) sends each streamed chunk as a diff against the previous
+    chunk and applies it in place, to the very objects it handed to the components. A component
+    that is not mounted yet (its tab is still opening) keeps a reference to its pending value, and
+    a later chunk that skips that output rewrites the object into a skip marker before the
+    component reads it: the image comes up empty although the status says Done. A value repeated
+    unchanged diffs to nothing and is left alone (tests/test_stream_browser.py shows both).
+    """
+    held: dict = {}
+    for update in updates:
+        held.update(update)
+        yield dict(held)
 
 
 def random_seed() -> int:

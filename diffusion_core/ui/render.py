@@ -414,3 +414,21 @@ class OutputFiles:
                     folder.rmdir()
             except OSError:
                 pass
+
+
+def png_files(value, files: OutputFiles, name: str = "image.png"):
+    """``value`` (a handler's output: an image, or a tuple, list or dict of outputs) with every
+    uint8 numpy image replaced by the path of its PNG in ``files``; anything else as it is.
+
+    Why: Gradio writes a returned array into its cache anew on every return, in place, under a
+    name that depends only on the bytes. When the same image goes out again while a browser is
+    still fetching it (a streamed chunk repeating an output, two visitors on the same seed), the
+    fetch can read a half-written file (seen: "Too little data for declared Content-Length"). A
+    returned path is copied into the cache once, under a temporary name, then renamed."""
+    if isinstance(value, np.ndarray) and value.dtype == np.uint8:
+        return files.write(name, png_bytes(value))
+    if isinstance(value, dict):
+        return {k: png_files(v, files, name) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(png_files(v, files, name) for v in value)
+    return value
