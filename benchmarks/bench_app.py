@@ -113,7 +113,9 @@ def bench_http(url: str, repeats: int = 5) -> dict:
         for update in client.submit(*args, api_name="/generate_stream"):
             now = time.perf_counter() - t0
             first = now if first is None else first
-            if final is None and update[3] is not None:  # outputs: noisy, denoised, status, final, ...
+            # outputs: noisy, denoised, status, final, ...; the final image arrives as a file path (a chunk
+            # that left it out once gave a skip marker here, which an `is not None` test took for the image)
+            if final is None and isinstance(update[3], str):
                 final = now
         if i:  # the first round warms up
             firsts.append(first)
