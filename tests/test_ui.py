@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -343,10 +345,6 @@ def test_output_files(tmp_path):
 def test_output_files_sweep_old_folders_but_not_one_just_handed_out(tmp_path):
     """A file written an hour ago (say by an earlier run of the app) and asked for again must
     survive the next sweep; one nobody asked for again is removed."""
-    import os
-    import time
-    from pathlib import Path
-
     files = ui.OutputFiles(tmp_path, max_age_s=60)
     again, stale = Path(files.write("compare.png", b"grid")), Path(files.write("old.png", b"old"))
     old = time.time() - 3600
