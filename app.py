@@ -19,7 +19,7 @@ import gradio as gr
 import torch
 
 from diffusion_core import ui
-from diffusion_core.pipeline import MAX_GUIDANCE, MAX_STEPS, Settings
+from diffusion_core.pipeline import DEFAULT_GUIDES, MAX_AUTOGUIDANCE, MAX_GUIDANCE, MAX_STEPS, Settings
 from diffusion_core.registry import ModelRegistry
 
 registry = ModelRegistry()
@@ -107,7 +107,8 @@ def _control_updates(model_name, sampler_name, routing_value=None):
     routing_value = routing_value if routing_value in values else D.routing
     return (gr.update(visible=v.digit), gr.update(visible=v.guidance),
             gr.update(visible=v.routing, choices=choices, value=routing_value, info=ui.routing_help(routing_value)),
-            gr.update(visible=v.eta), gr.update(visible=bool(info and info.is_flow)))
+            gr.update(visible=v.eta), gr.update(visible=bool(info and info.is_flow)),
+            gr.update(visible=v.autoguidance), gr.update(visible=v.autoguidance, choices=ui.guide_names(models)))
 
 
 def _compare_axis_updates(model_name, axis):
@@ -117,14 +118,23 @@ def _compare_axis_updates(model_name, axis):
         axes.append(("routing strategies", "routing"))
     if info and info.conditional:
         axes.append(("guidance scales", "guidance"))
+    if info and not info.conditional:
+        axes.append(("autoguidance weights", "autoguidance"))
     values = [a[1] for a in axes]
     axis = axis if axis in values else "sampler"
     return gr.update(choices=axes, value=axis), ui.default_compare_values(axis, info)
 
 
-def _settings(models, model, digit, guidance, sampler, steps, eta, routing, seed, n):
+def _api_autoguidance(models, model, value):
+    """The API's autoguidance: the value given, or (None, empty) the app's weight for the model."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return ui.default_autoguidance(models.get(model if isinstance(model, str) else D.model))
+    return value
+
+
+def _settings(models, model, digit, guidance, sampler, steps, eta, routing, seed, n, autoguidance=None, guide=None):
     return ui.parse_settings(models, model=model, digit=digit, guidance=guidance, sampler=sampler, steps=steps, eta=eta,
-                             routing=routing, seed=seed, n=n)
+                             routing=routing, seed=seed, n=n, autoguidance=autoguidance, guide=guide)
 
 
 with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
@@ -138,6 +148,10 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
             digit = gr.Radio(ui.digit_choices(), value="any", label="Digit", info="'any' cycles 0-9 over the images", visible=v0.digit, elem_id="digit")
             guidance = gr.Slider(0, MAX_GUIDANCE, value=D.guidance, step=0.1, label="Guidance scale",
                                  info="0 unconditional, 1 conditional, >1 guided", visible=v0.guidance, elem_id="guidance")
+            autoguidance = gr.Slider(0, MAX_AUTOGUIDANCE, value=ui.default_autoguidance(models0.get(m0)), step=0.1, label="Guidance without labels (autoguidance)",
+                                     info=ui.AUTOGUIDANCE_HELP, visible=v0.autoguidance, elem_id="autoguidance")
+            guide = gr.Dropdown(ui.guide_names(models0), value=DEFAULT_GUIDES["ddpm"], label="Weak model (the guide)",
+                                visible=v0.autoguidance, elem_id="guide", allow_custom_value=True)  # parse_settings validates it
             routing = gr.Dropdown(ui.routing_choices(v0.num_experts), value=D.routing, label="Routing (which expert denoises)",
                                   info=ui.routing_help(D.routing), visible=v0.routing, elem_id="routing",
                                   allow_custom_value=True)  # any routing by name (API, links); parse_settings validates it
@@ -253,6 +267,8 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
         a_steps = gr.Number(value=D.steps, label="steps")
         a_eta = gr.Number(value=D.eta, label="eta")
         a_routing = gr.Textbox(value=D.routing, label="routing")
+        a_autoguidance = gr.Number(value=None, label="autoguidance (empty: the app's weight for the model)")
+        a_guide = gr.Textbox(value="", label="guide")
         a_seed = gr.Number(value=D.seed, label="seed")
         a_n = gr.Number(value=D.n, label="n")
         a_axis = gr.Textbox(value="sampler", label="axis")
@@ -269,8 +285,11 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
         a_button = gr.Button()
 
     active_tab = gr.State("generate")  # the Explore view is computed only while its tab is open
-    controls = [model, digit, guidance, sampler, steps, eta, routing, seed, n]
-    api_controls = [a_model, a_digit, a_guidance, a_sampler, a_steps, a_eta, a_routing, a_seed, a_n]
+    controls = [model, digit, guidance, sampler, steps, eta, routing, seed, n, autoguidance, guide]
+    edit_controls = controls[:9]  # Explore runs the model alone (no autoguidance)
+    api_controls = [a_model, a_digit, a_guidance, a_sampler, a_steps, a_eta, a_routing, a_seed, a_n, a_autoguidance, a_guide]
+    api_compare_controls = [a_model, a_digit, a_guidance, a_sampler, a_steps, a_eta, a_routing, a_seed, a_autoguidance, a_guide]
+    api_edit_controls = api_controls[:8]
     outputs = {"noisy": noisy, "denoised": denoised, "status": status, "final": final, "settings_json": settings_json,
                "share_query": share_query, "filmstrip": filmstrip, "downloads": downloads, "velocity": velocity}
     ex_outputs = {"noisy": ex_noisy, "denoised": ex_denoised, "velocity": ex_velocity, "status": ex_status, "final": ex_final,
@@ -309,19 +328,22 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
                 first = False
             yield out
 
-    def load_generate(model, digit, guidance, sampler, steps, eta, routing, seed, n, request: gr.Request):
+    def load_generate(model, digit, guidance, sampler, steps, eta, routing, seed, n, autoguidance, guide, request: gr.Request):
         """On page load: generate, unless the link opens another tab."""
         link = _link(request)
         if link is None or link.tab != "generate":
             yield {status: gr.skip()}
             return
-        yield from generate_stream(model, digit, guidance, sampler, steps, eta, routing, seed, n)
+        yield from generate_stream(model, digit, guidance, sampler, steps, eta, routing, seed, n, autoguidance, guide)
 
     @ui.user_errors
-    def generate(model, digit, guidance, sampler, steps, eta, routing, seed, n):
-        """Generate images: the final image (a PNG grid, 224x224 pixels per image, 4 pixels apart) and the settings JSON."""
+    def generate(model, digit, guidance, sampler, steps, eta, routing, seed, n, autoguidance=None, guide=""):
+        """Generate images: the final image (a PNG grid, 224x224 pixels per image, 4 pixels apart) and the settings JSON.
+        `autoguidance` (unconditional models: 1 is the model alone; empty: the app's weight) and `guide` (its weak model;
+        empty: the default) steer without labels."""
         models = _models()
-        s = _settings(models, model, digit, guidance, sampler, steps, eta, routing, seed, n)
+        autoguidance = _api_autoguidance(models, model, autoguidance)
+        s = _settings(models, model, digit, guidance, sampler, steps, eta, routing, seed, n, autoguidance, guide)
         return ui.png_files(ui.generate_image(registry, s, models[s.model]), files), s.to_json()
 
     @ui.user_errors
@@ -342,11 +364,12 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
         return png, text, js, ui.compare_share_query(base, models[base.model], axis, rows)
 
     @ui.user_errors
-    def run_compare(axis, values, model, digit, guidance, sampler, steps, eta, routing, seed):
-        """Compare strategies from one seed: rows are the values of `axis` (sampler, routing, guidance or eta: DDIM etas, and 'ddpm'
-        for DDPM's sampler), columns are denoising steps. Returns the grid PNG and the comparison's settings JSON."""
+    def run_compare(axis, values, model, digit, guidance, sampler, steps, eta, routing, seed, autoguidance=None, guide=""):
+        """Compare strategies from one seed: rows are the values of `axis` (sampler, routing, guidance, autoguidance or eta: DDIM etas,
+        and 'ddpm' for DDPM's sampler), columns are denoising steps. Returns the grid PNG and the comparison's settings JSON."""
         models = _models()
-        base = _settings(models, model, digit, guidance, sampler, steps, eta, routing, seed, 1)
+        autoguidance = _api_autoguidance(models, model, autoguidance)
+        base = _settings(models, model, digit, guidance, sampler, steps, eta, routing, seed, 1, autoguidance, guide)
         rows = ui.parse_compare(models, base, axis, values)
         png, text, _, _ = _compare_files(base, axis, rows)
         return png, text
@@ -361,7 +384,7 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
     @ui.user_errors
     def compare_ui(axis, values, *controls_values):
         models = _models()
-        base = _settings(models, *controls_values[:-1], 1)
+        base = _settings(models, *controls_values[:8], 1, *controls_values[9:])
         rows = ui.parse_compare(models, base, axis, values)
         png, text, js, query = _compare_files(base, axis, rows)
         return png, text, [png, js], query
@@ -499,8 +522,11 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
         m = _default_model(models)
         link = _link(request) or ui.Link()
         s = link.settings or Settings(model=m or D.model)
+        # the app's autoguidance default on a plain visit; a link's own value (a link without one: the model alone)
+        ag = s.autoguidance if link.settings is not None else ui.default_autoguidance(models.get(s.model))
         upd = [gr.update(choices=ui.model_choices(models), value=s.model if s.model in models else m),
-               "any" if s.digit is None else str(s.digit), s.guidance, s.sampler, s.steps, s.eta, s.routing, str(s.seed), s.n]
+               "any" if s.digit is None else str(s.digit), s.guidance, s.sampler, s.steps, s.eta, s.routing, str(s.seed), s.n,
+               ag, s.guide or DEFAULT_GUIDES["ddpm"]]
         upd += list(_control_updates(s.model, s.sampler, s.routing)) + [ui.model_cards(registry)]
         ax, vals = _compare_axis_updates(s.model, link.axis or "sampler")
         if link.tab == "compare":
@@ -528,7 +554,7 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
         return window.location.origin + window.location.pathname + q;
     }"""
 
-    vis_outputs = [digit, guidance, routing, eta, velocity]
+    vis_outputs = [digit, guidance, routing, eta, velocity, autoguidance, guide]
     gen = dict(fn=generate_stream, inputs=controls, outputs=list(outputs.values()) + [chart], concurrency_id=SAMPLING, show_progress="minimal", show_progress_on=[status])
     run.click(**gen, api_name="generate_stream", api_visibility="undocumented").then(None, share_query, share_link, js=share_js, api_visibility="private")
     ex_inputs = [ex_source, ex_index, ex_drawing, ex_level, ex_region]
@@ -539,12 +565,13 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
                    show_progress="minimal", show_progress_on=[status]).then(None, share_query, share_link, js=share_js, api_visibility="private")
     loaded.success(load_compare, None, [compare_img, compare_json, compare_files, compare_query], concurrency_id=SAMPLING,
                    api_visibility="private").then(None, compare_query, compare_link, js=share_js, api_visibility="private")
-    loaded.success(load_explore, controls + ex_inputs, ex_all, concurrency_id=SAMPLING, api_visibility="private",
+    loaded.success(load_explore, edit_controls + ex_inputs, ex_all, concurrency_id=SAMPLING, api_visibility="private",
                    show_progress="minimal", show_progress_on=[ex_status]).then(None, ex_query, ex_link, js=share_js, api_visibility="private")
 
     model.change(_control_updates, [model, sampler, routing], vis_outputs + [ex_velocity], api_visibility="private", queue=False)
     sampler.change(_control_updates, [model, sampler, routing], vis_outputs + [ex_velocity], api_visibility="private", queue=False)
     model.change(_compare_axis_updates, [model, axis], [axis, values], api_visibility="private", queue=False)
+    model.input(lambda m: ui.default_autoguidance(_models().get(m)), model, autoguidance, api_visibility="private", queue=False)
     axis.input(lambda m, a: ui.default_compare_values(a, _models().get(m)), [model, axis], values, api_visibility="private", queue=False)
     dice.click(ui.random_seed, None, seed, api_visibility="private", queue=False)
     routing.change(lambda r: gr.update(info=ui.routing_help(r)), routing, routing, api_visibility="private", queue=False)
@@ -561,17 +588,17 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
           concurrency_id="explore_view", concurrency_limit=CONCURRENCY)
     ex_sketch.change(on_drawing, ex_sketch, [ex_drawing, ex_source], trigger_mode="always_last", api_visibility="private", queue=False)
     ex_random.click(lambda: (secrets.randbelow(1000), "mnist"), None, [ex_index, ex_source], api_visibility="private", queue=False)
-    ex_run.click(sdedit_stream, controls + ex_inputs, ex_all, concurrency_id=SAMPLING, api_visibility="private", show_progress="minimal",
+    ex_run.click(sdedit_stream, edit_controls + ex_inputs, ex_all, concurrency_id=SAMPLING, api_visibility="private", show_progress="minimal",
                  show_progress_on=[ex_status]).then(None, ex_query, ex_link, js=share_js, api_visibility="private")
 
     a_button.click(generate, api_controls, [a_image, a_settings], api_name="generate", concurrency_id=SAMPLING)
     a_button.click(generate_from_settings, a_json, [a_image, a_settings], api_name="generate_from_settings", concurrency_id=SAMPLING)
-    a_button.click(run_compare, [a_axis, a_values] + api_controls[:-1], [a_image, a_settings], api_name="compare", concurrency_id=SAMPLING)
+    a_button.click(run_compare, [a_axis, a_values] + api_compare_controls, [a_image, a_settings], api_name="compare", concurrency_id=SAMPLING)
     a_button.click(compare_from_settings, a_json, [a_image, a_settings], api_name="compare_from_settings", concurrency_id=SAMPLING)
     a_button.click(explore_forward, [a_index, a_drawn, a_level, a_seed], [a_image, a_settings], api_name="explore_forward")
     a_button.click(explore_denoise, [a_model, a_digit, a_guidance, a_routing, a_index, a_drawn, a_level, a_seed], [a_image, a_settings],
                    api_name="explore_denoise", concurrency_id=SAMPLING)
-    a_button.click(sdedit, api_controls[:-1] + [a_index, a_drawn, a_level, a_region], [a_image, a_settings], api_name="sdedit",
+    a_button.click(sdedit, api_edit_controls + [a_index, a_drawn, a_level, a_region], [a_image, a_settings], api_name="sdedit",
                    concurrency_id=SAMPLING)
     a_button.click(sdedit_from_settings, a_json, [a_image, a_settings], api_name="sdedit_from_settings", concurrency_id=SAMPLING)
     a_button.click(open_link, a_link, [a_tab, a_settings], api_name="open_link", queue=False)

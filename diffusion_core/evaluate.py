@@ -68,7 +68,7 @@ from .data import MNISTNotFound, load_mnist
 from .mcl import ROUTINGS, make_router, routing_cost, routing_needs_gate
 from .models import LoadedModel, load_model
 from .palette import FLOOR_COLOR, expert_color, sampler_color
-from .pipeline import Settings, generate, trajectory
+from .pipeline import MAX_AUTOGUIDANCE, Settings, generate, trajectory
 from .samplers import NFE_PER_STEP, SAMPLERS
 
 DIFFUSION_MODELS = ("ddpm", "cfg", "flow", "mcl")
@@ -104,6 +104,9 @@ class EvalConfig:
     sweep_steps: tuple[int, ...] = (4, 8, 16, 32)
     sweep_model: str | None = None  # default: the first of --models
     guidance_scales: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0, 5.0)
+    autoguidance: tuple[float, ...] = ()  # weights of the autoguidance rows of ddpm and mcl (none by default)
+    guides: tuple[str, ...] = ("ddpm_weak",)  # the bad models those rows compare: names in the checkpoint folder, or paths
+    classifier2: str | None = "classifier2"  # the second, independently trained classifier (its columns), when its checkpoint is there
     routings: tuple[str, ...] = ALL_ROUTINGS
     n: int = 10000  # samples per main row
     sweep_n: int = 2000  # samples per sweep row (0: no sweep)
@@ -135,6 +138,10 @@ class EvalConfig:
             raise ValueError("steps must be between 1 and 1000")
         if any(not 0 <= g <= 20 for g in self.guidance_scales):
             raise ValueError("guidance scales must be between 0 and 20")
+        if any(not 0 <= w <= MAX_AUTOGUIDANCE for w in self.autoguidance):
+            raise ValueError(f"autoguidance weights must be between 0 and {MAX_AUTOGUIDANCE:g}")
+        if self.autoguidance and not self.guides:
+            raise ValueError("autoguidance rows need at least one --guides model")
         if self.n < max(2, self.k + 1):
             raise ValueError(f"--n must be at least {max(2, self.k + 1)} (k + 1 for precision/recall), got {self.n}")
         if self.diversity_n < 1 or self.usage_n < 1:
@@ -226,6 +233,7 @@ def main_rows(cfg: EvalConfig, num_experts: int | None = None) -> list[Row]:
     for m in cfg.models:
         if m == "ddpm":
             rows.append(Row("ddpm", "ddpm", replace(base, model="ddpm"), cfg.batch_size))
+            rows += autoguidance_rows(cfg, replace(base, model="ddpm"), "ddpm")
         elif m in ("cfg", "flow"):
             for g in cfg.guidance_scales:
                 rows.append(Row(f"{m} g={g:g}", m, replace(base, model=m, guidance=float(g)), cfg.batch_size))
@@ -234,7 +242,19 @@ def main_rows(cfg: EvalConfig, num_experts: int | None = None) -> list[Row]:
                 raise ValueError("MCL rows need the number of experts")
             for r in expand_routings(cfg.routings, num_experts):
                 rows.append(Row(f"mcl {routing_label(r)}", "mcl", replace(base, model="mcl", routing=r), cfg.batch_size))
+            rows += autoguidance_rows(cfg, replace(base, model="mcl"), f"mcl {routing_label(base.routing)}")
     return rows
+
+
+def guide_label(guide: str) -> str:
+    """A guide's short name for row names: a checkpoint name, or a path's file stem."""
+    return Path(guide).stem if guide.endswith(".safetensors") else guide
+
+
+def autoguidance_rows(cfg: EvalConfig, base: Settings, name: str) -> list[Row]:
+    """``<name> ag=<w> <guide>``: ``base`` autoguided by each of ``cfg.guides`` at each weight of ``cfg.autoguidance``."""
+    return [Row(f"{name} ag={w:g} {guide_label(g)}", base.model, replace(base, autoguidance=float(w), guide=g), cfg.batch_size)
+            for g in cfg.guides for w in cfg.autoguidance if w != 1]
 
 
 def sweep_model_name(cfg: EvalConfig) -> str:
@@ -264,6 +284,11 @@ class Models:
     classifier: LoadedModel
     gating: LoadedModel | None = None
     paths: dict[str, str] = field(default_factory=dict)
+    guides: dict[str, LoadedModel] = field(default_factory=dict)  # autoguidance's bad models, by the name the rows use
+    classifier2: LoadedModel | None = None
+
+    def guide(self, settings: Settings) -> LoadedModel | None:
+        return self.guides[settings.guide] if settings.autoguidance != 1 else None
 
     @property
     def gate(self):
@@ -288,12 +313,27 @@ def _load(name: str, checkpoint_dir, device) -> LoadedModel:
     return model
 
 
-def load_models(names: Iterable[str], checkpoint_dir=None, device="cpu", need_gating: bool = False, want_gating: bool = False) -> Models:
-    """The diffusion models, the classifier and (for MCL) the gating network.
+def load_models(names: Iterable[str], checkpoint_dir=None, device="cpu", need_gating: bool = False, want_gating: bool = False,
+                guides: Iterable[str] = (), classifier2: str | None = None) -> Models:
+    """The diffusion models, the classifier and (for MCL) the gating network; the ``guides`` of the
+    autoguidance rows; ``classifier2`` when its checkpoint is there.
 
     ``need_gating``: a missing gating checkpoint is an error; ``want_gating``: it is loaded when present."""
     diffusion = {n: _load(n, checkpoint_dir, device) for n in names}
     classifier = _load("classifier", checkpoint_dir, device)
+    guide_models = {}
+    for g in guides:
+        guide_models[g] = load_model(g if g.endswith(".safetensors") else checkpoint_ref(g, checkpoint_dir), device=device)
+        guide_models[g].guide_denoiser()  # a clear error now for a checkpoint that cannot guide
+    second = None
+    if classifier2:
+        ref = classifier2 if classifier2.endswith(".safetensors") else checkpoint_ref(classifier2, checkpoint_dir)
+        try:
+            second = load_model(ref, device=device)
+        except (ValueError, OSError) as e:
+            _log(f"no second classifier ({e}); its columns stay empty")
+        if second is not None and second.kind != "classifier":
+            raise ValueError(f"--classifier2 {classifier2}: a {second.kind} checkpoint, expected a classifier")
     gating = None
     if "mcl" in diffusion and (need_gating or want_gating):
         try:
@@ -304,8 +344,10 @@ def load_models(names: Iterable[str], checkpoint_dir=None, device="cpu", need_ga
                 raise ValueError(f"routings {gated} need the gating checkpoint: {e}. Leave them out of --routings to evaluate without it.") from None
         if gating is not None and gating.net.config.num_experts != diffusion["mcl"].num_experts:
             raise ValueError(f"gating checkpoint routes {gating.net.config.num_experts} experts, the MCL checkpoint has {diffusion['mcl'].num_experts}")
-    paths = {k: m.path for k, m in {**diffusion, "classifier": classifier, **({"gating": gating} if gating else {})}.items()}
-    return Models(diffusion, classifier, gating, paths)
+    extra = {**({"gating": gating} if gating else {}), **({"classifier2": second} if second else {}),
+             **{f"guide {g}": m for g, m in guide_models.items()}}
+    paths = {k: m.path for k, m in {**diffusion, "classifier": classifier, **extra}.items()}
+    return Models(diffusion, classifier, gating, paths, guide_models, second)
 
 
 def file_sha256(path) -> str:
@@ -333,13 +375,13 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def sample_row(row: Row, model: LoadedModel, gate=None, device="cpu") -> RowSamples:
+def sample_row(row: Row, model: LoadedModel, gate=None, device="cpu", guide: LoadedModel | None = None) -> RowSamples:
     """Generate a row's samples batch by batch through ``pipeline.generate``."""
     images, labels, experts = [], [], []
     _sync(device)
     t0 = time.perf_counter()
     for s in row.batches():
-        res = generate(s, model, gate, device)
+        res = generate(s, model, gate, device, guide=guide)
         images.append(res.images)
         if res.labels is not None:
             labels.append(res.labels)
@@ -358,12 +400,12 @@ def sample_row(row: Row, model: LoadedModel, gate=None, device="cpu") -> RowSamp
 def sample_rows(rows: Iterable[Row], models: Models, device="cpu"):
     """Yield ``(row, RowSamples)`` for each row."""
     for row in rows:
-        yield row, sample_row(row, models.diffusion[row.settings.model], models.gate, device)
+        yield row, sample_row(row, models.diffusion[row.settings.model], models.gate, device, models.guide(row.settings))
 
 
-def replay_batches(batches: list[dict], model: LoadedModel, gate=None, device="cpu") -> torch.Tensor:
-    """The uint8 images of a row from its ``results.json`` ``batches`` entry."""
-    return torch.cat([generate(Settings.from_dict(dict(b)), model, gate, device).images for b in batches])
+def replay_batches(batches: list[dict], model: LoadedModel, gate=None, device="cpu", guide: LoadedModel | None = None) -> torch.Tensor:
+    """The uint8 images of a row from its ``results.json`` ``batches`` entry (``guide``: its autoguidance's bad model)."""
+    return torch.cat([generate(Settings.from_dict(dict(b)), model, gate, device, guide=guide).images for b in batches])
 
 
 def images_sha256(images: torch.Tensor) -> str:
@@ -469,6 +511,20 @@ def row_metrics(samples: RowSamples, out: dict, reference: Reference, floor: dic
     if samples.experts is not None and num_experts:
         m["expert_usage"] = expert_usage(samples.experts, num_experts)
     return m
+
+
+def second_classifier_metrics(samples: RowSamples, out: dict, reference: Reference, floor: dict) -> dict:
+    """What the second classifier reads of a row: digit accuracy, confidence, class entropy and the
+    Frechet distance in its own feature space against its own floor."""
+    mu, cov = metrics.feature_stats(out["features"])
+    fd = metrics.frechet_from_stats(mu, cov, reference.test_mu, reference.test_cov)
+    return {
+        "accuracy": metrics.accuracy(out["preds"], samples.labels) if samples.labels is not None else None,
+        "confident": metrics.confident_fraction(out["probs"], CONFIDENCE),
+        "entropy": metrics.histogram_entropy(metrics.class_histogram(out["preds"], NUM_CLASSES)),
+        "frechet": fd,
+        "frechet_ratio": fd / floor["frechet"] if floor["frechet"] > 0 else None,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -984,7 +1040,8 @@ def _fmt(v, spec: str) -> str:
     return format(v + 0.0, spec)  # + 0.0 turns -0.0 into 0.0
 
 
-TABLE_COLUMNS = ("row", "sampler", "steps", "NFE", "FD", "FD floor", "FD/floor", "precision", "recall", "accuracy", "entropy", f"conf>{CONFIDENCE:g}", "modes", "time (s)")
+TABLE_COLUMNS = ("row", "sampler", "steps", "NFE", "FD", "FD floor", "FD/floor", "precision", "recall", "accuracy", "entropy", f"conf>{CONFIDENCE:g}", "modes",
+                 "FD/floor (2)", "accuracy (2)", f"conf>{CONFIDENCE:g} (2)", "time (s)")  # (2): the second classifier
 
 
 def format_table(records: list[dict]) -> str:
@@ -992,11 +1049,13 @@ def format_table(records: list[dict]) -> str:
     lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "|".join(["---"] + ["---:"] * (len(TABLE_COLUMNS) - 1)) + "|"]
     for r in records:
         m, s = r["metrics"], r["settings"]
+        m2 = m.get("second_classifier") or {}
         cells = [
             r["name"], s["sampler"], str(s["steps"]), str(r["nfe"]),
             _fmt(m["frechet"], ".3g"), _fmt(m["frechet_floor"], ".3g"), _fmt(m["frechet_ratio"], ".2f"),
             _fmt(m["precision"], ".3f"), _fmt(m["recall"], ".3f"), _fmt(m["accuracy"], ".3f"),
             _fmt(m["entropy"], ".3f"), _fmt(m["confident"], ".3f"), f"{m['modes_covered']}/{NUM_CLASSES}",
+            _fmt(m2.get("frechet_ratio"), ".2f"), _fmt(m2.get("accuracy"), ".3f"), _fmt(m2.get("confident"), ".3f"),
             _fmt(r["sample_seconds"], ".1f"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -1028,7 +1087,8 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = _log, command: str | 
 
     routings_need_gate = "mcl" in cfg.models and specs_need_gate(cfg.routings)
     sweep_gated = cfg.sweep_n and sweep_model_name(cfg) == "mcl"
-    models = load_models(cfg.models, cfg.checkpoint_dir, device, need_gating=bool(routings_need_gate or sweep_gated), want_gating=cfg.figures)
+    models = load_models(cfg.models, cfg.checkpoint_dir, device, need_gating=bool(routings_need_gate or sweep_gated), want_gating=cfg.figures,
+                         guides=cfg.guides if cfg.autoguidance else (), classifier2=cfg.classifier2)
     K = models.num_experts
     rows = main_rows(cfg, K)
     sweep = sweep_rows(cfg)
@@ -1040,6 +1100,12 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = _log, command: str | 
     log(f"reference: classifier accuracy on the MNIST test set {reference.classifier_accuracy:.4f}; "
         + "; ".join(f"floor at n={n}: FD {f['frechet']:.4g}, precision {f['precision']:.3f}, recall {f['recall']:.3f}" for n, f in floors.items())
         + f" ({time.perf_counter() - t0:.1f} s)")
+    reference2 = floors2 = None
+    if models.classifier2 is not None:
+        reference2 = reference_features(models.classifier2, cfg.data_dir, max_n, cfg.seed, device, cfg.batch_size)
+        floors2 = {n: real_floor(reference2, n, cfg.k, device) for n in floors}
+        log(f"second classifier: accuracy on the MNIST test set {reference2.classifier_accuracy:.4f}; "
+            + "; ".join(f"floor at n={n}: FD {f['frechet']:.4g}" for n, f in floors2.items()))
 
     inception, inception_note = (None, "not requested")
     if cfg.fid_inception:
@@ -1055,9 +1121,12 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = _log, command: str | 
     for i, (row, table) in enumerate(all_rows, 1):
         model = models.diffusion[row.settings.model]
         t_row = time.perf_counter()
-        samples = sample_row(row, model, models.gate, device)
+        samples = sample_row(row, model, models.gate, device, models.guide(row.settings))
         out = metrics.classify(models.classifier.net, to_float(samples.images), batch_size=cfg.batch_size, device=device)
         m = row_metrics(samples, out, reference, floors[row.settings.n], cfg.k, device, K if row.settings.model == "mcl" else None)
+        if reference2 is not None:
+            out2 = metrics.classify(models.classifier2.net, to_float(samples.images), batch_size=cfg.batch_size, device=device)
+            m["second_classifier"] = second_classifier_metrics(samples, out2, reference2, floors2[row.settings.n])
         if inception is not None and table == "main":
             f = inception(samples.images, cfg.batch_size)
             mu, cov = metrics.feature_stats(f)
@@ -1107,7 +1176,8 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = _log, command: str | 
         "config": asdict(cfg),
         "environment": {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(), "torch": torch.__version__, "python": platform.python_version()},
         "checkpoints": {k: {"path": p, "sha256": file_sha256(p)} for k, p in models.paths.items()},
-        "reference": {"test_images": len(reference.test_features), "classifier_test_accuracy": reference.classifier_accuracy},
+        "reference": {"test_images": len(reference.test_features), "classifier_test_accuracy": reference.classifier_accuracy,
+                      "classifier2_test_accuracy": None if reference2 is None else reference2.classifier_accuracy},
         "floors": {str(n): f for n, f in floors.items()},
         "inception": {"enabled": inception is not None, "note": inception_note},
         "rows": records,
@@ -1263,6 +1333,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-model", default=None, help="model of the sampler sweep (default: the first of --models)")
     p.add_argument("--guidance-scales", type=_csv(float), default=d.guidance_scales, help="guidance scales of the cfg and flow rows (default 0,1,2,3,5)")
     p.add_argument("--routings", type=_csv(str), default=d.routings, help=f"MCL rows: {ROUTING_CHOICES} (default: all)")
+    p.add_argument("--autoguidance", type=_csv(float), default=d.autoguidance, metavar="W,...",
+                   help="autoguidance weights: a ddpm row (and an mcl row with the default routing) for each weight and guide (default: none)")
+    p.add_argument("--guides", type=_csv(str), default=d.guides, metavar="NAME,...",
+                   help=f"the bad models of the autoguidance rows: checkpoint names or .safetensors paths (default {','.join(d.guides)})")
+    p.add_argument("--classifier2", default=d.classifier2, help="the second classifier's checkpoint (its columns; 'none': without it; "
+                   f"default {d.classifier2}, when present)")
     p.add_argument("--n", type=int, default=None, help=f"samples per main row (default {d.n}; {QUICK['n']} with --quick)")
     p.add_argument("--sweep-n", type=int, default=None, help=f"samples per sweep row, 0 for no sweep (default {d.sweep_n}; {QUICK['sweep_n']} with --quick)")
     p.add_argument("--diversity-n", type=int, default=None, help=f"images per expert in the digit-histogram figure (default {d.diversity_n}; {QUICK['diversity_n']} with --quick)")
@@ -1298,6 +1374,9 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         sweep_steps=args.sweep_steps,
         sweep_model=args.sweep_model,
         guidance_scales=args.guidance_scales,
+        autoguidance=args.autoguidance,
+        guides=args.guides,
+        classifier2=None if str(args.classifier2).lower() in ("none", "") else args.classifier2,
         routings=args.routings,
         batch_size=args.batch_size or (d.batch_size if device.startswith("cuda") else CPU_BATCH),
         seed=args.seed,

@@ -42,3 +42,57 @@ class CFGDenoiser(Denoiser):
         out = self.inner(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([label, null]))
         cond, uncond = out.chunk(2)
         return uncond + self.scale * (cond - uncond)
+
+
+class AutoguidanceDenoiser(Denoiser):
+    """Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself"):
+    ``D_w(x, sigma, y) = D_bad(x, sigma, y) + w * (D_good(x, sigma, y) - D_bad(x, sigma, y))``.
+
+    ``bad`` is a weaker version of ``good`` (a smaller network, trained for less, or another
+    model's unconditional branch); it needs no labels, so it guides unconditional models, where
+    classifier-free guidance cannot. ``w=1`` is exactly the good denoiser and ``w=0`` exactly the
+    bad one (each then costs one pass); otherwise a step costs both networks, as CFG does.
+    What the good denoiser reports about a step (an MCL ensemble's expert and gate probabilities)
+    passes through, since the image is still served by it.
+    """
+
+    def __init__(self, good: Denoiser, bad: Denoiser, weight: float):
+        super().__init__()
+        if not math.isfinite(weight):
+            raise ValueError(f"autoguidance weight must be a finite number, got {weight}")
+        self.good = good
+        self.bad = bad
+        self.weight = float(weight)
+        self.sigma_min = good.sigma_min
+        self.sigma_max = good.sigma_max
+        self.discrete_sigmas = getattr(good, "discrete_sigmas", None)
+
+    def reset(self, batch_size, generator=None):
+        self.good.reset(batch_size, generator)
+        self.bad.reset(batch_size, generator)
+
+    def forward(self, x, sigma, label=None):
+        if self.weight == 1:
+            return self.good(x, sigma, label)
+        if self.weight == 0:
+            return self.bad(x, sigma, label)
+        bad = self.bad(x, sigma, label)
+        return bad + self.weight * (self.good(x, sigma, label) - bad)
+
+    # the good model's per-step records (MCL routing), for the samplers' Step
+    @property
+    def last_expert(self):
+        return getattr(self.good, "last_expert", None)
+
+    @property
+    def last_gate_probs(self):
+        return getattr(self.good, "last_gate_probs", None)
+
+    @property
+    def watch_gate(self):
+        return getattr(self.good, "watch_gate", False)
+
+    @watch_gate.setter
+    def watch_gate(self, value):
+        if hasattr(self.good, "watch_gate"):
+            self.good.watch_gate = value

@@ -16,12 +16,13 @@ from pathlib import Path
 from torch import nn
 
 from .checkpoints import CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
-from .guidance import CFGDenoiser
+from .guidance import AutoguidanceDenoiser, CFGDenoiser
 from .mcl import MCLDenoiser, make_router
 from .nets import build_network, count_parameters
 from .objectives import Objective, objective_from_dict
 
 MODEL_KINDS = ("ddpm", "cfg", "flow", "mcl", "gating", "classifier")  # flow: a cfg or ddpm network trained as rectified flow
+GUIDE_KINDS = ("ddpm", "cfg", "flow")  # what can serve as autoguidance's bad model (one network)
 
 
 @dataclass
@@ -63,10 +64,13 @@ class LoadedModel:
             n.to(device)
         return self
 
-    def denoiser(self, guidance: float | None = None, routing: str | None = None, gate: nn.Module | None = None):
+    def denoiser(self, guidance: float | None = None, routing: str | None = None, gate: nn.Module | None = None,
+                 autoguidance: float = 1.0, guide: "LoadedModel | None" = None):
         """The model as a denoiser: CFG-wrapped for class-conditional models (guidance scale
         ``guidance``), routed for MCL ensembles (``routing``; the routings that use the gating
-        network need ``gate``; the checkpoint's training win rates reach the router)."""
+        network need ``gate``; the checkpoint's training win rates reach the router), and, for
+        unconditional models, autoguided by ``guide`` with weight ``autoguidance`` (1: off;
+        a class-conditional guide serves its unconditional branch)."""
         if self.objective is None:
             raise ValueError(f"a {self.kind} model is not a diffusion model")
         if self.kind == "mcl":
@@ -76,7 +80,21 @@ class LoadedModel:
             den = self.objective.denoiser(self.net)
         if self.num_classes:
             den = CFGDenoiser(den, 1.0 if guidance is None else guidance, null_label=self.num_classes)
+        if autoguidance != 1:
+            if self.num_classes:
+                raise ValueError("guidance without labels (autoguidance) is for the unconditional models; "
+                                 f"the {self.kind} model has classifier-free guidance")
+            if guide is None:
+                raise ValueError("autoguidance needs a guide model (the bad version of this one)")
+            den = AutoguidanceDenoiser(den, guide.guide_denoiser(), autoguidance)
         return den
+
+    def guide_denoiser(self):
+        """This model as the bad model of autoguidance: an unconditional denoiser (for a
+        class-conditional model, its unconditional branch: guidance 0)."""
+        if self.objective is None or self.kind not in GUIDE_KINDS:
+            raise ValueError(f"a {self.kind} checkpoint cannot guide: a guide is one of {', '.join(GUIDE_KINDS)}")
+        return self.denoiser(guidance=0.0)
 
 
 def _state(tensors: dict, prefix: str) -> dict:

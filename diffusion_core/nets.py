@@ -206,15 +206,27 @@ class GatingNet(nn.Module):
         return self.head(h.mean(dim=(2, 3)))
 
 
+CLASSIFIER_ARCHS = ("vgg", "gap")
+
+
 @dataclass
 class ClassifierConfig(_Config):
     channels: int = 32
     feature_dim: int = 128
     num_classes: int = 10
+    arch: str = "vgg"  # vgg: two 3x3 conv pairs and a dense layer (the metrics' classifier); gap: 5x5 convs, three stages, global average pooling
+
+
+def _conv_bn(cin: int, cout: int, k: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, k, padding=k // 2), nn.BatchNorm2d(cout), nn.ReLU()]
 
 
 class Classifier(nn.Module):
-    """Digit classifier on images in [-1, 1]; ``features`` is the space the metrics work in."""
+    """Digit classifier on images in [-1, 1]; ``features`` is the space the metrics work in.
+
+    ``arch="vgg"`` (the ``classifier`` checkpoint): two pairs of 3x3 convolutions with max-pooling,
+    then a dense layer of ``feature_dim``. ``arch="gap"`` (``classifier2``, the independent second
+    reading): 5x5 convolutions in three stages and global average pooling to ``feature_dim``."""
 
     def __init__(self, config: ClassifierConfig | dict | None = None, **kwargs):
         super().__init__()
@@ -222,15 +234,22 @@ class Classifier(nn.Module):
             config = ClassifierConfig(**kwargs)
         elif isinstance(config, dict):
             config = ClassifierConfig.from_dict(config)
+        if config.arch not in CLASSIFIER_ARCHS:
+            raise ValueError(f"unknown classifier arch {config.arch!r}; expected one of {', '.join(CLASSIFIER_ARCHS)}")
         self.config = config
         ch = config.channels
-        self.body = nn.Sequential(
-            nn.Conv2d(1, ch, 3, padding=1), nn.BatchNorm2d(ch), nn.ReLU(),
-            nn.Conv2d(ch, ch, 3, padding=1), nn.BatchNorm2d(ch), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(ch, 2 * ch, 3, padding=1), nn.BatchNorm2d(2 * ch), nn.ReLU(),
-            nn.Conv2d(2 * ch, 2 * ch, 3, padding=1), nn.BatchNorm2d(2 * ch), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(2 * ch * 49, config.feature_dim), nn.ReLU(),
-        )
+        if config.arch == "vgg":
+            self.body = nn.Sequential(
+                *_conv_bn(1, ch, 3), *_conv_bn(ch, ch, 3), nn.MaxPool2d(2),
+                *_conv_bn(ch, 2 * ch, 3), *_conv_bn(2 * ch, 2 * ch, 3), nn.MaxPool2d(2),
+                nn.Flatten(), nn.Linear(2 * ch * 49, config.feature_dim), nn.ReLU(),
+            )
+        else:
+            self.body = nn.Sequential(
+                *_conv_bn(1, ch, 5), *_conv_bn(ch, ch, 5), nn.MaxPool2d(2),
+                *_conv_bn(ch, 2 * ch, 5), *_conv_bn(2 * ch, 2 * ch, 5), nn.MaxPool2d(2),
+                *_conv_bn(2 * ch, config.feature_dim, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            )
         self.dropout = nn.Dropout(0.3)
         self.fc = nn.Linear(config.feature_dim, config.num_classes)
 

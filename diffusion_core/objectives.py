@@ -143,20 +143,27 @@ class Objective:
         raise NotImplementedError
 
 
-def teacher_target(batch: dict, teacher_x0: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
-    """An epsilon batch's target with a class-conditional teacher: ``noise + w (x0 - D_T) / sigma``
-    with ``w = sigma^2 / (sigma^2 + sigma_data^2)``, where ``teacher_x0`` is the teacher's
-    ``D_T(x, sigma, y)`` given each image's true label ``y``. That is ``(1 - w) noise + w eps_T`` for
-    the teacher's epsilon ``eps_T = (x - D_T) / sigma``.
+TEACHER_WEIGHTS = ("full", "blend")
+
+
+def teacher_target(batch: dict, teacher_x0: torch.Tensor, weight: str = "blend", sigma_data: float = 0.5) -> torch.Tensor:
+    """An epsilon batch's target with a class-conditional teacher: ``noise + w (x0 - D_T) / sigma``,
+    where ``teacher_x0`` is the teacher's ``D_T(x, sigma, y)`` given each image's true label ``y``.
+    That is ``(1 - w) noise + w eps_T`` for the teacher's epsilon ``eps_T = (x - D_T) / sigma``.
+    ``weight="full"``: ``w = 1``, the teacher's epsilon alone; ``"blend"``:
+    ``w = sigma^2 / (sigma^2 + sigma_data^2)``, which fades the teacher out at low noise.
 
     For an exact teacher ``E[D_T(x, sigma, y) | x] = E[x0 | x]`` (the tower property over the
     label), so the target's mean given the noisy image, which is what the loss's minimiser
-    predicts, is the noise target's: the unconditional model is unchanged. What the teacher removes
-    is the spread of clean images within a class, the bulk of the target's variance at high noise;
-    at low noise, where the teacher's own error divided by sigma would dominate, ``w`` goes to 0."""
+    predicts, is the noise target's at any ``w``: the unconditional model is unchanged (the
+    argument of Stable Target Field, Xu et al. 2023). What the teacher removes is the spread of
+    clean images within a class, the bulk of the target's variance at high noise; the blend keeps
+    the noise target at low noise, where the teacher's own error divided by sigma would dominate."""
+    if weight not in TEACHER_WEIGHTS:
+        raise ValueError(f"teacher weight must be one of {', '.join(TEACHER_WEIGHTS)}, got {weight!r}")
     x, sigma, noise = batch["x_sigma"].float(), batch["sigma"].float(), batch["target"].float()
     s = sigma.reshape(-1, *([1] * (x.dim() - 1)))
-    w = s.square() / (s.square() + sigma_data**2)
+    w = torch.ones_like(s) if weight == "full" else s.square() / (s.square() + sigma_data**2)
     x0 = x - s * noise
     return noise + w * (x0 - teacher_x0.float()) / s
 

@@ -21,6 +21,13 @@ from .samplers import SAMPLERS, Step, get_sampler, get_sigmas
 MAX_SEED = 2**63 - 1
 MAX_STEPS = 1000
 MAX_GUIDANCE = 20.0
+MAX_AUTOGUIDANCE = 5.0
+# The bad model that guides each unconditional model kind when a setting names none (autoguidance).
+DEFAULT_GUIDES = {"ddpm": "ddpm_weak", "mcl": "ddpm_weak"}
+# The app's autoguidance weight per unconditional model kind, from the evaluation's sweep
+# (docs/evaluation.md); Settings' own default stays 1 (off), so settings saved before autoguidance
+# existed give the same images.
+APP_AUTOGUIDANCE = {"ddpm": 2.0, "mcl": 1.0}
 
 
 @dataclass
@@ -34,6 +41,8 @@ class Settings:
     guidance: float = 1.2  # CFG scale: 0 unconditional, 1 conditional, > 1 guided; the default from the guidance sweep (README)
     routing: str = "sampled"  # MCL: expert:K, heuristic, gated, soft, pooled, sampled, winrate, x0gate, scout, sticky[:SIGMA]; the default by measurement (README)
     eta: float = 0.0  # DDIM stochasticity
+    autoguidance: float = 1.0  # unconditional models: D_bad + w (D - D_bad); 1 is the model alone (off), 0 the guide alone
+    guide: str = ""  # the bad model of autoguidance: a checkpoint name ("": DEFAULT_GUIDES for the model's kind)
 
     def validate(self, max_n: int = 10000, num_experts: int | None = None) -> "Settings":
         """Check every field; raise ValueError with a message a person can act on."""
@@ -79,6 +88,14 @@ class Settings:
         self.eta = as_float("eta", self.eta)
         if not 0 <= self.eta <= 1:
             raise ValueError(f"eta must be between 0 and 1, got {self.eta:g}")
+        self.autoguidance = as_float("autoguidance", self.autoguidance)
+        if not 0 <= self.autoguidance <= MAX_AUTOGUIDANCE:
+            raise ValueError(f"autoguidance must be between 0 and {MAX_AUTOGUIDANCE:g}, got {self.autoguidance:g}")
+        if self.guide is None:
+            self.guide = ""
+        if not isinstance(self.guide, str) or len(self.guide) > 200:
+            raise ValueError(f"guide must be a checkpoint name, got {self.guide!r}")
+        self.guide = self.guide.strip()
         if not isinstance(self.sampler, str) or self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; expected one of {', '.join(SAMPLERS)}")
         if not isinstance(self.model, str) or not self.model:
@@ -130,21 +147,35 @@ def labels_for(settings: Settings, conditional: bool) -> torch.Tensor | None:
     return torch.arange(settings.n, dtype=torch.long) % 10
 
 
-def build_denoiser(settings: Settings, model, gate=None):
-    """The denoiser for these settings from a ``LoadedModel`` (and gating net for MCL)."""
+def guide_name(settings: Settings, kind: str) -> str | None:
+    """The checkpoint that guides these settings (autoguidance), or None when it is off."""
+    if settings.autoguidance == 1:
+        return None
+    name = settings.guide or DEFAULT_GUIDES.get(kind)
+    if not name:
+        raise ValueError(f"guidance without labels (autoguidance) is for the unconditional models ({', '.join(DEFAULT_GUIDES)}), "
+                         f"not a {kind} model")
+    return name
+
+
+def build_denoiser(settings: Settings, model, gate=None, guide=None):
+    """The denoiser for these settings from a ``LoadedModel`` (and gating net for MCL, and the
+    guide ``LoadedModel`` when ``settings.autoguidance`` is not 1)."""
     if model.kind == "mcl":
         make_router(settings.routing, model.num_experts)  # index in range for this ensemble
         if routing_needs_gate(settings.routing) and gate is None:
             raise ValueError(f"routing {settings.routing!r} needs the gating checkpoint, which is not available")
-    return model.denoiser(guidance=settings.guidance, routing=settings.routing, gate=gate)
+    return model.denoiser(guidance=settings.guidance, routing=settings.routing, gate=gate,
+                          autoguidance=settings.autoguidance, guide=guide)
 
 
-def trajectory(settings: Settings, model, gate=None, device="cpu", watch_gate: bool = False) -> Iterator[Step]:
+def trajectory(settings: Settings, model, gate=None, device="cpu", watch_gate: bool = False, guide=None) -> Iterator[Step]:
     """Yield one ``Step`` per sampler step for these settings (validated first). ``watch_gate``:
     MCL steps carry the gating network's probabilities even under a routing that does not use
-    them (``MCLDenoiser.watch_gate``; the images do not change)."""
+    them (``MCLDenoiser.watch_gate``; the images do not change). ``guide``: the bad model of
+    autoguidance (``registry.guide_for``)."""
     settings.validate(num_experts=model.num_experts if model.kind == "mcl" else None)
-    denoiser = build_denoiser(settings, model, gate)
+    denoiser = build_denoiser(settings, model, gate, guide)
     if watch_gate and hasattr(denoiser, "watch_gate"):
         denoiser.watch_gate = True
     sigmas = get_sigmas(settings.sampler, denoiser, settings.steps)
@@ -171,9 +202,9 @@ class Result:
     settings: Settings
 
 
-def generate(settings: Settings, model, gate=None, device="cpu") -> Result:
+def generate(settings: Settings, model, gate=None, device="cpu", guide=None) -> Result:
     last, experts = None, []
-    for step in trajectory(settings, model, gate, device):
+    for step in trajectory(settings, model, gate, device, guide=guide):
         last = step
         if step.expert is not None:
             experts.append(step.expert)

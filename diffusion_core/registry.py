@@ -24,10 +24,11 @@ from torch import nn
 
 from .checkpoints import CheckpointError, checkpoint_dir, read_config, resolve_checkpoint
 from .mcl import ROUTINGS, routing_needs_gate
-from .models import LoadedModel, load_model
+from .models import GUIDE_KINDS, LoadedModel, load_model
+from .pipeline import guide_name
 
 DIFFUSION_MODELS = ("ddpm", "cfg", "flow", "mcl")  # what a person samples from, in menu order (others follow)
-AUXILIARY_MODELS = ("gating", "classifier")  # MCL's gating network; the metrics' classifier
+AUXILIARY_MODELS = ("gating", "classifier", "classifier2", "ddpm_weak")  # MCL's gating network; the metrics' classifiers; autoguidance's bad model
 SAMPLEABLE_KINDS = ("ddpm", "cfg", "flow", "mcl")  # checkpoint kinds a sampler can run
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_-")
 GATING = "gating"
@@ -180,6 +181,21 @@ class ModelRegistry:
             except ValueError:  # CheckpointError included: no gate to show, and none needed
                 gate = None
         return model, gate
+
+    def guide_for(self, settings, model: LoadedModel) -> LoadedModel | None:
+        """The bad model that guides ``settings`` (``pipeline.guide_name``), or None when
+        autoguidance is off. Raises ``ValueError`` (``CheckpointError`` included) for a guide that
+        is missing, broken, or not a single diffusion network."""
+        name = guide_name(settings, model.kind)
+        if name is None:
+            return None
+        try:
+            guide = self.get(name)
+        except CheckpointError as e:
+            raise CheckpointError(e.path, f"{e.reason} (the guide model {name!r} of autoguidance)") from None
+        if guide.kind not in GUIDE_KINDS or guide.objective is None:
+            raise ValueError(f"the guide {name!r} is a {guide.kind} checkpoint; a guide is one of {', '.join(GUIDE_KINDS)}")
+        return guide
 
     def clear(self) -> None:
         """Forget every loaded model."""

@@ -28,12 +28,12 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoints import DIR_ENV, CheckpointError
-from .pipeline import Settings, generate
+from .pipeline import APP_AUTOGUIDANCE, DEFAULT_GUIDES, MAX_AUTOGUIDANCE, Settings, generate
 from .samplers import SAMPLERS
 
 PROG = "python -m diffusion_core.sample"
 # flag -> Settings field, for the flags that are settings
-SETTING_FLAGS = ("model", "sampler", "steps", "seed", "n", "digit", "guidance", "routing", "eta")
+SETTING_FLAGS = ("model", "sampler", "steps", "seed", "n", "digit", "guidance", "routing", "eta", "autoguidance", "guide")
 
 
 class UsageError(Exception):
@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, metavar="G", help=f"cfg guidance scale: 0 unconditional, 1 conditional, >1 guided (default {d.guidance:g})")
     p.add_argument("--routing", metavar="{pooled,winrate,sampled,soft,gated,heuristic,x0gate,scout,sticky[:SIGMA],expert:K}", help=f"mcl routing (default {d.routing})")
     p.add_argument("--eta", type=float, metavar="E", help=f"ddim stochasticity 0..1 (default {d.eta:g})")
+    p.add_argument("--autoguidance", type=float, metavar="W",
+                   help=f"guidance without labels for ddpm and mcl: D_bad + W (D - D_bad), 0..{MAX_AUTOGUIDANCE:g}; 1 is the model alone "
+                        f"(default {d.autoguidance:g}; the app's: {APP_AUTOGUIDANCE})")
+    p.add_argument("--guide", metavar="NAME|PATH",
+                   help="the bad model of --autoguidance: a ddpm, cfg or flow checkpoint (a class-conditional one guides with its "
+                        f"unconditional branch; default {DEFAULT_GUIDES['ddpm']})")
     p.add_argument("--out", metavar="FILE.npz", help="where to write the images (this, --grid or both)")
     p.add_argument("--grid", metavar="FILE.png", help="write the images as a PNG grid (for compare/sdedit settings: the app's PNG)")
     p.add_argument("--list-models", action="store_true", help="list the models whose checkpoints exist, and exit")
@@ -246,6 +252,7 @@ def run(args: argparse.Namespace) -> Path | None:
     registry = ModelRegistry(args.checkpoint_dir, device=args.device)
     model, gate = registry.for_settings(settings)
     settings.validate(num_experts=model.num_experts if model.kind == "mcl" else None)
+    guide = registry.guide_for(settings, model)
     ignored = {
         "digit": (not model.num_classes, f"the {model.kind} model is unconditional"),
         "guidance": (not model.num_classes, f"the {model.kind} model is unconditional"),
@@ -256,7 +263,7 @@ def run(args: argparse.Namespace) -> Path | None:
         if getattr(args, name) is not None and is_ignored:
             print(f"note: --{name} has no effect: {why}", file=sys.stderr)
     with torch.inference_mode():
-        result = generate(settings, model, gate, device=args.device)
+        result = generate(settings, model, gate, device=args.device, guide=guide)
     if out is not None:
         save_npz(out, result)
     if grid is not None:

@@ -15,7 +15,7 @@ from .guidance import CFGDenoiser
 from .mcl import WTA_MODES, ExpertRouter, GatedRouter, MCLDenoiser, annealed_temperature, win_counts, wta_assignment, wta_loss
 from .models import load_model, save_model
 from .nets import Classifier, ClassifierConfig, GatingConfig, GatingNet, UNet, UNetConfig
-from .objectives import EPS_T_SAMPLING, FLOW_T_SAMPLING, EDMObjective, EpsilonObjective, FlowObjective, ScheduleConfig, teacher_target
+from .objectives import EPS_T_SAMPLING, FLOW_T_SAMPLING, TEACHER_WEIGHTS, EDMObjective, EpsilonObjective, FlowObjective, ScheduleConfig, teacher_target
 from .samplers import get_sigmas, sample_dpmpp_2m
 from .training import Task, fail
 
@@ -160,6 +160,9 @@ class DiffusionTask(Task):
                 fail(f"--teacher: {teacher} is a {self.teacher.kind} checkpoint; expected a class-conditional cfg or flow", status=2)
             self.teacher.net.eval().requires_grad_(False)
             self.teacher_denoiser = self.teacher.objective.denoiser(self.teacher.net)
+            self.teacher_weight = getattr(args, "teacher_weight", "blend")
+            if self.teacher_weight not in TEACHER_WEIGHTS:
+                fail(f"--teacher-weight must be one of {', '.join(TEACHER_WEIGHTS)}", status=2)
 
     def unet_config(self) -> UNetConfig:
         if self.init_net is not None:
@@ -182,7 +185,7 @@ class DiffusionTask(Task):
         batch = self.objective.training_batch(x0, generator)
         if self.teacher is not None:
             with torch.no_grad():
-                batch["target"] = teacher_target(batch, self.teacher_denoiser(batch["x_sigma"], batch["sigma"], y))
+                batch["target"] = teacher_target(batch, self.teacher_denoiser(batch["x_sigma"], batch["sigma"], y), self.teacher_weight)
         return self.objective.loss(model, batch, self.labels(y, generator)).mean(), {}
 
     def denoiser(self, model):
@@ -198,6 +201,7 @@ class DiffusionTask(Task):
         return {"network": {"kind": "unet", "config": self.unet_config().to_dict()}, "objective": self.objective.to_dict(),
                 "training": dict(training, p_uncond=getattr(self.args, "p_uncond", None), init=getattr(self.args, "init", None),
                                  teacher=getattr(self.args, "teacher", None),
+                                 teacher_weight=getattr(self.args, "teacher_weight", None) if getattr(self.args, "teacher", None) else None,
                                  init_weights_only=bool(getattr(self.args, "init_weights_only", False)))}
 
     def export(self, model, path, training):
@@ -404,7 +408,7 @@ class ClassifierTask(Task):
     name = "classifier"
 
     def build(self):
-        return Classifier(ClassifierConfig(channels=self.args.channels))
+        return Classifier(ClassifierConfig(channels=self.args.channels, arch=getattr(self.args, "arch", "vgg")))
 
     def loss(self, model, x0, y, generator, progress):
         shifts = torch.randint(-2, 3, (2,), generator=generator, device=generator.device).tolist()

@@ -18,7 +18,7 @@ TINY_UNET = dict(base_channels=8, channel_mults=(1, 2, 2), blocks_per_level=1, a
 
 
 def make_tiny_checkpoints(directory: Path, num_experts: int = 3, seed: int = 0) -> Path:
-    """Write ddpm/cfg/mcl/gating/classifier checkpoints with small random weights to ``directory``.
+    """Write ddpm/ddpm_weak/cfg/mcl/gating/classifier checkpoints with small random weights to ``directory``.
 
     The UNets' output convolutions are zero-initialised, so they are perturbed to give non-trivial
     predictions."""
@@ -37,6 +37,7 @@ def make_tiny_checkpoints(directory: Path, num_experts: int = 3, seed: int = 0) 
         return {"network": {"kind": "unet", "config": net.config.to_dict()}, "objective": objective.to_dict(), "training": {"note": "tiny random test model"}, **extra}
 
     save_model(directory / "ddpm.safetensors", "ddpm", [n := unet()], cfg_of(n))
+    save_model(directory / "ddpm_weak.safetensors", "ddpm", [n := unet()], cfg_of(n))  # autoguidance's default bad model
     save_model(directory / "cfg.safetensors", "cfg", [n := unet(10)], cfg_of(n))
     experts = [unet() for _ in range(num_experts)]
     save_model(directory / "mcl.safetensors", "mcl", experts, cfg_of(experts[0]))

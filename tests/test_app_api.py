@@ -42,14 +42,14 @@ def registry(tiny_checkpoints):
 
 def _expected(registry, settings: Settings) -> np.ndarray:
     model, gate = registry.for_settings(settings)
-    return generate(Settings(**settings.to_dict()), model, gate).images.numpy()
+    return generate(Settings(**settings.to_dict()), model, gate, guide=registry.guide_for(settings, model)).images.numpy()
 
 
 def test_named_endpoints(client):
     api = client.view_api(print_info=False, return_format="dict")
     assert {"/generate", "/generate_from_settings", "/compare"} <= set(api["named_endpoints"])
     params = [p["parameter_name"] for p in api["named_endpoints"]["/generate"]["parameters"]]
-    assert params == ["model", "digit", "guidance", "sampler", "steps", "eta", "routing", "seed", "n"]
+    assert params == ["model", "digit", "guidance", "sampler", "steps", "eta", "routing", "seed", "n", "autoguidance", "guide"]
 
 
 def test_generate_defaults_are_deterministic_and_exact(client, registry):
@@ -91,7 +91,7 @@ def test_compare(client, kwargs, rows):
 
 
 def test_streaming_endpoint_yields_frames(client, app_log):
-    job = client.submit("cfg", "3", 2.0, "euler", 6, 0.0, "gated", "5", 1, api_name="/generate_stream")
+    job = client.submit("cfg", "3", 2.0, "euler", 6, 0.0, "gated", "5", 1, 2.0, "ddpm_weak", api_name="/generate_stream")
     try:
         job.result(timeout=120)
     except Exception as e:  # noqa: BLE001 - show what the server said
@@ -115,6 +115,11 @@ BAD = [
     (dict(seed=2**64 + 5), "seed must be between 0 and 2^63-1"),
     (dict(n=17), "number of images must be between 1 and 16"),
     (dict(model="/etc/passwd"), "unknown model"),
+    (dict(model="ddpm", autoguidance="nan"), "autoguidance must be a finite number"),
+    (dict(model="ddpm", autoguidance=-0.1), "autoguidance must be between 0 and 5"),
+    (dict(model="ddpm", autoguidance=5.5), "autoguidance must be between 0 and 5"),
+    (dict(model="ddpm", autoguidance=2, guide="nosuch"), "unknown guide model 'nosuch'"),
+    (dict(model="ddpm", autoguidance=2, guide="../checkpoints/ddpm"), "unknown guide model"),
 ]
 
 
@@ -132,6 +137,22 @@ def test_bad_input_gives_clear_errors_and_server_keeps_answering(client):
             client.predict(**dict({"steps": 2}, **kwargs), api_name="/compare")
     path, js = client.predict(steps=2, api_name="/generate")  # still answering
     assert Path(path).is_file() and Settings.from_json(js).steps == 2
+
+
+def test_autoguidance_through_the_api(client, registry):
+    """The API's default for an unconditional model is the app's autoguidance; the settings JSON says so and replays it."""
+    path, js = client.predict(model="ddpm", steps=3, seed=8, n=2, api_name="/generate")
+    s = Settings.from_json(js)
+    assert (s.autoguidance, s.guide) == (ui.APP_AUTOGUIDANCE["ddpm"], "ddpm_weak")
+    model, guide = registry.get("ddpm"), registry.get("ddpm_weak")
+    expected = generate(Settings(**s.to_dict()), model, guide=guide).images.numpy()
+    assert np.array_equal(ui.split_grid(ui.decode_png(Path(path).read_bytes()), 2), expected)
+    path1, js1 = client.predict(model="ddpm", steps=3, seed=8, n=2, autoguidance=1, api_name="/generate")
+    assert Settings.from_json(js1).autoguidance == 1.0 and Path(path1).read_bytes() != Path(path).read_bytes()
+    path2, _ = client.predict(settings_json=js, api_name="/generate_from_settings")
+    assert Path(path2).read_bytes() == Path(path).read_bytes()
+    png, cjs = client.predict(axis="autoguidance", values="1, 3", model="ddpm", steps=3, api_name="/compare")
+    assert [r["autoguidance"] for r in json.loads(cjs)["rows"]] == [1.0, 3.0]
 
 
 def test_settings_json_replays_with_the_sampling_cli(client, tiny_checkpoints, tmp_path):

@@ -393,3 +393,38 @@ def test_default_batch_size_follows_the_device():
     assert parse("--device", "cpu").batch_size == ev.CPU_BATCH
     assert parse("--device", "cuda").batch_size == ev.EvalConfig().batch_size == 1000
     assert parse("--device", "cpu", "--batch-size", "250").batch_size == 250
+
+
+def test_autoguidance_rows_and_the_second_classifier(tiny_checkpoints, mnist_root, tmp_path):
+    """``--autoguidance`` adds a ddpm row per weight and guide (w = 0 draws exactly the guide's own
+    images; rows replay with their guide); a ``classifier2`` checkpoint adds its own columns."""
+    from diffusion_core.models import save_model
+    from diffusion_core.nets import Classifier, ClassifierConfig
+
+    ckpt = shutil.copytree(tiny_checkpoints, tmp_path / "checkpoints")
+    torch.manual_seed(1)
+    clf2 = Classifier(ClassifierConfig(channels=8, feature_dim=16, arch="gap")).eval()
+    save_model(ckpt / "classifier2.safetensors", "classifier", [clf2], {"network": {"kind": "classifier", "config": clf2.config.to_dict()}, "training": {}})
+    shutil.copy(ckpt / "ddpm_weak.safetensors", ckpt / "weak_copy.safetensors")
+    results = ev.main(["--checkpoint-dir", str(ckpt), "--data-dir", str(mnist_root), "--out-dir", str(tmp_path / "out"), "--no-figures",
+                       "--device", "cpu", "--models", "ddpm,cfg", "--guidance-scales", "2", "--n", "20", "--steps", "2", "--sweep-n", "0",
+                       "--autoguidance", "0,1,2.5", "--guides", f"ddpm_weak,cfg,{ckpt / 'weak_copy.safetensors'}"])
+    rows = {r["name"]: r for r in results["rows"]}
+    assert list(rows) == ["ddpm", "ddpm ag=0 ddpm_weak", "ddpm ag=2.5 ddpm_weak", "ddpm ag=0 cfg", "ddpm ag=2.5 cfg",
+                          "ddpm ag=0 weak_copy", "ddpm ag=2.5 weak_copy", "cfg g=2"]  # w = 1 is the plain ddpm row
+    weak = load_model(ckpt / "ddpm_weak.safetensors")
+    own = ev.replay_batches(rows["ddpm"]["batches"], weak)  # the guide sampled alone, from the same seeds
+    assert ev.images_sha256(own) == rows["ddpm ag=0 ddpm_weak"]["images_sha256"] == rows["ddpm ag=0 weak_copy"]["images_sha256"]
+    assert rows["ddpm ag=2.5 ddpm_weak"]["images_sha256"] == rows["ddpm ag=2.5 weak_copy"]["images_sha256"]
+    assert rows["ddpm ag=2.5 cfg"]["images_sha256"] != rows["ddpm ag=2.5 ddpm_weak"]["images_sha256"]
+    ddpm = load_model(ckpt / "ddpm.safetensors")
+    r = rows["ddpm ag=2.5 cfg"]
+    assert ev.images_sha256(ev.replay_batches(r["batches"], ddpm, guide=load_model(ckpt / "cfg.safetensors"))) == r["images_sha256"]
+    assert results["reference"]["classifier2_test_accuracy"] is not None
+    for r in results["rows"]:
+        m2 = r["metrics"]["second_classifier"]
+        assert math.isfinite(m2["frechet_ratio"]) and 0 <= m2["confident"] <= 1
+        assert (m2["accuracy"] is not None) == (r["group"] == "cfg")
+    assert "| FD/floor (2) | accuracy (2) |" in ev.results_markdown(results)
+    with pytest.raises(SystemExit, match="a guide is one of"):
+        ev.main(["--checkpoint-dir", str(ckpt), "--models", "ddpm", "--autoguidance", "2", "--guides", "mcl", "--quick", "--out-dir", str(tmp_path)])

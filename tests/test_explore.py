@@ -173,6 +173,6 @@ def test_menus_list_the_checkpoints_that_exist(tiny_checkpoints, tmp_path):
     assert models["flow"].is_flow and models["flow"].conditional
     assert dict(ui.model_choices(models))["Flow matching (choose a digit)"] == "flow"
     assert ("flow_v2 (flow matching, choose a digit)", "flow_v2") in ui.model_choices(models)
-    assert ui.model_cards(reg).count('class="model-card"') == 7
+    assert ui.model_cards(reg).count('class="model-card"') == 8  # ddpm_weak included
     s = ui.parse_settings(models, model="flow_v2", digit=1, steps=2)
     assert ui.generate_image(reg, s, models["flow_v2"]).shape == (224, 224)

@@ -200,7 +200,8 @@ def counting_loads(monkeypatch, delay=0.0):
 
 def test_registry_lists_available_models(ckdir):
     reg = ModelRegistry(ckdir)
-    assert set(reg.available()) == {"ddpm", "cfg", "mcl", "gating", "classifier"}
+    assert set(reg.available()) == {"ddpm", "ddpm_weak", "cfg", "mcl", "gating", "classifier"}
+    assert reg.available_diffusion_models() == ["ddpm", "cfg", "mcl"]  # the guide is no menu model
     assert reg.available_diffusion_models() == ["ddpm", "cfg", "mcl"]
     (ckdir / "ddpm.safetensors").unlink()
     (ckdir / "gating.safetensors").unlink()

@@ -2,6 +2,7 @@
 
     python train/classifier.py                   # the shipped checkpoints/classifier.safetensors (CPU or GPU)
     python train/classifier.py --quick
+    python train/classifier.py --arch gap --seed 1 --out checkpoints/classifier2.safetensors   # the second classifier of evaluate
 
 Cross-entropy with random shifts of up to 2 pixels; each epoch logs the EMA model's test
 accuracy, and its grid shows, row by row, test images classified as 0..9.
@@ -16,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from diffusion_core.nets import CLASSIFIER_ARCHS  # noqa: E402
 from diffusion_core.tasks import ClassifierTask  # noqa: E402
 from diffusion_core.training import common_parser, parse_args, train  # noqa: E402
 
@@ -25,6 +27,8 @@ RECIPES = {"cpu": {}, "gpu": {}}
 
 def main(argv=None):
     p = common_parser(__doc__.splitlines()[0], epochs=8, lr=2e-3, weight_decay=1e-4, batch_size=128)
+    p.add_argument("--arch", choices=CLASSIFIER_ARCHS, default="vgg",
+                   help="vgg: the metrics' classifier; gap: 5x5 convolutions and global average pooling (the second, independent classifier)")
     args = parse_args(p, RECIPES, argv)
     train(ClassifierTask(args), args)
 

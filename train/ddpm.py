@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from diffusion_core.objectives import TEACHER_WEIGHTS  # noqa: E402
 from diffusion_core.tasks import DiffusionTask, add_diffusion_args  # noqa: E402
 from diffusion_core.training import common_parser, parse_args, train  # noqa: E402
 
@@ -36,6 +37,9 @@ def main(argv=None):
                         "image's true label replaces the noise target, blended in by sigma^2 / (sigma^2 + 0.25); "
                         "the optimum is the same unconditional model (see objectives.teacher_target), the target "
                         "varies less")
+    p.add_argument("--teacher-weight", choices=TEACHER_WEIGHTS, default="full",
+                   help="full: the teacher's epsilon is the whole target at every noise level; blend: mixed with the "
+                        "noise target by sigma^2 / (sigma^2 + 0.25) (see objectives.teacher_target)")
     args = parse_args(p, RECIPES, argv)
     train(DiffusionTask(args, name="ddpm", conditional=False), args)
 

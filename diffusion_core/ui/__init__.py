@@ -25,11 +25,11 @@ One module per tab plus the shared pieces; every public name is re-exported here
 from __future__ import annotations
 
 from ..pipeline import Settings
-from .common import (BACKGROUND, CARD_TITLES, COMPARE_AXES, DEFAULT_GUIDANCES, GAP, MAX_COMPARE_ROWS, MAX_IMAGES, MAX_VALUE_CHARS,
+from .common import (APP_AUTOGUIDANCE, AUTOGUIDANCE_HELP, BACKGROUND, CARD_TITLES, COMPARE_AXES, DEFAULT_GUIDANCES, GAP, MAX_COMPARE_ROWS, MAX_IMAGES, MAX_VALUE_CHARS,
                      MENU_ROUTINGS, MODEL_BLURBS, MODEL_LABELS, ROUTING_LABELS, SAMPLER_LABELS, SCALE, SHARE_FIELDS, SHARE_VERSION, ModelInfo,
-                     Visibility, available_models, carry_forward, digit_choices, model_choices, model_info, model_label, parse_settings,
+                     Visibility, available_models, carry_forward, default_autoguidance, digit_choices, guide_names, model_choices, model_info, model_label, parse_settings,
                      random_seed, routing_choices, routing_help, routing_label, sampler_choices, settings_from_json, user_errors, visibility)
-from .compare_tab import (COMPARE_KIND, DEFAULT_ETAS, ETA_NOTE, compare, compare_from_dict, compare_from_json, compare_json,
+from .compare_tab import (COMPARE_KIND, DEFAULT_AUTOGUIDANCES, DEFAULT_ETAS, ETA_NOTE, compare, compare_from_dict, compare_from_json, compare_json,
                           compare_meta, compare_share_query, default_compare_values, parse_compare, row_value)
 from .explore_tab import (denoise, drawing_code, edit_from_json, edit_share_query, forward_view, input_digit, parse_edit,
                           region_choices, schedule_figure, sdedit_cli_command, sdedit_image, sdedit_stream, velocity_image)
@@ -42,6 +42,7 @@ from .links import Link, parse_link
 from .share import settings_from_query, share_query
 
 __all__ = [
+    "APP_AUTOGUIDANCE", "AUTOGUIDANCE_HELP", "guide_names", "default_autoguidance", "DEFAULT_AUTOGUIDANCES",
     "Settings", "BACKGROUND", "CARD_TITLES", "COMPARE_AXES", "DEFAULT_GUIDANCES", "GAP", "MAX_COMPARE_ROWS", "MAX_IMAGES",
     "MAX_VALUE_CHARS", "MENU_ROUTINGS", "MODEL_BLURBS", "MODEL_LABELS", "ROUTING_LABELS", "SAMPLER_LABELS", "SCALE", "SHARE_FIELDS",
     "SHARE_VERSION", "ModelInfo", "Visibility", "available_models", "carry_forward", "digit_choices", "model_choices", "model_info",

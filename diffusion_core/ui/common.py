@@ -15,7 +15,8 @@ from typing import Iterable, Iterator, Mapping
 
 from ..checkpoints import CheckpointError, read_config
 from ..mcl import ROUTING_COST, ROUTING_HELP, make_router
-from ..pipeline import Settings
+from ..models import GUIDE_KINDS
+from ..pipeline import APP_AUTOGUIDANCE, DEFAULT_GUIDES, MAX_AUTOGUIDANCE, Settings  # noqa: F401 (APP_AUTOGUIDANCE: re-exported)
 from ..samplers import SAMPLERS
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ SCALE = 8  # final images: each 28x28 sample becomes 224x224
 GAP = 4  # pixels between tiles of a grid (after upscaling)
 BACKGROUND = 255  # grid gaps
 SHARE_VERSION = "1"
-SHARE_FIELDS = ("model", "digit", "guidance", "sampler", "steps", "eta", "routing", "seed", "n")
+SHARE_FIELDS = ("model", "digit", "guidance", "sampler", "steps", "eta", "routing", "seed", "n", "autoguidance", "guide")
 MAX_VALUE_CHARS = 64  # longer strings in a field are refused before parsing
 
 MODEL_LABELS = {
@@ -35,7 +36,8 @@ MODEL_LABELS = {
     "flow": "Flow matching (choose a digit)",
     "mcl": "MCL (ensemble of experts)",
 }
-CARD_TITLES = dict(MODEL_LABELS, gating="Gating network", classifier="Classifier")
+CARD_TITLES = dict(MODEL_LABELS, gating="Gating network", classifier="Classifier", classifier2="Second classifier",
+                   ddpm_weak="Weak DDPM (autoguidance's guide)")
 MODEL_BLURBS = {
     "ddpm": "A denoising diffusion model trained on all digits; it draws a random digit.",
     "cfg": "Class-conditional with classifier-free guidance: pick a digit and how strongly to steer towards it.",
@@ -46,6 +48,9 @@ MODEL_BLURBS = {
     "gating": "The gating network that routes MCL samples to experts (gated, sampled, soft, sticky, x0gate and scout routing); "
               "the app also draws its probabilities beside every MCL trajectory.",
     "classifier": "The MNIST classifier behind the quality metrics (accuracy, FID-style features).",
+    "classifier2": "A second MNIST classifier of another architecture and seed: the evaluation's independent reading of every row.",
+    "ddpm_weak": "A smaller DDPM trained for a fraction of the time: the bad model that autoguidance steers the DDPM and MCL "
+                 "away from (D_bad + w (D - D_bad)). It is not offered on its own.",
 }
 SAMPLER_LABELS = {
     "dpmpp_2m": "DPM-Solver++ (2M)",
@@ -71,7 +76,10 @@ ROUTING_LABELS = {
 # decide the digit (gated, heuristic, sticky, x0gate, scout), draw a few digits only; they stay
 # available by name in Compare, the API, the CLI and the evaluation.
 MENU_ROUTINGS = ("sampled", "winrate", "pooled", "soft")
-COMPARE_AXES = ("sampler", "routing", "guidance", "eta")
+COMPARE_AXES = ("sampler", "routing", "guidance", "eta", "autoguidance")
+# Guidance without labels: the sentence under its slider (the app's weight: pipeline.APP_AUTOGUIDANCE).
+AUTOGUIDANCE_HELP = ("Autoguidance steers the model away from a smaller, less trained version of itself: "
+                     "D_bad + w (D - D_bad). 1 is the model alone, 0 the weak model alone; two network calls a step, as CFG.")
 DEFAULT_GUIDANCES = "0, 1, 2, 4, 8"
 
 
@@ -196,6 +204,7 @@ class Visibility:
 
     digit: bool
     guidance: bool
+    autoguidance: bool
     routing: bool
     eta: bool
     num_experts: int
@@ -204,7 +213,7 @@ class Visibility:
 def visibility(info: ModelInfo | None, sampler: str | None) -> Visibility:
     cond = bool(info and info.conditional)
     mcl = bool(info and info.is_mcl)
-    return Visibility(digit=cond, guidance=cond, routing=mcl, eta=sampler == "ddim", num_experts=info.num_experts if mcl else 0)
+    return Visibility(digit=cond, guidance=cond, autoguidance=bool(info) and not cond, routing=mcl, eta=sampler == "ddim", num_experts=info.num_experts if mcl else 0)
 
 
 def final_image(updates, what: str):
@@ -264,8 +273,22 @@ def _name(value, what: str) -> str:
     return value.strip().lower()
 
 
+def default_autoguidance(info: ModelInfo | None) -> float:
+    """The app's autoguidance weight for a model (1, off, for class-conditional models)."""
+    if info is None or info.conditional:
+        return 1.0
+    return float(APP_AUTOGUIDANCE.get(info.kind, 1.0))
+
+
+def guide_names(models: Mapping[str, ModelInfo]) -> list[str]:
+    """The guides (autoguidance's bad models) a person may name: the default guides, then every
+    single-network diffusion model of the menu."""
+    names = list(dict.fromkeys(DEFAULT_GUIDES.values()))
+    return names + [n for n, info in models.items() if info.kind in GUIDE_KINDS and n not in names]
+
+
 def parse_settings(models: Mapping[str, ModelInfo], *, model=None, sampler=None, steps=None, seed=None, n=None,
-                   digit=None, guidance=None, routing=None, eta=None) -> Settings:
+                   digit=None, guidance=None, routing=None, eta=None, autoguidance=None, guide=None) -> Settings:
     """Raw values from the controls, the API or a share link -> validated, canonical ``Settings``.
 
     ``None`` means the default. Raises ``ValueError`` with a clear message. Settings that do not
@@ -273,7 +296,8 @@ def parse_settings(models: Mapping[str, ModelInfo], *, model=None, sampler=None,
     DDIM) are reset to their defaults, so equal images have equal settings.
     """
     d = Settings()
-    raw = dict(model=model, sampler=sampler, steps=steps, seed=seed, n=n, digit=digit, guidance=guidance, routing=routing, eta=eta)
+    raw = dict(model=model, sampler=sampler, steps=steps, seed=seed, n=n, digit=digit, guidance=guidance, routing=routing, eta=eta,
+               autoguidance=autoguidance, guide=guide)
     for k, v in raw.items():
         _check_length(k, v)
     model = d.model if model is None else _name(model, "model")
@@ -291,6 +315,8 @@ def parse_settings(models: Mapping[str, ModelInfo], *, model=None, sampler=None,
         guidance=d.guidance if guidance is None else guidance,
         routing=d.routing if routing is None else _name(routing, "routing"),
         eta=d.eta if eta is None else eta,
+        autoguidance=d.autoguidance if autoguidance is None or autoguidance == "" else autoguidance,
+        guide=d.guide if guide is None else _name(guide, "guide"),
     )
     if isinstance(s.steps, (int, float)) and not isinstance(s.steps, bool) and math.isfinite(s.steps) and not float(s.steps).is_integer():
         raise ValueError(f"steps must be a whole number, got {s.steps!r}")
@@ -301,7 +327,14 @@ def parse_settings(models: Mapping[str, ModelInfo], *, model=None, sampler=None,
         s.routing = d.routing
     if s.sampler != "ddim":
         s.eta = d.eta
-    s.guidance, s.eta = float(s.guidance), float(s.eta)
+    if info.conditional or s.autoguidance == 1:
+        s.autoguidance, s.guide = d.autoguidance, d.guide
+    else:
+        s.guide = s.guide or DEFAULT_GUIDES.get(info.kind, "")
+        allowed = guide_names(models)
+        if s.guide not in allowed:
+            raise ValueError(f"unknown guide model {s.guide!r} for autoguidance; expected one of {', '.join(allowed)}")
+    s.guidance, s.eta, s.autoguidance = float(s.guidance), float(s.eta), float(s.autoguidance)
     return s
 
 

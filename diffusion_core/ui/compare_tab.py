@@ -1,4 +1,4 @@
-"""The Compare tab: one seed, several samplers / routings / guidance scales / DDIM etas, as a grid
+"""The Compare tab: one seed, several samplers / routings / guidance scales / DDIM etas / autoguidance weights, as a grid
 of trajectories from the same starting noise; its settings JSON (``kind: "compare"``) and share link
 reproduce the grid pixel for pixel (in the app, through the API and with ``diffusion_core.sample``)."""
 from __future__ import annotations
@@ -19,6 +19,7 @@ from .share import share_query
 COMPARE_KIND = "compare"
 COMPARE_COLUMNS = 8
 DEFAULT_ETAS = "0, 0.25, 0.5, 1, ddpm"
+DEFAULT_AUTOGUIDANCES = "1, 1.5, 2, 2.5, 3"
 ETA_NOTE = ("**Deterministic against stochastic.** DDIM with eta = 0 follows the probability-flow ODE: the same noise "
             "always gives the same digit. Eta > 0 adds fresh noise at every step (and removes as much signal), so "
             "trajectories from one seed drift apart and details are re-drawn; eta = 1 is DDPM's ancestral sampler "
@@ -31,6 +32,8 @@ def default_compare_values(axis: str, info: ModelInfo | None) -> str:
         return ", ".join(MENU_ROUTINGS)
     if axis == "eta":
         return DEFAULT_ETAS
+    if axis == "autoguidance":
+        return DEFAULT_AUTOGUIDANCES
     return DEFAULT_GUIDANCES
 
 
@@ -48,6 +51,8 @@ def parse_compare(models: Mapping[str, ModelInfo], base: Settings, axis, values)
         raise ValueError(f"comparing routing strategies needs the MCL model, not {base.model!r}")
     if axis == "guidance" and not info.conditional:
         raise ValueError(f"comparing guidance scales needs a class-conditional model (cfg), not {base.model!r}")
+    if axis == "autoguidance" and info.conditional:
+        raise ValueError(f"comparing autoguidance weights needs an unconditional model (ddpm, mcl), not {base.model!r}")
     if values is None or (isinstance(values, str) and not values.strip()):
         values = default_compare_values(axis, info)
     if isinstance(values, str):
@@ -87,6 +92,8 @@ def row_value(s: Settings, axis: str) -> str:
         return s.routing
     if axis == "eta":
         return "ddpm" if s.sampler == "ddpm" else repr(float(s.eta))
+    if axis == "autoguidance":
+        return repr(float(s.autoguidance))
     return repr(float(s.guidance))
 
 
@@ -97,6 +104,8 @@ def _row_label(s: Settings, axis: str) -> str:
         return s.routing
     if axis == "eta":
         return "DDPM (ancestral)" if s.sampler == "ddpm" else f"DDIM eta {s.eta:g}"
+    if axis == "autoguidance":
+        return f"autoguidance {s.autoguidance:g}"
     return f"guidance {s.guidance:g}"
 
 
@@ -110,10 +119,11 @@ def compare(registry, rows: list[Settings], axis: str, columns: int = COMPARE_CO
     idx = snapshot_indices(steps, columns - 1)
     for s in rows:
         model, gate = registry.for_settings(s)
+        guide = registry.guide_for(s, model)
         noise = initial_noise(s)[0]
         row, brow = [noise], [None]
         states = {}
-        for step in trajectory(s, model, gate):
+        for step in trajectory(s, model, gate, guide=guide):
             if step.index in idx:
                 states[step.index] = (vp_frame(step.x, step.sigma_next)[0], None if step.expert is None else int(step.expert[0]))
         for i in idx:

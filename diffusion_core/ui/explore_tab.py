@@ -275,7 +275,8 @@ def edit_share_query(es: ex.EditSettings, info: ModelInfo) -> str:
 def edit_from_fields(models: Mapping[str, ModelInfo], base: Settings, fields: Mapping[str, str]) -> ex.EditSettings:
     """A link's Explore fields (``index`` or ``drawing``, ``level``, ``region``) on top of base settings."""
     b = base.to_dict()
-    b.pop("n")
+    for name in ("n", "autoguidance", "guide"):  # Explore runs the model alone
+        b.pop(name)
     source = "drawing" if "drawing" in fields else "mnist"
     return parse_edit(models, **b, source=source, index=fields.get("index"), drawing=fields.get("drawing"),
                       level=fields.get("level"), region=fields.get("region"))

@@ -57,6 +57,7 @@ def stream(registry, settings: Settings, info: ModelInfo, files: OutputFiles | N
     """
     t0 = time.perf_counter()
     model, gate = registry.for_settings(settings, watch_gate=True)  # the chart shows the gate under every routing
+    guide = registry.guide_for(settings, model)
     n = settings.n
     fs = frame_scale(n)
     throttle = Throttle(min_interval)
@@ -69,7 +70,7 @@ def stream(registry, settings: Settings, info: ModelInfo, files: OutputFiles | N
     if info.is_flow:
         g = torch.Generator(device="cpu").manual_seed(settings.seed)
         prev = torch.randn((n, 1, 28, 28), generator=g, dtype=torch.float32)
-    for step in trajectory(settings, model, gate, watch_gate=True):
+    for step in trajectory(settings, model, gate, watch_gate=True, guide=guide):
         if prev is not None and step.index == 0:
             prev = prev * math.sqrt(step.sigma**2 + 1)
         last = step

@@ -27,6 +27,8 @@ def share_query(s: Settings, info: ModelInfo) -> str:
         params.append(("eta", _fmt_float(s.eta)))
     if info.is_mcl:
         params.append(("routing", s.routing))
+    if not info.conditional and s.autoguidance != 1:  # a link without it is the model alone, as before autoguidance
+        params += [("autoguidance", _fmt_float(s.autoguidance)), ("guide", s.guide)]
     params += [("seed", str(s.seed)), ("n", str(s.n))]
     return "?" + urlencode(params, safe=":")
 

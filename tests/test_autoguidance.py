@@ -1,0 +1,173 @@
+"""Autoguidance (guidance without labels): the wrapper's exact limits, its settings, share links and
+the CLI. The app's API and its bad inputs are in test_app_api.py."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from diffusion_core import ui
+from diffusion_core.denoisers import Denoiser
+from diffusion_core.guidance import AutoguidanceDenoiser
+from diffusion_core.models import load_model
+from diffusion_core.pipeline import APP_AUTOGUIDANCE, MAX_AUTOGUIDANCE, Settings, build_denoiser, generate, trajectory
+from diffusion_core.registry import ModelRegistry
+from diffusion_core.sample import main as sample_main
+
+
+@pytest.fixture(scope="module")
+def registry(tiny_checkpoints):
+    return ModelRegistry(tiny_checkpoints)
+
+
+@pytest.fixture(scope="module")
+def models(registry):
+    return ui.available_models(registry)
+
+
+def _batch(seed=0, n=5):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, 1, 28, 28), generator=g) * 3
+    sigma = torch.tensor([0.02, 0.3, 1.0, 5.0, 80.0])[:n]
+    return x, sigma
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "mcl"])
+def test_weight_one_is_the_good_model_and_zero_the_bad_one_exactly(registry, kind):
+    good = registry.get(kind)
+    bad = registry.get("ddpm_weak")
+    x, sigma = _batch()
+    s = Settings(model=kind, routing="heuristic")
+    plain = build_denoiser(s, good, None)
+    weak = bad.denoiser()
+    for w, expected in ((1.0, plain(x, sigma)), (0.0, weak(x, sigma))):
+        den = build_denoiser(Settings(model=kind, routing="heuristic", autoguidance=w, guide="ddpm_weak"), good, None, guide=bad)
+        assert torch.equal(den(x, sigma), expected)
+    # in between: D_bad + w (D_good - D_bad), and the good model's MCL records pass through
+    den = build_denoiser(Settings(model=kind, routing="heuristic", autoguidance=2.5, guide="ddpm_weak"), good, None, guide=bad)
+    out = den(x, sigma)
+    torch.testing.assert_close(out, weak(x, sigma) + 2.5 * (plain(x, sigma) - weak(x, sigma)))
+    if kind == "mcl":
+        assert den.last_expert is not None and den.last_expert.shape == (5,)
+
+
+@pytest.mark.parametrize("w", [0.0, 0.5, 2.0, 3.7, MAX_AUTOGUIDANCE])
+def test_a_model_guided_by_itself_is_the_model(registry, w):
+    model = registry.get("ddpm")
+    x, sigma = _batch(1)
+    den = AutoguidanceDenoiser(model.denoiser(), model.denoiser(), w)
+    assert torch.equal(den(x, sigma), model.denoiser()(x, sigma))
+    # and through the whole pipeline: the same images as without autoguidance
+    plain = generate(Settings(model="ddpm", steps=4, n=3, seed=5), model)
+    guided = generate(Settings(model="ddpm", steps=4, n=3, seed=5, autoguidance=w, guide="ddpm"), model, guide=model)
+    assert torch.equal(plain.images, guided.images)
+
+
+def test_a_class_conditional_guide_serves_its_unconditional_branch(registry):
+    model, guide = registry.get("ddpm"), registry.get("cfg")
+    x, sigma = _batch(2)
+    null = torch.full((5,), 10, dtype=torch.long)
+    expected = guide.objective.denoiser(guide.net)(x, sigma, null)
+    assert torch.equal(guide.guide_denoiser()(x, sigma), expected)
+    den = model.denoiser(autoguidance=0.0, guide=guide)
+    assert torch.equal(den(x, sigma), expected)
+
+
+def test_the_denoiser_refuses_what_it_cannot_do(registry):
+    with pytest.raises(ValueError, match="finite"):
+        AutoguidanceDenoiser(Denoiser(), Denoiser(), math.nan)
+    with pytest.raises(ValueError, match="unconditional models"):
+        registry.get("cfg").denoiser(guidance=2.0, autoguidance=2.0, guide=registry.get("ddpm_weak"))
+    with pytest.raises(ValueError, match="needs a guide"):
+        registry.get("ddpm").denoiser(autoguidance=2.0)
+    with pytest.raises(ValueError, match="cannot guide"):
+        registry.get("mcl").guide_denoiser()
+
+
+@pytest.mark.parametrize("value, message", [
+    (math.nan, "autoguidance must be a finite number"),
+    ("nan", "autoguidance must be a finite number"),
+    (-0.5, "autoguidance must be between 0 and"),
+    (MAX_AUTOGUIDANCE + 0.1, "autoguidance must be between 0 and"),
+    ("lots", "autoguidance must be a number"),
+])
+def test_bad_weights_are_refused_with_a_message(models, value, message):
+    with pytest.raises(ValueError, match=message):
+        ui.parse_settings(models, model="ddpm", autoguidance=value)
+
+
+def test_unknown_guides_are_refused_and_defaults_are_canonical(models):
+    with pytest.raises(ValueError, match="unknown guide model 'nosuch'"):
+        ui.parse_settings(models, model="ddpm", autoguidance=2, guide="nosuch")
+    with pytest.raises(ValueError, match="unknown guide model"):
+        ui.parse_settings(models, model="ddpm", autoguidance=2, guide="/etc/passwd")  # no paths from the web
+    with pytest.raises(ValueError, match="unknown guide model 'mcl'"):
+        ui.parse_settings(models, model="ddpm", autoguidance=2, guide="mcl")  # an ensemble is no guide
+    s = ui.parse_settings(models, model="ddpm", autoguidance=2)
+    assert (s.autoguidance, s.guide) == (2.0, "ddpm_weak")  # the default guide, written out
+    s = ui.parse_settings(models, model="ddpm", autoguidance=1, guide="cfg")
+    assert (s.autoguidance, s.guide) == (1.0, "")  # off: no guide
+    s = ui.parse_settings(models, model="cfg", autoguidance=3, guide="ddpm_weak")
+    assert (s.autoguidance, s.guide) == (1.0, "")  # does not apply to a class-conditional model
+
+
+def test_share_links_with_autoguidance_reproduce_the_image_byte_for_byte(registry, models):
+    s = ui.parse_settings(models, model="ddpm", autoguidance=APP_AUTOGUIDANCE["ddpm"], guide="ddpm_weak", steps=4, n=3, seed=11)
+    info = models["ddpm"]
+    updates = list(ui.stream(registry, s, info, min_interval=0.0))
+    final = next(u for u in updates if "final" in u)
+    query = final["share_query"]
+    assert f"autoguidance={APP_AUTOGUIDANCE['ddpm']!r}" in query and "guide=ddpm_weak" in query
+    back, notes = ui.settings_from_query(models, query)
+    assert back == s and not notes
+    assert ui.png_bytes(ui.generate_image(registry, back, info)) == ui.png_bytes(final["final"])
+    # and autoguidance changes the image (the weak model is another network)
+    off = ui.parse_settings(models, model="ddpm", steps=4, n=3, seed=11)
+    assert not np.array_equal(ui.generate_image(registry, off, info), final["final"])
+    # a link made before autoguidance existed (no such field) is the model alone, as it was
+    old, _ = ui.settings_from_query(models, "?v=1&model=ddpm&sampler=dpmpp_2m&steps=4&seed=11&n=3")
+    assert old.autoguidance == 1.0 and np.array_equal(ui.generate_image(registry, old, info), ui.generate_image(registry, off, info))
+
+
+def test_compare_axis_autoguidance(registry, models):
+    base = ui.parse_settings(models, model="ddpm", steps=4, seed=3, n=1)
+    rows = ui.parse_compare(models, base, "autoguidance", "1, 2, 0")
+    assert [r.autoguidance for r in rows] == [1.0, 2.0, 0.0] and [r.guide for r in rows] == ["", "ddpm_weak", "ddpm_weak"]
+    img, meta = ui.compare(registry, rows, "autoguidance", base=base)
+    assert meta["values"] == ["1.0", "2.0", "0.0"]
+    again = ui.compare(registry, *ui.compare_from_json(models, ui.compare_json(meta))[2:3], "autoguidance", base=base)[0]
+    assert np.array_equal(img, again)
+    with pytest.raises(ValueError, match="needs an unconditional model"):
+        ui.parse_compare(models, ui.parse_settings(models, model="cfg"), "autoguidance", "1, 2")
+
+
+def test_trajectory_with_autoguidance_is_deterministic(registry):
+    s = Settings(model="ddpm", sampler="ddpm", steps=5, n=2, seed=4, autoguidance=2.0, guide="ddpm_weak")
+    model, guide = registry.get("ddpm"), registry.get("ddpm_weak")
+    a = [st.x for st in trajectory(Settings(**s.to_dict()), model, guide=guide)]
+    b = [st.x for st in trajectory(Settings(**s.to_dict()), model, guide=guide)]
+    assert all(torch.equal(u, v) for u, v in zip(a, b)) and len(a) == 5
+
+
+def test_cli_autoguidance_and_its_bad_values(tiny_checkpoints, tmp_path, capsys):
+    out = tmp_path / "a.npz"
+    common = ["--checkpoint-dir", str(tiny_checkpoints), "--model", "ddpm", "--steps", "3", "--n", "2"]
+    assert sample_main(common + ["--autoguidance", "2", "--out", str(out)]) == 0
+    with np.load(out) as z:
+        s = Settings.from_json(str(z["settings"]))
+        images = z["images"]
+    assert (s.autoguidance, s.guide) == (2.0, "")
+    registry = ModelRegistry(tiny_checkpoints)
+    expected = generate(Settings(**s.to_dict()), registry.get("ddpm"), guide=registry.get("ddpm_weak")).images.numpy()
+    assert np.array_equal(images, expected)
+    for flags, message in ((["--autoguidance", "nan"], "finite"), (["--autoguidance", "-1"], "between 0 and"),
+                           (["--autoguidance", "9"], "between 0 and"), (["--autoguidance", "2", "--guide", "nosuch"], "nosuch"),
+                           (["--autoguidance", "2", "--guide", "mcl"], "a guide is one of")):
+        capsys.readouterr()
+        assert sample_main(common + flags + ["--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+    capsys.readouterr()
+    cond = ["--checkpoint-dir", str(tiny_checkpoints), "--model", "cfg", "--autoguidance", "2", "--out", str(out)]
+    assert sample_main(cond) == 2 and "unconditional models" in capsys.readouterr().err
