@@ -4,6 +4,7 @@ against the plain formulation), --max-minutes / --snapshot-every, and quick runs
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -426,21 +427,26 @@ def _two_class_gaussians(sigma: float, n: int = 400_000, s: float = 0.3, seed: i
     return batch, x, mu, d_cond(mu), eps_exact
 
 
-@pytest.mark.parametrize("sigma", [0.3, 1.0, 3.0])
-def test_teacher_target_keeps_the_unconditional_optimum_and_varies_less(sigma):
+@pytest.mark.parametrize("weight", ["blend", "full"])
+@pytest.mark.parametrize("sigma", [0.05, 0.3, 1.0, 3.0])
+def test_teacher_target_keeps_the_unconditional_optimum_and_varies_less(sigma, weight):
     """With the exact class-conditional teacher, the new target has the noise target's mean given x
     (tested against functions of x: no bias a network could learn) and lies closer to the exact
-    unconditional epsilon E[eps | x]."""
+    unconditional epsilon E[eps | x], at the blend's weight and at full weight alike."""
     batch, x, mu, d_teacher, eps_exact = _two_class_gaussians(sigma)
-    target = teacher_target(batch, d_teacher.reshape(-1, 1, 1, 1)).reshape(-1).double()
+    target = teacher_target(batch, d_teacher.reshape(-1, 1, 1, 1), weight).reshape(-1).double()
     noise = batch["target"].reshape(-1)
     diff = target - noise
     for g in (torch.ones_like(x), x, torch.tanh(3 * x), x**2):
         v = diff * g
         assert abs(v.mean()) < 5 * v.std() / math.sqrt(len(v)) + 1e-6
-    assert (target - eps_exact).square().mean() < 0.95 * (noise - eps_exact).square().mean()
+    if weight == "full" or sigma >= 0.3:  # (the blend leaves the noise target nearly as it is at low noise)
+        assert (target - eps_exact).square().mean() < 0.95 * (noise - eps_exact).square().mean()
+    if weight == "full":  # at full weight the teacher removes at least as much spread as the blend does
+        blend = teacher_target(batch, d_teacher.reshape(-1, 1, 1, 1), "blend").reshape(-1).double()
+        assert (target - eps_exact).square().mean() <= (blend - eps_exact).square().mean()
     # a teacher that ignores x (the class mean) is biased, and the same check sees it
-    biased = teacher_target(batch, mu.reshape(-1, 1, 1, 1)).reshape(-1).double() - noise
+    biased = teacher_target(batch, mu.reshape(-1, 1, 1, 1), weight).reshape(-1).double() - noise
     v = biased * x
     assert abs(v.mean()) > 10 * v.std() / math.sqrt(len(v))
 
@@ -455,6 +461,11 @@ def test_teacher_target_limits():
     torch.testing.assert_close(teacher_target(batch, x0), noise, atol=2e-4, rtol=1e-4)
     w = (sigma**2 / (sigma**2 + 0.25))[:, None, None, None]
     torch.testing.assert_close(teacher_target(batch, x), (1 - w) * noise, atol=2e-4, rtol=1e-4)
+    # full weight: the teacher's epsilon (x - D_T) / sigma exactly
+    torch.testing.assert_close(teacher_target(batch, x0, "full"), noise, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(teacher_target(batch, x, "full"), torch.zeros_like(noise), atol=2e-4, rtol=0)
+    with pytest.raises(ValueError, match="teacher weight"):
+        teacher_target(batch, x, "half")
 
 
 def test_quick_ddpm_with_a_teacher_records_it(tmp_path, mnist_root):
@@ -462,7 +473,7 @@ def test_quick_ddpm_with_a_teacher_records_it(tmp_path, mnist_root):
     run_script("ddpm", run_dir, out, mnist_root, "--quick", "--recipe", "cpu", "--max-steps", 3, "--teacher", "flow")
     model = load_model(out)
     assert model.kind == "ddpm" and model.objective.to_dict()["name"] == "ddpm_eps"
-    assert model.config["training"]["teacher"] == "flow"
+    assert model.config["training"]["teacher"] == "flow" and model.config["training"]["teacher_weight"] == "full"
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -510,3 +521,32 @@ def test_quick_gating_with_loguniform_noise_levels(tmp_path, mnist_root):
     assert load_model(out).config["training"]["gate_sigma"] == "loguniform"
     n = metrics(run_dir, "epoch")[-1]["band_examples"]
     assert sum(n) == 8 * 64 and min(n) >= 50  # 512 draws over 6 bands: ~85 each
+
+
+def test_ddpm_cpu_recipe_trains_its_first_stage_when_it_is_missing(tmp_path, mnist_root):
+    """``python train/ddpm.py`` on a fresh machine: stage 1 (from flow's network, no teacher) is
+    trained into runs/ddpm-stage1/ first, then stage 2 starts from it with the teacher at full weight."""
+    run_dir, out = tmp_path / "run", tmp_path / "ddpm.safetensors"
+    small = ("--recipe", "cpu", "--limit", 128, "--batch-size", 64, "--max-steps", 2, "--save-every", 0)
+    proc = run_script("ddpm", run_dir, out, mnist_root, *small)
+    stage1 = tmp_path / "runs" / "ddpm-stage1" / "ddpm.safetensors"
+    assert "stage 1:" in proc.stdout and stage1.is_file()
+    first, second = load_model(stage1).config["training"], load_model(out).config["training"]
+    assert (first["init"], first["teacher"], first["lr"]) == ("flow", None, 2e-3)
+    assert (second["init"], second["teacher"], second["teacher_weight"], second["lr"]) == ("runs/ddpm-stage1/ddpm.safetensors", "flow", "full", 1e-3)
+    proc = run_script("ddpm", run_dir, out, mnist_root, *small)  # stage 1 is there now: not trained again
+    assert "stage 1:" not in proc.stdout
+
+
+def test_quick_ddpm_weak_is_a_smaller_ddpm_with_the_teacher(tmp_path, mnist_root):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ddpm_weak", Path(__file__).resolve().parent.parent / "train" / "ddpm_weak.py")
+    weak = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(weak)
+    assert weak.RECIPE["channels"] == 16 and weak.RECIPE["teacher"] == "flow"
+    run_dir, out = tmp_path / "run", tmp_path / "ddpm_weak.safetensors"
+    run_script("ddpm_weak", run_dir, out, mnist_root, "--quick", "--max-steps", 3)
+    model = load_model(out)
+    assert model.kind == "ddpm" and model.objective.to_dict()["name"] == "ddpm_eps" and model.config["training"]["teacher"] == "flow"
+    assert model.guide_denoiser() is not None
