@@ -568,8 +568,13 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
     loaded.success(load_explore, edit_controls + ex_inputs, ex_all, concurrency_id=SAMPLING, api_visibility="private",
                    show_progress="minimal", show_progress_on=[ex_status]).then(None, ex_query, ex_link, js=share_js, api_visibility="private")
 
-    model.change(_control_updates, [model, sampler, routing], vis_outputs + [ex_velocity], api_visibility="private", queue=False)
-    sampler.change(_control_updates, [model, sampler, routing], vis_outputs + [ex_velocity], api_visibility="private", queue=False)
+    def _all_control_updates(model_name, sampler_name, routing_value=None):
+        """``_control_updates`` and the Explore tab's velocity image (shown for a flow model)."""
+        upd = _control_updates(model_name, sampler_name, routing_value)
+        return (*upd, upd[4])
+
+    model.change(_all_control_updates, [model, sampler, routing], vis_outputs + [ex_velocity], api_visibility="private", queue=False)
+    sampler.change(_all_control_updates, [model, sampler, routing], vis_outputs + [ex_velocity], api_visibility="private", queue=False)
     model.change(_compare_axis_updates, [model, axis], [axis, values], api_visibility="private", queue=False)
     model.input(lambda m: ui.default_autoguidance(_models().get(m)), model, autoguidance, api_visibility="private", queue=False)
     axis.input(lambda m, a: ui.default_compare_values(a, _models().get(m)), [model, axis], values, api_visibility="private", queue=False)

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from app_server import ROOT, running_app  # noqa: E402
 from browser_support import (  # noqa: E402, F401  (browser, page: fixtures)
-    TIMEOUT_MS, UPDATE_ASSETS, browser, filled_textbox, image_bytes, page, set_number, shipped_checkpoints)
+    TIMEOUT_MS, UPDATE_ASSETS, browser, filled_textbox, image_bytes, page, set_number, shipped_checkpoints, sync_api)
 
 from diffusion_core import ui  # noqa: E402
 from diffusion_core.pipeline import Settings, generate  # noqa: E402
@@ -46,8 +46,9 @@ COUNT_FRAMES = """() => {
 
 
 def expected_images(checkpoints, settings: Settings) -> np.ndarray:
-    model, gate = ModelRegistry(checkpoints).for_settings(settings)
-    return generate(settings, model, gate).images.numpy()
+    registry = ModelRegistry(checkpoints)
+    model, gate = registry.for_settings(settings)
+    return generate(settings, model, gate, guide=registry.guide_for(settings, model)).images.numpy()
 
 
 def test_generate_stream_share_link(server, page, checkpoints, tmp_path):
@@ -124,6 +125,35 @@ def test_mcl_controls_chart_and_compare(server, page, tmp_path):
     page.get_by_role("tab", name="Models").click()
     assert page.locator(".model-card").count() >= 4
     page.screenshot(path=str(tmp_path / "mcl.png"), full_page=True)
+
+
+def test_autoguidance_control_and_its_share_link(server, page, checkpoints):
+    """Picking the DDPM shows the autoguidance slider at the app's weight (and hides CFG's guidance);
+    the image is the autoguided one, and its share link reproduces it byte for byte."""
+    page.goto(server + "?v=1&model=cfg&digit=any&guidance=1.2&sampler=dpmpp_2m&steps=3&seed=1&n=1")
+    wait_done(page, "3 steps")
+    assert not page.locator("#autoguidance").is_visible() and page.locator("#guidance").is_visible()
+    page.locator("#model label", has_text=ui.MODEL_LABELS["ddpm"]).click()
+    page.locator("#autoguidance").wait_for(state="visible")
+    assert not page.locator("#guidance").is_visible()
+    w = ui.APP_AUTOGUIDANCE["ddpm"]
+    sync_api.expect(page.locator("#autoguidance input[type=number]")).to_have_value(f"{w:g}")
+    assert ui.AUTOGUIDANCE_HELP[:40] in page.locator("#autoguidance").inner_text()  # the sentence under the control
+    set_number(page, "autoguidance", 2.5)
+    set_number(page, "n", 2)
+    page.locator("#run").click()
+    wait_done(page, "3 steps")
+    final = image_bytes(page, "#final img")
+    expected = expected_images(checkpoints, Settings(model="ddpm", steps=3, seed=1, n=2, autoguidance=2.5, guide="ddpm_weak"))
+    assert np.array_equal(ui.split_grid(ui.decode_png(final), 2), expected)
+    link = filled_textbox(page, "share_link", "autoguidance=2.5")
+    assert "guide=ddpm_weak" in link
+    other = page.context.new_page()
+    other.goto(link)
+    wait_done(other, "3 steps")
+    sync_api.expect(other.locator("#autoguidance input[type=number]")).to_have_value("2.5")
+    assert image_bytes(other, "#final img") == final
+    other.close()
 
 
 def test_malformed_share_link_shows_error_and_app_still_works(server, page):
