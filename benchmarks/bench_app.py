@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_app                        # checkpoints/ (or $DIFFUSION_CHECKPOINT_DIR)
     python -m benchmarks.bench_app --checkpoint-dir DIR --repeats 10 --json runs/bench_app.json
+    python -m benchmarks.bench_app --model ddpm           # the DDPM at the app's autoguidance (two networks a step)
     python -m benchmarks.bench_app --url http://127.0.0.1:7860/   # also through a running app's /generate
     python -m benchmarks.bench_app --url http://127.0.0.1:7860/ --browser   # ...and in headless Chromium
 
@@ -65,19 +66,21 @@ def bench(registry, repeats: int = 5, model: str = "cfg") -> dict:
     if model not in models:
         raise SystemExit(f"model {model!r} not found in {registry.directory} (found: {', '.join(models) or 'none'})")
     info = models[model]
-    one = ui.parse_settings(models, model=model)  # the app's defaults: one image
-    ten = ui.parse_settings(models, model=model, n=10)  # digits 0..9 when the model is conditional
+    ag = ui.default_autoguidance(info)  # the app's autoguidance for an unconditional model (two networks a step)
+    one = ui.parse_settings(models, model=model, autoguidance=ag)  # the app's defaults: one image
+    ten = ui.parse_settings(models, model=model, n=10, autoguidance=ag)  # digits 0..9 when the model is conditional
     m, gate = registry.for_settings(one)
+    guide = registry.guide_for(one, m)
     for s in (one, ten):  # warm up (first calls allocate)
         _stream_times(registry, s, info)
-        generate(Settings(**s.to_dict()), m, gate)
+        generate(Settings(**s.to_dict()), m, gate, guide=guide)
     rows = {}
     for name, s in (("one_digit", one), ("ten_digits", ten)):
         app_runs = [_stream_times(registry, s, info) for _ in range(repeats)]
         lib = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            generate(Settings(**s.to_dict()), m, gate)
+            generate(Settings(**s.to_dict()), m, gate, guide=guide)
             lib.append(time.perf_counter() - t0)
         rows[name] = {
             "settings": s.to_dict(),
@@ -90,22 +93,23 @@ def bench(registry, repeats: int = 5, model: str = "cfg") -> dict:
     return rows
 
 
-def bench_http(url: str, repeats: int = 5) -> dict:
+def bench_http(url: str, repeats: int = 5, model: str = "cfg") -> dict:
     from gradio_client import Client
 
     client = Client(url, verbose=False)
     out = {}
     for name, n in (("one_digit", 1), ("ten_digits", 10)):
-        client.predict(n=n, api_name="/generate")  # warm up
+        client.predict(model=model, n=n, api_name="/generate")  # warm up (the API's autoguidance: the app's for the model)
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            client.predict(n=n, api_name="/generate")
+            client.predict(model=model, n=n, api_name="/generate")
             times.append(time.perf_counter() - t0)
         out[name] = {"http_generate_s": statistics.median(times)}
     # what the page sees: the streaming event, first update (the noise frame) and the final image
     d = Settings()
-    args = (d.model, "any", d.guidance, d.sampler, d.steps, d.eta, d.routing, str(d.seed), d.n)
+    info = ui.available_models(ModelRegistry()).get(model)
+    args = (model, "any", d.guidance, d.sampler, d.steps, d.eta, d.routing, str(d.seed), d.n, ui.default_autoguidance(info), "")
     firsts, finals = [], []
     for i in range(repeats + 1):
         t0 = time.perf_counter()
@@ -204,7 +208,7 @@ def main(argv=None) -> int:
     registry = ModelRegistry(args.checkpoint_dir)
     rows = bench(registry, args.repeats, args.model)
     if args.url:
-        for k, v in bench_http(args.url, args.repeats).items():
+        for k, v in bench_http(args.url, args.repeats, args.model).items():
             rows[k].update(v)
     if args.browser:
         rows["one_digit"].update(bench_browser(args.url, args.repeats))
@@ -226,7 +230,8 @@ def main(argv=None) -> int:
         checks += [("one digit: browser, first frame", one["browser_first_frame_s"], TARGETS["first_frame_s"]),
                    ("one digit: browser, final image", one["browser_final_image_s"], TARGETS["final_image_s"])]
     s = one["settings"]
-    print(f"model {args.model} ({registry.directory}), {s['sampler']}, {s['steps']} steps, guidance {s['guidance']:g}; "
+    print(f"model {args.model} ({registry.directory}), {s['sampler']}, {s['steps']} steps, guidance {s['guidance']:g}, "
+          f"autoguidance {s['autoguidance']:g}{' (' + s['guide'] + ')' if s['guide'] else ''}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; median of {args.repeats}")
     print(f"{'case':<36}{'seconds':>10}{'target':>9}  ok")
     for name, value, target in checks:

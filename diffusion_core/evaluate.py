@@ -68,7 +68,7 @@ from .data import MNISTNotFound, load_mnist
 from .mcl import ROUTINGS, make_router, routing_cost, routing_needs_gate
 from .models import LoadedModel, load_model
 from .palette import FLOOR_COLOR, expert_color, sampler_color
-from .pipeline import MAX_AUTOGUIDANCE, Settings, generate, trajectory
+from .pipeline import APP_AUTOGUIDANCE, DEFAULT_GUIDES, MAX_AUTOGUIDANCE, Settings, generate, trajectory
 from .samplers import NFE_PER_STEP, SAMPLERS
 
 DIFFUSION_MODELS = ("ddpm", "cfg", "flow", "mcl")
@@ -247,8 +247,11 @@ def main_rows(cfg: EvalConfig, num_experts: int | None = None) -> list[Row]:
 
 
 def guide_label(guide: str) -> str:
-    """A guide's short name for row names: a checkpoint name, or a path's file stem."""
-    return Path(guide).stem if guide.endswith(".safetensors") else guide
+    """A guide's short name for row names: a checkpoint name, or a path's folder and file stem."""
+    if not guide.endswith(".safetensors"):
+        return guide
+    p = Path(guide)
+    return f"{p.parent.name}/{p.stem}" if p.parent.name else p.stem
 
 
 def autoguidance_rows(cfg: EvalConfig, base: Settings, name: str) -> list[Row]:
@@ -1167,7 +1170,7 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = _log, command: str | 
 
     recorded = record_quality(records, models.paths, command) if cfg.record_quality else {}
     for name, row in recorded.items():
-        log(f"recorded the quality of row {row!r} in {models.paths[name]}")
+        log(f"recorded the quality of row {row!r} in {models.paths.get(name) or models.paths[f'guide {name}']}")
 
     results = {
         "format": "diffusion_core.evaluate/1",
@@ -1194,9 +1197,12 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = _log, command: str | 
     return results
 
 
-# Row names as main_rows writes them (the app's default guidance and routing first).
-HEADLINE_ROWS = {"ddpm": ("ddpm",), "cfg": (f"cfg g={Settings().guidance:g}",), "flow": (f"flow g={Settings().guidance:g}",),
-                 "mcl": (f"mcl {routing_label(Settings().routing)}", "mcl heuristic")}
+# Row names as main_rows writes them (the app's defaults first: guidance, routing, autoguidance and its guide).
+_AG = {k: f" ag={w:g} {DEFAULT_GUIDES[k]}" if w != 1 else "" for k, w in APP_AUTOGUIDANCE.items()}
+HEADLINE_ROWS = {"ddpm": (f"ddpm{_AG['ddpm']}", "ddpm"), "cfg": (f"cfg g={Settings().guidance:g}",), "flow": (f"flow g={Settings().guidance:g}",),
+                 "mcl": (f"mcl {routing_label(Settings().routing)}{_AG['mcl']}", f"mcl {routing_label(Settings().routing)}", "mcl heuristic")}
+# The row a model card shows beside its headline, when the headline is autoguided.
+UNGUIDED_ROWS = {"ddpm": "ddpm", "mcl": f"mcl {routing_label(Settings().routing)}"}
 
 
 def quality_summary(record: dict, command: str) -> dict:
@@ -1207,12 +1213,20 @@ def quality_summary(record: dict, command: str) -> dict:
         how += f", guidance {s['guidance']:g}"
     if record["group"] == "mcl":
         how += f", {s['routing']} routing"
+    if s.get("autoguidance", 1) != 1:
+        how += f", autoguidance {s['autoguidance']:g} ({guide_label(s['guide'])})"
     q = {"measured on": how, "Frechet distance": round(m["frechet"], 3), "real-data floor": round(m["frechet_floor"], 3),
          "distance / floor": None if m["frechet_ratio"] is None else round(m["frechet_ratio"], 2),
          "precision": round(m["precision"], 3), "recall": round(m["recall"], 3)}
     if m["accuracy"] is not None:
         q["digit accuracy"] = round(m["accuracy"], 4)
-    q.update({"class entropy": round(m["entropy"], 3), "confidence > 0.9": round(m["confident"], 3), "command": command})
+    q.update({"class entropy": round(m["entropy"], 3), "confidence > 0.9": round(m["confident"], 3)})
+    m2 = m.get("second_classifier")
+    if m2:
+        q["second classifier"] = {k: round(v, 4 if k == "accuracy" else 3) for k, v in
+                                  (("accuracy", m2["accuracy"]), ("distance / floor", m2["frechet_ratio"]), ("confidence > 0.9", m2["confident"]))
+                                  if v is not None}
+    q["command"] = command
     return q
 
 
@@ -1225,8 +1239,19 @@ def record_quality(records: list[dict], paths: dict, command: str) -> dict[str, 
     for model, candidates in HEADLINE_ROWS.items():
         row = next((by_name[c] for c in candidates if c in by_name), None)
         if row is not None and model in paths:
-            update_config(paths[model], {"quality": quality_summary(row, command)})
+            q = quality_summary(row, command)
+            plain = by_name.get(UNGUIDED_ROWS.get(model, ""))
+            if row["settings"].get("autoguidance", 1) != 1 and plain is not None:
+                p = plain["metrics"]
+                q["without autoguidance"] = {"distance / floor": round(p["frechet_ratio"], 2), "confidence > 0.9": round(p["confident"], 3),
+                                             "class entropy": round(p["entropy"], 3)}
+            update_config(paths[model], {"quality": q})
             done[model] = row["name"]
+    for guide in set(DEFAULT_GUIDES.values()):  # a weak model's card: its quality alone (the ag=0 row)
+        row = by_name.get(f"ddpm ag=0 {guide}")
+        if row is not None and f"guide {guide}" in paths:
+            update_config(paths[f"guide {guide}"], {"quality": quality_summary(row, command)})
+            done[guide] = row["name"]
     return done
 
 

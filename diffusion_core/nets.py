@@ -214,7 +214,7 @@ class ClassifierConfig(_Config):
     channels: int = 32
     feature_dim: int = 128
     num_classes: int = 10
-    arch: str = "vgg"  # vgg: two 3x3 conv pairs and a dense layer (the metrics' classifier); gap: 5x5 convs, three stages, global average pooling
+    arch: str = "vgg"  # vgg: two 3x3 conv pairs and a dense layer (the metrics' classifier); gap: 5x5 convs and global average pooling
 
 
 def _conv_bn(cin: int, cout: int, k: int) -> list[nn.Module]:
@@ -226,7 +226,8 @@ class Classifier(nn.Module):
 
     ``arch="vgg"`` (the ``classifier`` checkpoint): two pairs of 3x3 convolutions with max-pooling,
     then a dense layer of ``feature_dim``. ``arch="gap"`` (``classifier2``, the independent second
-    reading): 5x5 convolutions in three stages and global average pooling to ``feature_dim``."""
+    reading): 5x5 convolutions (one at full resolution, two at half), a 3x3 one to ``feature_dim``
+    channels, and global average pooling instead of a dense layer."""
 
     def __init__(self, config: ClassifierConfig | dict | None = None, **kwargs):
         super().__init__()
@@ -246,7 +247,7 @@ class Classifier(nn.Module):
             )
         else:
             self.body = nn.Sequential(
-                *_conv_bn(1, ch, 5), *_conv_bn(ch, ch, 5), nn.MaxPool2d(2),
+                *_conv_bn(1, ch, 5), nn.MaxPool2d(2),
                 *_conv_bn(ch, 2 * ch, 5), *_conv_bn(2 * ch, 2 * ch, 5), nn.MaxPool2d(2),
                 *_conv_bn(2 * ch, config.feature_dim, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
             )

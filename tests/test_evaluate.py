@@ -400,7 +400,9 @@ def test_autoguidance_rows_and_the_second_classifier(tiny_checkpoints, mnist_roo
     images; rows replay with their guide); a ``classifier2`` checkpoint adds its own columns."""
     from diffusion_core.models import save_model
     from diffusion_core.nets import Classifier, ClassifierConfig
+    from diffusion_core.pipeline import APP_AUTOGUIDANCE
 
+    W = APP_AUTOGUIDANCE["ddpm"]
     ckpt = shutil.copytree(tiny_checkpoints, tmp_path / "checkpoints")
     torch.manual_seed(1)
     clf2 = Classifier(ClassifierConfig(channels=8, feature_dim=16, arch="gap")).eval()
@@ -408,14 +410,21 @@ def test_autoguidance_rows_and_the_second_classifier(tiny_checkpoints, mnist_roo
     shutil.copy(ckpt / "ddpm_weak.safetensors", ckpt / "weak_copy.safetensors")
     results = ev.main(["--checkpoint-dir", str(ckpt), "--data-dir", str(mnist_root), "--out-dir", str(tmp_path / "out"), "--no-figures",
                        "--device", "cpu", "--models", "ddpm,cfg", "--guidance-scales", "2", "--n", "20", "--steps", "2", "--sweep-n", "0",
-                       "--autoguidance", "0,1,2.5", "--guides", f"ddpm_weak,cfg,{ckpt / 'weak_copy.safetensors'}"])
+                       "--autoguidance", f"0,1,2.5,{W:g}", "--guides", f"ddpm_weak,cfg,{ckpt / 'weak_copy.safetensors'}", "--record-quality"])
     rows = {r["name"]: r for r in results["rows"]}
-    assert list(rows) == ["ddpm", "ddpm ag=0 ddpm_weak", "ddpm ag=2.5 ddpm_weak", "ddpm ag=0 cfg", "ddpm ag=2.5 cfg",
-                          "ddpm ag=0 weak_copy", "ddpm ag=2.5 weak_copy", "cfg g=2"]  # w = 1 is the plain ddpm row
+    weights = ["0", "2.5"] + ([f"{W:g}"] if W not in (0, 1, 2.5) else [])
+    assert list(rows) == ["ddpm"] + [f"ddpm ag={w} {g}" for g in ("ddpm_weak", "cfg", "checkpoints/weak_copy") for w in weights] + ["cfg g=2"]
+    # the cards: ddpm at the app's autoguidance, with its unguided numbers beside; the weak model alone
+    assert results["recorded_quality"]["ddpm"] == f"ddpm ag={W:g} ddpm_weak" and results["recorded_quality"]["ddpm_weak"] == "ddpm ag=0 ddpm_weak"
+    q = load_model(ckpt / "ddpm.safetensors").config["quality"]
+    assert f"autoguidance {W:g} (ddpm_weak)" in q["measured on"]
+    assert q["without autoguidance"]["distance / floor"] == round(rows["ddpm"]["metrics"]["frechet_ratio"], 2)
+    assert "second classifier" in q and "accuracy" not in q["second classifier"]  # unconditional: no requested digit
+    assert load_model(ckpt / "ddpm_weak.safetensors").config["quality"]["Frechet distance"] == round(rows["ddpm ag=0 ddpm_weak"]["metrics"]["frechet"], 3)
     weak = load_model(ckpt / "ddpm_weak.safetensors")
     own = ev.replay_batches(rows["ddpm"]["batches"], weak)  # the guide sampled alone, from the same seeds
-    assert ev.images_sha256(own) == rows["ddpm ag=0 ddpm_weak"]["images_sha256"] == rows["ddpm ag=0 weak_copy"]["images_sha256"]
-    assert rows["ddpm ag=2.5 ddpm_weak"]["images_sha256"] == rows["ddpm ag=2.5 weak_copy"]["images_sha256"]
+    assert ev.images_sha256(own) == rows["ddpm ag=0 ddpm_weak"]["images_sha256"] == rows["ddpm ag=0 checkpoints/weak_copy"]["images_sha256"]
+    assert rows["ddpm ag=2.5 ddpm_weak"]["images_sha256"] == rows["ddpm ag=2.5 checkpoints/weak_copy"]["images_sha256"]
     assert rows["ddpm ag=2.5 cfg"]["images_sha256"] != rows["ddpm ag=2.5 ddpm_weak"]["images_sha256"]
     ddpm = load_model(ckpt / "ddpm.safetensors")
     r = rows["ddpm ag=2.5 cfg"]

@@ -2,7 +2,8 @@
 
     python train/classifier.py                   # the shipped checkpoints/classifier.safetensors (CPU or GPU)
     python train/classifier.py --quick
-    python train/classifier.py --arch gap --seed 1 --out checkpoints/classifier2.safetensors   # the second classifier of evaluate
+    python train/classifier.py --arch gap --channels 24 --epochs 6 --seed 1 --run-dir runs/classifier2 --out checkpoints/classifier2.safetensors
+                                                 # the second, independent classifier of evaluate
 
 Cross-entropy with random shifts of up to 2 pixels; each epoch logs the EMA model's test
 accuracy, and its grid shows, row by row, test images classified as 0..9.

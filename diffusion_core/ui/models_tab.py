@@ -71,7 +71,8 @@ def model_card(name: str, path) -> dict:
     training = []
     for key, label in [("wall_time_s", "training time"), ("device", "device"), ("init", "started from"), ("epochs", "epochs"),
                        ("steps", "optimizer steps"), ("images_seen", "images seen"), ("batch_size", "batch size"), ("lr", "learning rate"),
-                       ("p_uncond", "label dropout"), ("wta", "winner-takes-all"), ("ema_decay", "EMA decay")]:
+                       ("p_uncond", "label dropout"), ("teacher", "teacher"), ("teacher_weight", "teacher weight"),
+                       ("wta", "winner-takes-all"), ("ema_decay", "EMA decay")]:
         if tr.get(key) is not None:
             value = tr[key]
             if key == "wall_time_s":
