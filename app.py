@@ -125,6 +125,13 @@ def _compare_axis_updates(model_name, axis):
     return gr.update(choices=axes, value=axis), ui.default_compare_values(axis, info)
 
 
+def _api_guidance(models, model, value):
+    """The API's guidance: the value given, or (None, empty) the app's scale for the model."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return ui.default_guidance(models.get(model if isinstance(model, str) else D.model))
+    return value
+
+
 def _api_autoguidance(models, model, value):
     """The API's autoguidance: the value given, or (None, empty) the app's weight for the model."""
     if value is None or (isinstance(value, str) and not value.strip()):
@@ -146,7 +153,7 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
         with gr.Column(scale=1, min_width=300):
             model = gr.Radio(ui.model_choices(models0), value=m0, label="Model", elem_id="model")
             digit = gr.Radio(ui.digit_choices(), value="any", label="Digit", info="'any' cycles 0-9 over the images", visible=v0.digit, elem_id="digit")
-            guidance = gr.Slider(0, MAX_GUIDANCE, value=D.guidance, step=0.1, label="Guidance scale",
+            guidance = gr.Slider(0, MAX_GUIDANCE, value=ui.default_guidance(models0.get(m0)), step=0.1, label="Guidance scale",
                                  info="0 unconditional, 1 conditional, >1 guided", visible=v0.guidance, elem_id="guidance")
             autoguidance = gr.Slider(0, MAX_AUTOGUIDANCE, value=ui.default_autoguidance(models0.get(m0)), step=0.1, label="Guidance without labels (autoguidance)",
                                      info=ui.AUTOGUIDANCE_HELP, visible=v0.autoguidance, elem_id="autoguidance")
@@ -262,12 +269,12 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
     with gr.Column(visible=False):
         a_model = gr.Textbox(value=D.model, label="model")
         a_digit = gr.Textbox(value="any", label="digit")
-        a_guidance = gr.Number(value=D.guidance, label="guidance")
+        a_guidance = gr.Textbox(value="", label="guidance (empty: the app's scale for the model)")
         a_sampler = gr.Textbox(value=D.sampler, label="sampler")
         a_steps = gr.Number(value=D.steps, label="steps")
         a_eta = gr.Number(value=D.eta, label="eta")
         a_routing = gr.Textbox(value=D.routing, label="routing")
-        a_autoguidance = gr.Number(value=None, label="autoguidance (empty: the app's weight for the model)")
+        a_autoguidance = gr.Textbox(value="", label="autoguidance (empty: the app's weight for the model)")
         a_guide = gr.Textbox(value="", label="guide")
         a_seed = gr.Number(value=D.seed, label="seed")
         a_n = gr.Number(value=D.n, label="n")
@@ -342,7 +349,7 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
         `autoguidance` (unconditional models: 1 is the model alone; empty: the app's weight) and `guide` (its weak model;
         empty: the default) steer without labels."""
         models = _models()
-        autoguidance = _api_autoguidance(models, model, autoguidance)
+        guidance, autoguidance = _api_guidance(models, model, guidance), _api_autoguidance(models, model, autoguidance)
         s = _settings(models, model, digit, guidance, sampler, steps, eta, routing, seed, n, autoguidance, guide)
         return ui.png_files(ui.generate_image(registry, s, models[s.model]), files), s.to_json()
 
@@ -368,7 +375,7 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
         """Compare strategies from one seed: rows are the values of `axis` (sampler, routing, guidance, autoguidance or eta: DDIM etas,
         and 'ddpm' for DDPM's sampler), columns are denoising steps. Returns the grid PNG and the comparison's settings JSON."""
         models = _models()
-        autoguidance = _api_autoguidance(models, model, autoguidance)
+        guidance, autoguidance = _api_guidance(models, model, guidance), _api_autoguidance(models, model, autoguidance)
         base = _settings(models, model, digit, guidance, sampler, steps, eta, routing, seed, 1, autoguidance, guide)
         rows = ui.parse_compare(models, base, axis, values)
         png, text, _, _ = _compare_files(base, axis, rows)
@@ -472,7 +479,7 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
         models = _models()
         source, drawing = _api_source(index, image)
         x0 = ui.input_digit(source, index, drawing)
-        base = _settings(models, model, digit, guidance, D.sampler, D.steps, D.eta, routing, seed, 1)
+        base = _settings(models, model, digit, _api_guidance(models, model, guidance), D.sampler, D.steps, D.eta, routing, seed, 1)
         den = ui.denoise(registry, base, x0, level, curve=False)
         return ui.png_files(den["image"], files), json.dumps(den["info"], indent=2)
 
@@ -482,6 +489,7 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
         it back, guided towards `digit` for a class-conditional model; `region` (top, bottom, left, right, centre) repaints only that
         part (inpainting). Returns the result PNG (224x224) and its settings JSON."""
         source, drawing = _api_source(index, image)
+        guidance = _api_guidance(_models(), model, guidance)
         es, info = _edit(model, digit, guidance, sampler, steps, eta, routing, seed, source, index, drawing, level, region)
         img = ui.sdedit_image(registry, es, info)
         return files.write("sdedit.png", ui.png_bytes(img)), es.to_json()
@@ -523,9 +531,11 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
         link = _link(request) or ui.Link()
         s = link.settings or Settings(model=m or D.model)
         # the app's autoguidance default on a plain visit; a link's own value (a link without one: the model alone)
-        ag = s.autoguidance if link.settings is not None else ui.default_autoguidance(models.get(s.model))
+        plain = link.settings is None
+        ag = ui.default_autoguidance(models.get(s.model)) if plain else s.autoguidance
+        g = ui.default_guidance(models.get(s.model)) if plain else s.guidance
         upd = [gr.update(choices=ui.model_choices(models), value=s.model if s.model in models else m),
-               "any" if s.digit is None else str(s.digit), s.guidance, s.sampler, s.steps, s.eta, s.routing, str(s.seed), s.n,
+               "any" if s.digit is None else str(s.digit), g, s.sampler, s.steps, s.eta, s.routing, str(s.seed), s.n,
                ag, s.guide or DEFAULT_GUIDES["ddpm"]]
         upd += list(_control_updates(s.model, s.sampler, s.routing)) + [ui.model_cards(registry)]
         ax, vals = _compare_axis_updates(s.model, link.axis or "sampler")
@@ -576,7 +586,8 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
     model.change(_all_control_updates, [model, sampler, routing], vis_outputs + [ex_velocity], api_visibility="private", queue=False)
     sampler.change(_all_control_updates, [model, sampler, routing], vis_outputs + [ex_velocity], api_visibility="private", queue=False)
     model.change(_compare_axis_updates, [model, axis], [axis, values], api_visibility="private", queue=False)
-    model.input(lambda m: ui.default_autoguidance(_models().get(m)), model, autoguidance, api_visibility="private", queue=False)
+    model.input(lambda m: (ui.default_guidance(_models().get(m)), ui.default_autoguidance(_models().get(m))), model, [guidance, autoguidance],
+                api_visibility="private", queue=False)  # a model picked by hand starts from its own defaults
     axis.input(lambda m, a: ui.default_compare_values(a, _models().get(m)), [model, axis], values, api_visibility="private", queue=False)
     dice.click(ui.random_seed, None, seed, api_visibility="private", queue=False)
     routing.change(lambda r: gr.update(info=ui.routing_help(r)), routing, routing, api_visibility="private", queue=False)

@@ -68,7 +68,7 @@ from .data import MNISTNotFound, load_mnist
 from .mcl import ROUTINGS, make_router, routing_cost, routing_needs_gate
 from .models import LoadedModel, load_model
 from .palette import FLOOR_COLOR, expert_color, sampler_color
-from .pipeline import APP_AUTOGUIDANCE, DEFAULT_GUIDES, MAX_AUTOGUIDANCE, Settings, generate, trajectory
+from .pipeline import APP_AUTOGUIDANCE, APP_GUIDANCE, DEFAULT_GUIDES, MAX_AUTOGUIDANCE, Settings, generate, trajectory
 from .samplers import NFE_PER_STEP, SAMPLERS
 
 DIFFUSION_MODELS = ("ddpm", "cfg", "flow", "mcl")
@@ -1199,7 +1199,7 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = _log, command: str | 
 
 # Row names as main_rows writes them (the app's defaults first: guidance, routing, autoguidance and its guide).
 _AG = {k: f" ag={w:g} {DEFAULT_GUIDES[k]}" if w != 1 else "" for k, w in APP_AUTOGUIDANCE.items()}
-HEADLINE_ROWS = {"ddpm": (f"ddpm{_AG['ddpm']}", "ddpm"), "cfg": (f"cfg g={Settings().guidance:g}",), "flow": (f"flow g={Settings().guidance:g}",),
+HEADLINE_ROWS = {"ddpm": (f"ddpm{_AG['ddpm']}", "ddpm"), "cfg": (f"cfg g={APP_GUIDANCE['cfg']:g}",), "flow": (f"flow g={APP_GUIDANCE['flow']:g}",),
                  "mcl": (f"mcl {routing_label(Settings().routing)}{_AG['mcl']}", f"mcl {routing_label(Settings().routing)}", "mcl heuristic")}
 # The row a model card shows beside its headline, when the headline is autoguided.
 UNGUIDED_ROWS = {"ddpm": "ddpm", "mcl": f"mcl {routing_label(Settings().routing)}"}

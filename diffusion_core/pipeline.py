@@ -22,6 +22,10 @@ MAX_SEED = 2**63 - 1
 MAX_STEPS = 1000
 MAX_GUIDANCE = 20.0
 MAX_AUTOGUIDANCE = 5.0
+# The app's classifier-free guidance per class-conditional model kind, chosen so that two
+# independently trained classifiers both read the requested digit (docs/autoguidance.md); cfg's is
+# also Settings' default.
+APP_GUIDANCE = {"cfg": 1.2, "flow": 1.2}
 # The bad model that guides each unconditional model kind when a setting names none (autoguidance).
 DEFAULT_GUIDES = {"ddpm": "ddpm_weak", "mcl": "ddpm_weak"}
 # The app's autoguidance weight per unconditional model kind, from the evaluation's sweep
@@ -38,7 +42,7 @@ class Settings:
     seed: int = 0
     n: int = 1
     digit: int | None = None  # CFG: the requested digit; None cycles 0-9
-    guidance: float = 1.2  # CFG scale: 0 unconditional, 1 conditional, > 1 guided; the default from the guidance sweep (README)
+    guidance: float = APP_GUIDANCE["cfg"]  # CFG scale: 0 unconditional, 1 conditional, > 1 guided; the default from the guidance sweep
     routing: str = "sampled"  # MCL: expert:K, heuristic, gated, soft, pooled, sampled, winrate, x0gate, scout, sticky[:SIGMA]; the default by measurement (README)
     eta: float = 0.0  # DDIM stochasticity
     autoguidance: float = 1.0  # unconditional models: D_bad + w (D - D_bad); 1 is the model alone (off), 0 the guide alone

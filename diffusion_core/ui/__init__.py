@@ -27,7 +27,7 @@ from __future__ import annotations
 from ..pipeline import Settings
 from .common import (APP_AUTOGUIDANCE, AUTOGUIDANCE_HELP, BACKGROUND, CARD_TITLES, COMPARE_AXES, DEFAULT_GUIDANCES, GAP, MAX_COMPARE_ROWS, MAX_IMAGES, MAX_VALUE_CHARS,
                      MENU_ROUTINGS, MODEL_BLURBS, MODEL_LABELS, ROUTING_LABELS, SAMPLER_LABELS, SCALE, SHARE_FIELDS, SHARE_VERSION, ModelInfo,
-                     Visibility, available_models, carry_forward, default_autoguidance, digit_choices, guide_names, model_choices, model_info, model_label, parse_settings,
+                     Visibility, available_models, carry_forward, default_autoguidance, default_guidance, digit_choices, guide_names, model_choices, model_info, model_label, parse_settings,
                      random_seed, routing_choices, routing_help, routing_label, sampler_choices, settings_from_json, user_errors, visibility)
 from .compare_tab import (COMPARE_KIND, DEFAULT_AUTOGUIDANCES, DEFAULT_ETAS, ETA_NOTE, compare, compare_from_dict, compare_from_json, compare_json,
                           compare_meta, compare_share_query, default_compare_values, parse_compare, row_value)
@@ -42,7 +42,7 @@ from .links import Link, parse_link
 from .share import settings_from_query, share_query
 
 __all__ = [
-    "APP_AUTOGUIDANCE", "AUTOGUIDANCE_HELP", "guide_names", "default_autoguidance", "DEFAULT_AUTOGUIDANCES",
+    "APP_AUTOGUIDANCE", "AUTOGUIDANCE_HELP", "guide_names", "default_autoguidance", "default_guidance", "DEFAULT_AUTOGUIDANCES",
     "Settings", "BACKGROUND", "CARD_TITLES", "COMPARE_AXES", "DEFAULT_GUIDANCES", "GAP", "MAX_COMPARE_ROWS", "MAX_IMAGES",
     "MAX_VALUE_CHARS", "MENU_ROUTINGS", "MODEL_BLURBS", "MODEL_LABELS", "ROUTING_LABELS", "SAMPLER_LABELS", "SCALE", "SHARE_FIELDS",
     "SHARE_VERSION", "ModelInfo", "Visibility", "available_models", "carry_forward", "digit_choices", "model_choices", "model_info",

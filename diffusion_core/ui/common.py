@@ -16,7 +16,7 @@ from typing import Iterable, Iterator, Mapping
 from ..checkpoints import CheckpointError, read_config
 from ..mcl import ROUTING_COST, ROUTING_HELP, make_router
 from ..models import GUIDE_KINDS
-from ..pipeline import APP_AUTOGUIDANCE, DEFAULT_GUIDES, MAX_AUTOGUIDANCE, Settings  # noqa: F401 (APP_AUTOGUIDANCE: re-exported)
+from ..pipeline import APP_AUTOGUIDANCE, APP_GUIDANCE, DEFAULT_GUIDES, MAX_AUTOGUIDANCE, Settings  # noqa: F401 (APP_AUTOGUIDANCE: re-exported)
 from ..samplers import SAMPLERS
 
 log = logging.getLogger(__name__)
@@ -271,6 +271,13 @@ def _name(value, what: str) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{what} must be a name, got {value!r}")
     return value.strip().lower()
+
+
+def default_guidance(info: ModelInfo | None) -> float:
+    """The app's classifier-free guidance for a model (``APP_GUIDANCE`` by kind; Settings' default otherwise)."""
+    if info is not None and info.kind in APP_GUIDANCE:
+        return float(APP_GUIDANCE[info.kind])
+    return float(Settings().guidance)
 
 
 def default_autoguidance(info: ModelInfo | None) -> float:
