@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoints import DIR_ENV, CheckpointError
-from .pipeline import APP_AUTOGUIDANCE, DEFAULT_GUIDES, MAX_AUTOGUIDANCE, Settings, generate
+from .pipeline import APP_AUTOGUIDANCE, APP_GUIDANCE, DEFAULT_GUIDES, MAX_AUTOGUIDANCE, Settings, generate
 from .samplers import SAMPLERS
 
 PROG = "python -m diffusion_core.sample"
@@ -60,12 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, metavar="S", help=f"random seed, 0..2^63-1 (default {d.seed})")
     p.add_argument("--n", type=int, metavar="N", help=f"number of images (default {d.n})")
     p.add_argument("--digit", type=int, metavar="D", help="digit 0-9 for cfg (default: cycle 0-9)")
-    p.add_argument("--guidance", type=float, metavar="G", help=f"cfg guidance scale: 0 unconditional, 1 conditional, >1 guided (default {d.guidance:g})")
+    p.add_argument("--guidance", type=float, metavar="G", help="cfg/flow guidance scale: 0 unconditional, 1 conditional, >1 guided (default: the app's, "
+                   + ", ".join(f"{k} {g:g}" for k, g in APP_GUIDANCE.items()) + ")")
     p.add_argument("--routing", metavar="{pooled,winrate,sampled,soft,gated,heuristic,x0gate,scout,sticky[:SIGMA],expert:K}", help=f"mcl routing (default {d.routing})")
     p.add_argument("--eta", type=float, metavar="E", help=f"ddim stochasticity 0..1 (default {d.eta:g})")
     p.add_argument("--autoguidance", type=float, metavar="W",
                    help=f"guidance without labels for ddpm and mcl: D_bad + W (D - D_bad), 0..{MAX_AUTOGUIDANCE:g}; 1 is the model alone "
-                        f"(default {d.autoguidance:g}; the app's: {APP_AUTOGUIDANCE})")
+                        f"(default: the app's, {', '.join(f'{k} {w:g}' for k, w in APP_AUTOGUIDANCE.items())}; a --settings file's own value)")
     p.add_argument("--guide", metavar="NAME|PATH",
                    help="the bad model of --autoguidance: a ddpm, cfg or flow checkpoint (a class-conditional one guides with its "
                         f"unconditional branch; default {DEFAULT_GUIDES['ddpm']})")
@@ -251,6 +252,11 @@ def run(args: argparse.Namespace) -> Path | None:
     settings.validate()
     registry = ModelRegistry(args.checkpoint_dir, device=args.device)
     model, gate = registry.for_settings(settings)
+    if not args.settings:  # the app's defaults for this model, where no flag says otherwise
+        if args.guidance is None and model.num_classes:
+            settings.guidance = APP_GUIDANCE.get(model.kind, settings.guidance)
+        if args.autoguidance is None and not model.num_classes:
+            settings.autoguidance = APP_AUTOGUIDANCE.get(model.kind, settings.autoguidance)
     settings.validate(num_experts=model.num_experts if model.kind == "mcl" else None)
     guide = registry.guide_for(settings, model)
     ignored = {

@@ -154,6 +154,9 @@ def test_trajectory_with_autoguidance_is_deterministic(registry):
 def test_cli_autoguidance_and_its_bad_values(tiny_checkpoints, tmp_path, capsys):
     out = tmp_path / "a.npz"
     common = ["--checkpoint-dir", str(tiny_checkpoints), "--model", "ddpm", "--steps", "3", "--n", "2"]
+    assert sample_main(common + ["--out", str(out)]) == 0  # no flag: the app's weight
+    with np.load(out) as z:
+        assert Settings.from_json(str(z["settings"])).autoguidance == APP_AUTOGUIDANCE["ddpm"]
     assert sample_main(common + ["--autoguidance", "2", "--out", str(out)]) == 0
     with np.load(out) as z:
         s = Settings.from_json(str(z["settings"]))

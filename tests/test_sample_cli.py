@@ -136,8 +136,9 @@ def test_two_processes_write_byte_identical_images(tiny_checkpoints, tmp_path):
     assert len(np.unique(a["images"])) > 10, "images should not be trivial"
     # and the same as in this process
     settings = Settings.from_json(str(a["settings"]))
-    model, gate = ModelRegistry(tiny_checkpoints).for_settings(settings)
-    assert generate(settings, model, gate).images.numpy().tobytes() == a["images"].tobytes()
+    registry = ModelRegistry(tiny_checkpoints)
+    model, gate = registry.for_settings(settings)
+    assert generate(settings, model, gate, guide=registry.guide_for(settings, model)).images.numpy().tobytes() == a["images"].tobytes()
 
 
 def test_bad_input_in_a_real_process_is_one_line_exit_2(tmp_path):
