@@ -184,11 +184,15 @@ class ModelRegistry:
 
     def guide_for(self, settings, model: LoadedModel) -> LoadedModel | None:
         """The bad model that guides ``settings`` (``pipeline.guide_name``), or None when
-        autoguidance is off. Raises ``ValueError`` (``CheckpointError`` included) for a guide that
+        autoguidance is off. For a model given as a path, the default guide is looked for beside it first. Raises ``ValueError`` (``CheckpointError`` included) for a guide that
         is missing, broken, or not a single diffusion network."""
         name = guide_name(settings, model.kind)
         if name is None:
             return None
+        if not settings.guide and Path(str(settings.model)).expanduser().is_file():  # a model given as a path: its default guide beside it
+            sibling = Path(str(settings.model)).expanduser().resolve().parent / f"{name}.safetensors"
+            if sibling.is_file():
+                name = str(sibling)
         try:
             guide = self.get(name)
         except CheckpointError as e:
