@@ -24,9 +24,7 @@ class CFGDenoiser(Denoiser):
         self.inner = inner
         self.scale = float(scale)
         self.null_label = int(null_label)
-        self.sigma_min = inner.sigma_min
-        self.sigma_max = inner.sigma_max
-        self.discrete_sigmas = getattr(inner, "discrete_sigmas", None)
+        self.serve_range_of(inner)
 
     def reset(self, batch_size, generator=None):
         self.inner.reset(batch_size, generator)
@@ -63,9 +61,7 @@ class AutoguidanceDenoiser(Denoiser):
         self.good = good
         self.bad = bad
         self.weight = float(weight)
-        self.sigma_min = good.sigma_min
-        self.sigma_max = good.sigma_max
-        self.discrete_sigmas = getattr(good, "discrete_sigmas", None)
+        self.serve_range_of(good)
 
     def reset(self, batch_size, generator=None):
         self.good.reset(batch_size, generator)

@@ -64,6 +64,22 @@ def tiny_checkpoints(tmp_path_factory) -> Path:
     return make_tiny_checkpoints(tmp_path_factory.mktemp("tiny_checkpoints"))
 
 
+@pytest.fixture(scope="module")
+def registry(tiny_checkpoints):
+    """A model registry on the tiny checkpoints (modules with other checkpoints override it)."""
+    from diffusion_core.registry import ModelRegistry
+
+    return ModelRegistry(tiny_checkpoints)
+
+
+@pytest.fixture(scope="module")
+def models(registry):
+    """The app's model menu (``ui.available_models``) of ``registry``."""
+    from diffusion_core import ui
+
+    return ui.available_models(registry)
+
+
 @pytest.fixture(scope="session")
 def mnist_root(tmp_path_factory) -> Path:
     """A torchvision MNIST root: $MNIST_DIR if it holds the files, else prepared from ../shared/mnist."""

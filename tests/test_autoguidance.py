@@ -17,16 +17,6 @@ from diffusion_core.registry import ModelRegistry
 from diffusion_core.sample import main as sample_main
 
 
-@pytest.fixture(scope="module")
-def registry(tiny_checkpoints):
-    return ModelRegistry(tiny_checkpoints)
-
-
-@pytest.fixture(scope="module")
-def models(registry):
-    return ui.available_models(registry)
-
-
 def _batch(seed=0, n=5):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn((n, 1, 28, 28), generator=g) * 3

@@ -37,11 +37,6 @@ def registry(ckpts):
     return ModelRegistry(ckpts)
 
 
-@pytest.fixture(scope="module")
-def models(registry):
-    return ui.available_models(registry)
-
-
 def test_shipped_test_digits_are_mnist(mnist_root):
     from diffusion_core.data import load_mnist
 

@@ -17,16 +17,6 @@ from diffusion_core.pipeline import Settings, generate
 from diffusion_core.registry import ModelRegistry
 
 
-@pytest.fixture(scope="module")
-def registry(tiny_checkpoints):
-    return ModelRegistry(tiny_checkpoints)
-
-
-@pytest.fixture(scope="module")
-def models(registry):
-    return ui.available_models(registry)
-
-
 def test_available_models_and_visibility(models):
     assert list(models) == ["ddpm", "cfg", "mcl"]
     assert models["cfg"].conditional and not models["ddpm"].conditional
