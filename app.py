@@ -1,4 +1,4 @@
-"""Gradio demo: watch an MNIST digit emerge from noise, compare samplers/routings/guidance/eta,
+"""Gradio demo: watch an MNIST digit emerge from noise, compare samplers/routings/guidance/autoguidance/eta,
 explore the forward process, one-step denoising and SDEdit, share any result.
 
 Run locally with ``python app.py`` (http://127.0.0.1:7860); on Hugging Face Spaces this file is the
@@ -53,9 +53,10 @@ INTRO = """
 # Diffusion models on MNIST
 Watch a handwritten digit emerge from pure noise. Pick a model and a sampler, press **Generate**,
 and follow the current noisy image and the model's guess of the clean image at every step.
-**CFG** draws the digit you ask for (guidance sets how strongly); **Flow** (when its checkpoint is
-there) does the same with rectified flow; **MCL** is an ensemble of expert denoisers, and the chart
-shows which expert worked at each step. **Explore** shows how a digit dissolves into noise, what the
+**CFG** draws the digit you ask for (guidance sets how strongly); **Flow** does the same with
+rectified flow; **MCL** is an ensemble of expert denoisers, and the chart shows which expert worked
+at each step. The unconditional **DDPM** and **MCL** have no digit to steer by: *guidance without
+labels* steers them away from a weaker version of themselves (autoguidance). **Explore** shows how a digit dissolves into noise, what the
 model makes of it in one step, and carries your own digit back from noise (SDEdit).
 Every image comes back from its settings: share the link to show someone exactly the same thing.
 """
@@ -63,9 +64,10 @@ Every image comes back from its settings: share the link to show someone exactly
 API_DOC = """
 ### API
 Named endpoints, callable with `gradio_client` (see *Use via API* at the bottom of the page):
-`/generate` (settings → final image PNG + settings JSON), `/generate_from_settings` (settings JSON →
-the same), `/compare` (one seed, several samplers / routings / guidance scales / DDIM etas → grid PNG +
-JSON), `/compare_from_settings` (that JSON → the same grid), `/explore_forward` (a digit at a noise
+`/generate` (settings → final image PNG + settings JSON; `autoguidance` and `guide` for the
+unconditional models; an empty `guidance` or `autoguidance` is the app's for the model),
+`/generate_from_settings` (settings JSON → the same), `/compare` (one seed, several samplers /
+routings / guidance scales / autoguidance weights / DDIM etas → grid PNG + JSON), `/compare_from_settings` (that JSON → the same grid), `/explore_forward` (a digit at a noise
 level under the linear, cosine and flow schedules), `/explore_denoise` (one-step denoising and its
 error), `/sdedit` and `/sdedit_from_settings` (SDEdit / inpainting of a test digit or an image of a
 digit), `/open_link` (a share link → its tab and settings JSON, or why it is malformed).
@@ -85,7 +87,8 @@ EXPLORE_INTRO = """
 fraction of the 1000 training steps; rectified flow: x_t = (1 - t) x0 + t noise). Every image here uses
 the noise of the seed on the left, so the same t under the three schedules shows the same noise at
 different strengths. *One-step denoising* and *SDEdit* use the model, digit, guidance and routing on
-the left (the digit is the one guidance steers towards: pick 8 and turn a 3 into an 8).
+the left (the digit is the one guidance steers towards: pick 8 and turn a 3 into an 8); they run the
+model without autoguidance.
 """
 
 
