@@ -164,3 +164,14 @@ def test_cli_autoguidance_and_its_bad_values(tiny_checkpoints, tmp_path, capsys)
     capsys.readouterr()
     cond = ["--checkpoint-dir", str(tiny_checkpoints), "--model", "cfg", "--autoguidance", "2", "--out", str(out)]
     assert sample_main(cond) == 2 and "unconditional models" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("query, message", [
+    ("?v=1&model=ddpm&autoguidance=nan&guide=ddpm_weak&seed=1&n=1", "autoguidance must be a finite number"),
+    ("?v=1&model=ddpm&autoguidance=-2&guide=ddpm_weak&seed=1&n=1", "autoguidance must be between 0 and 5"),
+    ("?v=1&model=ddpm&autoguidance=9&seed=1&n=1", "autoguidance must be between 0 and 5"),
+    ("?v=1&model=ddpm&autoguidance=2&guide=elsewhere&seed=1&n=1", "unknown guide model 'elsewhere'"),
+])
+def test_malformed_autoguidance_links_say_why(models, query, message):
+    with pytest.raises(ValueError, match=f"this share link is malformed: {message}"):
+        ui.settings_from_query(models, query)
