@@ -25,13 +25,13 @@ MAX_AUTOGUIDANCE = 5.0
 # The app's classifier-free guidance per class-conditional model kind, chosen so that two
 # independently trained classifiers both read the requested digit (docs/autoguidance.md); cfg's is
 # also Settings' default.
-APP_GUIDANCE = {"cfg": 1.2, "flow": 1.2}
+APP_GUIDANCE = {"cfg": 1.3, "flow": 1.2}
 # The bad model that guides each unconditional model kind when a setting names none (autoguidance).
 DEFAULT_GUIDES = {"ddpm": "ddpm_weak", "mcl": "ddpm_weak"}
 # The app's autoguidance weight per unconditional model kind, from the evaluation's sweep
 # (docs/evaluation.md); Settings' own default stays 1 (off), so settings saved before autoguidance
 # existed give the same images.
-APP_AUTOGUIDANCE = {"ddpm": 2.0, "mcl": 1.0}
+APP_AUTOGUIDANCE = {"ddpm": 2.5, "mcl": 1.0}
 
 
 @dataclass
