@@ -11,10 +11,13 @@ Debian's chromium), against ``python app.py`` on tiny random checkpoints plus a 
 """
 from __future__ import annotations
 
+import os
+
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -70,7 +73,12 @@ def test_compare_share_link_reproduces_the_grid(server, page, checkpoints, tmp_p
 
     (tmp_path / "compare.json").write_bytes(settings)
     out = tmp_path / "grid.png"
-    assert sample.main(["--settings", str(tmp_path / "compare.json"), "--grid", str(out), "--checkpoint-dir", str(checkpoints)]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)  # as many threads as the app server uses (an earlier test may have left fewer)
+    try:
+        assert sample.main(["--settings", str(tmp_path / "compare.json"), "--grid", str(out), "--checkpoint-dir", str(checkpoints)]) == 0
+    finally:
+        torch.set_num_threads(threads)
     assert out.read_bytes() == grid  # the CLI writes the same PNG
 
 
