@@ -128,18 +128,19 @@ def _compare_axis_updates(model_name, axis):
     return gr.update(choices=axes, value=axis), ui.default_compare_values(axis, info)
 
 
-def _api_guidance(models, model, value):
-    """The API's guidance: the value given, or (None, empty) the app's scale for the model."""
+def _api_default(models, model, value, default):
+    """An API value as given, or (None, empty) ``default(info)`` for the model: the app's guidance or autoguidance for it."""
     if value is None or (isinstance(value, str) and not value.strip()):
-        return ui.default_guidance(models.get(model if isinstance(model, str) else D.model))
+        return default(models.get(model if isinstance(model, str) else D.model))
     return value
+
+
+def _api_guidance(models, model, value):
+    return _api_default(models, model, value, ui.default_guidance)
 
 
 def _api_autoguidance(models, model, value):
-    """The API's autoguidance: the value given, or (None, empty) the app's weight for the model."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return ui.default_autoguidance(models.get(model if isinstance(model, str) else D.model))
-    return value
+    return _api_default(models, model, value, ui.default_autoguidance)
 
 
 def _settings(models, model, digit, guidance, sampler, steps, eta, routing, seed, n, autoguidance=None, guide=None):

@@ -304,9 +304,12 @@ class Models:
 
 
 def checkpoint_ref(name: str, checkpoint_dir=None):
-    """``<checkpoint_dir>/<name>.safetensors`` when a folder is given, else the name (resolved by
-    ``checkpoints.resolve_checkpoint``: checkpoints/, $DIFFUSION_CHECKPOINT_DIR, the Hub)."""
-    return Path(checkpoint_dir) / f"{name}.safetensors" if checkpoint_dir else name
+    """A ``.safetensors`` path as it is; for a name, ``<checkpoint_dir>/<name>.safetensors`` when a
+    folder is given, else the name (resolved by ``checkpoints.resolve_checkpoint``: checkpoints/,
+    $DIFFUSION_CHECKPOINT_DIR, the Hub)."""
+    if str(name).endswith(".safetensors") or not checkpoint_dir:
+        return name
+    return Path(checkpoint_dir) / f"{name}.safetensors"
 
 
 def _load(name: str, checkpoint_dir, device) -> LoadedModel:
@@ -326,13 +329,12 @@ def load_models(names: Iterable[str], checkpoint_dir=None, device="cpu", need_ga
     classifier = _load("classifier", checkpoint_dir, device)
     guide_models = {}
     for g in guides:
-        guide_models[g] = load_model(g if g.endswith(".safetensors") else checkpoint_ref(g, checkpoint_dir), device=device)
+        guide_models[g] = load_model(checkpoint_ref(g, checkpoint_dir), device=device)
         guide_models[g].guide_denoiser()  # a clear error now for a checkpoint that cannot guide
     second = None
     if classifier2:
-        ref = classifier2 if classifier2.endswith(".safetensors") else checkpoint_ref(classifier2, checkpoint_dir)
         try:
-            second = load_model(ref, device=device)
+            second = load_model(checkpoint_ref(classifier2, checkpoint_dir), device=device)
         except (ValueError, OSError) as e:
             _log(f"no second classifier ({e}); its columns stay empty")
         if second is not None and second.kind != "classifier":

@@ -29,9 +29,18 @@ APP_GUIDANCE = {"cfg": 1.3, "flow": 1.2}
 # The bad model that guides each unconditional model kind when a setting names none (autoguidance).
 DEFAULT_GUIDES = {"ddpm": "ddpm_weak", "mcl": "ddpm_weak"}
 # The app's autoguidance weight per unconditional model kind, from the evaluation's sweep
-# (docs/evaluation.md); Settings' own default stays 1 (off), so settings saved before autoguidance
+# (docs/autoguidance.md); Settings' own default stays 1 (off), so settings saved before autoguidance
 # existed give the same images.
 APP_AUTOGUIDANCE = {"ddpm": 2.5, "mcl": 1.0}
+
+
+def app_defaults(kind: str, conditional: bool) -> tuple[float, float]:
+    """(guidance, autoguidance) the app starts a model of this kind from: ``APP_GUIDANCE`` for a
+    class-conditional model (Settings' default for other kinds), ``APP_AUTOGUIDANCE`` for an
+    unconditional one; the other value is the one that does not apply (1 for autoguidance)."""
+    if conditional:
+        return float(APP_GUIDANCE.get(kind, APP_GUIDANCE["cfg"])), 1.0
+    return float(APP_GUIDANCE["cfg"]), float(APP_AUTOGUIDANCE.get(kind, 1.0))
 
 
 @dataclass

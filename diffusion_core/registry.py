@@ -184,8 +184,9 @@ class ModelRegistry:
 
     def guide_for(self, settings, model: LoadedModel) -> LoadedModel | None:
         """The bad model that guides ``settings`` (``pipeline.guide_name``), or None when
-        autoguidance is off. For a model given as a path, the default guide is looked for beside it first. Raises ``ValueError`` (``CheckpointError`` included) for a guide that
-        is missing, broken, or not a single diffusion network."""
+        autoguidance is off. For a model given as a path, the default guide is looked for beside
+        it first. Raises ``ValueError`` (``CheckpointError`` included) for a guide that is missing,
+        broken, or not a single diffusion network."""
         name = guide_name(settings, model.kind)
         if name is None:
             return None

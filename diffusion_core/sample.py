@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoints import DIR_ENV, CheckpointError
-from .pipeline import APP_AUTOGUIDANCE, APP_GUIDANCE, DEFAULT_GUIDES, MAX_AUTOGUIDANCE, Settings, generate
+from .pipeline import APP_AUTOGUIDANCE, APP_GUIDANCE, DEFAULT_GUIDES, MAX_AUTOGUIDANCE, Settings, app_defaults, generate
 from .samplers import SAMPLERS
 
 PROG = "python -m diffusion_core.sample"
@@ -253,10 +253,9 @@ def run(args: argparse.Namespace) -> Path | None:
     registry = ModelRegistry(args.checkpoint_dir, device=args.device)
     model, gate = registry.for_settings(settings)
     if not args.settings:  # the app's defaults for this model, where no flag says otherwise
-        if args.guidance is None and model.num_classes:
-            settings.guidance = APP_GUIDANCE.get(model.kind, settings.guidance)
-        if args.autoguidance is None and not model.num_classes:
-            settings.autoguidance = APP_AUTOGUIDANCE.get(model.kind, settings.autoguidance)
+        guidance, autoguidance = app_defaults(model.kind, bool(model.num_classes))
+        settings.guidance = guidance if args.guidance is None else settings.guidance
+        settings.autoguidance = autoguidance if args.autoguidance is None else settings.autoguidance
     settings.validate(num_experts=model.num_experts if model.kind == "mcl" else None)
     guide = registry.guide_for(settings, model)
     ignored = {

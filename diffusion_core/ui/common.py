@@ -16,7 +16,7 @@ from typing import Iterable, Iterator, Mapping
 from ..checkpoints import CheckpointError, read_config
 from ..mcl import ROUTING_COST, ROUTING_HELP, make_router
 from ..models import GUIDE_KINDS
-from ..pipeline import APP_AUTOGUIDANCE, APP_GUIDANCE, DEFAULT_GUIDES, MAX_AUTOGUIDANCE, Settings  # noqa: F401 (APP_AUTOGUIDANCE: re-exported)
+from ..pipeline import APP_AUTOGUIDANCE, DEFAULT_GUIDES, MAX_AUTOGUIDANCE, Settings, app_defaults  # noqa: F401 (APP_AUTOGUIDANCE: re-exported)
 from ..samplers import SAMPLERS
 
 log = logging.getLogger(__name__)
@@ -274,17 +274,13 @@ def _name(value, what: str) -> str:
 
 
 def default_guidance(info: ModelInfo | None) -> float:
-    """The app's classifier-free guidance for a model (``APP_GUIDANCE`` by kind; Settings' default otherwise)."""
-    if info is not None and info.kind in APP_GUIDANCE:
-        return float(APP_GUIDANCE[info.kind])
-    return float(Settings().guidance)
+    """The app's classifier-free guidance for a model (``pipeline.app_defaults``)."""
+    return app_defaults(info.kind, info.conditional)[0] if info is not None else float(Settings().guidance)
 
 
 def default_autoguidance(info: ModelInfo | None) -> float:
-    """The app's autoguidance weight for a model (1, off, for class-conditional models)."""
-    if info is None or info.conditional:
-        return 1.0
-    return float(APP_AUTOGUIDANCE.get(info.kind, 1.0))
+    """The app's autoguidance weight for a model (``pipeline.app_defaults``; 1, off, for class-conditional models)."""
+    return app_defaults(info.kind, info.conditional)[1] if info is not None else 1.0
 
 
 def guide_names(models: Mapping[str, ModelInfo]) -> list[str]:
