@@ -141,16 +141,17 @@ def test_autoguidance_control_and_its_share_link(server, page, checkpoints):
     assert ui.AUTOGUIDANCE_HELP[:40] in page.locator("#autoguidance").inner_text()  # the sentence under the control
     set_number(page, "autoguidance", 2.5)
     set_number(page, "n", 2)
+    set_number(page, "steps", 4)  # another step count than the page's first image, so the status tells the two runs apart
     page.locator("#run").click()
-    wait_done(page, "3 steps")
+    wait_done(page, "4 steps")
     final = image_bytes(page, "#final img")
-    expected = expected_images(checkpoints, Settings(model="ddpm", steps=3, seed=1, n=2, autoguidance=2.5, guide="ddpm_weak"))
+    expected = expected_images(checkpoints, Settings(model="ddpm", steps=4, seed=1, n=2, autoguidance=2.5, guide="ddpm_weak"))
     assert np.array_equal(ui.split_grid(ui.decode_png(final), 2), expected)
     link = filled_textbox(page, "share_link", "autoguidance=2.5")
     assert "guide=ddpm_weak" in link
     other = page.context.new_page()
     other.goto(link)
-    wait_done(other, "3 steps")
+    wait_done(other, "4 steps")
     sync_api.expect(other.locator("#autoguidance input[type=number]")).to_have_value("2.5")
     assert image_bytes(other, "#final img") == final
     other.close()
