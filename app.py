@@ -96,6 +96,10 @@ def _models():
     return ui.available_models(registry)
 
 
+def _shared(info) -> bool:
+    return bool(info and info.shared)
+
+
 def _default_model(models) -> str | None:
     return D.model if D.model in models else next(iter(models), None)
 
@@ -109,7 +113,7 @@ def _control_updates(model_name, sampler_name, routing_value=None):
     values = [c[1] for c in choices]
     routing_value = routing_value if routing_value in values else D.routing
     return (gr.update(visible=v.digit), gr.update(visible=v.guidance),
-            gr.update(visible=v.routing, choices=choices, value=routing_value, info=ui.routing_help(routing_value)),
+            gr.update(visible=v.routing, choices=choices, value=routing_value, info=ui.routing_help(routing_value, bool(info and info.shared))),
             gr.update(visible=v.eta), gr.update(visible=bool(info and info.is_flow)),
             gr.update(visible=v.autoguidance), gr.update(visible=v.autoguidance, choices=ui.guide_names(models)))
 
@@ -164,7 +168,7 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
             guide = gr.Dropdown(ui.guide_names(models0), value=DEFAULT_GUIDES["ddpm"], label="Weak model (the guide)",
                                 visible=v0.autoguidance, elem_id="guide", allow_custom_value=True)  # parse_settings validates it
             routing = gr.Dropdown(ui.routing_choices(v0.num_experts), value=D.routing, label="Routing (which expert denoises)",
-                                  info=ui.routing_help(D.routing), visible=v0.routing, elem_id="routing",
+                                  info=ui.routing_help(D.routing, _shared(models0.get(m0))), visible=v0.routing, elem_id="routing",
                                   allow_custom_value=True)  # any routing by name (API, links); parse_settings validates it
             sampler = gr.Dropdown(ui.sampler_choices(), value=D.sampler, label="Sampler", elem_id="sampler")
             steps = gr.Slider(1, MAX_STEPS, value=D.steps, step=1, label="Steps", elem_id="steps")
@@ -192,6 +196,7 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
                     filmstrip = gr.Image(label="Filmstrip", show_label=False, format="png", interactive=False,
                                          elem_id="filmstrip", buttons=["download"])
                     chart = gr.Plot(label="Experts at each step", show_label=False, format="png", visible=False, elem_id="chart")
+                    chart_caption = gr.Markdown("", elem_id="chart_caption", elem_classes="caption")
                     with gr.Accordion("Share and reproduce", open=True):
                         share_link = gr.Textbox(label="Share link (opens this exact image)", buttons=["copy"], max_lines=2,
                                                 elem_id="share_link", interactive=False)
@@ -302,7 +307,8 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
     api_compare_controls = [a_model, a_digit, a_guidance, a_sampler, a_steps, a_eta, a_routing, a_seed, a_autoguidance, a_guide]
     api_edit_controls = api_controls[:8]
     outputs = {"noisy": noisy, "denoised": denoised, "status": status, "final": final, "settings_json": settings_json,
-               "share_query": share_query, "filmstrip": filmstrip, "downloads": downloads, "velocity": velocity}
+               "share_query": share_query, "filmstrip": filmstrip, "downloads": downloads, "velocity": velocity,
+               "chart_caption": chart_caption}
     ex_outputs = {"noisy": ex_noisy, "denoised": ex_denoised, "velocity": ex_velocity, "status": ex_status, "final": ex_final,
                   "strip": ex_strip, "settings_json": ex_json, "share_query": ex_query, "downloads": ex_files}
     view_outputs = [ex_forward, ex_schedule, ex_denoise, ex_error, ex_denoise_text]
@@ -335,7 +341,8 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
             if "chart" in update:
                 out[chart] = gr.Plot(value=update["chart"], visible=update["chart"] is not None)
             if first:  # clear the previous results while the new ones stream in
-                out.update({final: None, filmstrip: None, downloads: None, share_query: "", chart: gr.Plot(visible=False), velocity: None})
+                out.update({final: None, filmstrip: None, downloads: None, share_query: "", chart: gr.Plot(visible=False), velocity: None,
+                            chart_caption: ""})
                 first = False
             yield out
 
@@ -510,7 +517,7 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
     def open_link(link):
         """Read a share link (a URL or its query): the tab it opens and its settings JSON, or a clear message when it is malformed."""
         if not isinstance(link, str) or not link.strip():
-            raise ValueError("give a share link (a URL with ?v=1&...)")
+            raise ValueError("give a share link (a URL with ?v=2&...)")
         if len(link) > 20_000:
             raise ValueError("this share link is malformed: it is too long")
         models = _models()
@@ -594,7 +601,8 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
                 api_visibility="private", queue=False)  # a model picked by hand starts from its own defaults
     axis.input(lambda m, a: ui.default_compare_values(a, _models().get(m)), [model, axis], values, api_visibility="private", queue=False)
     dice.click(ui.random_seed, None, seed, api_visibility="private", queue=False)
-    routing.change(lambda r: gr.update(info=ui.routing_help(r)), routing, routing, api_visibility="private", queue=False)
+    routing.change(lambda r, m: gr.update(info=ui.routing_help(r, _shared(_models().get(m)))), [routing, model], routing,
+                   api_visibility="private", queue=False)
     compare_btn.click(compare_ui, [axis, values] + controls, [compare_img, compare_json, compare_files, compare_query], api_visibility="private",
                       concurrency_id=SAMPLING).then(None, compare_query, compare_link, js=share_js, api_visibility="private")
 

@@ -7,6 +7,10 @@ LongTensor (B,) or None. Samplers (``diffusion_core.samplers``) only ever call t
 A denoiser also tells samplers its range of noise levels (``sigma_min``, ``sigma_max``) and, for
 models trained on a discrete schedule, the levels it was trained on (``discrete_sigmas``).
 Wrappers (classifier-free guidance, MCL routing) are denoisers themselves.
+
+The three network denoisers are affine in their network's output: ``D = from_output(x, sigma,
+net(*net_inputs(x, sigma)))``. A network with several outputs for one input (the hypothesis heads
+of a shared-trunk MCL) is turned into several denoisers with one pass that way.
 """
 from __future__ import annotations
 
@@ -58,12 +62,17 @@ class EpsDenoiser(Denoiser):
         self.sigma_max = schedule.sigma_max
         self.discrete_sigmas = schedule.sigmas.float()
 
+    def net_inputs(self, x, sigma):
+        """(network input, time input) for ``x`` at ``sigma`` (B,)."""
+        return x * _bcast(1 / torch.sqrt(sigma**2 + 1)), self.schedule.sigma_to_t(sigma).to(x.dtype)
+
+    def from_output(self, x, sigma, eps):
+        """The clean-image estimate from the network's output."""
+        return x - _bcast(sigma) * eps.to(x.dtype)
+
     def forward(self, x, sigma, label=None):
         sigma = as_sigma_batch(sigma, x)
-        c_in = 1 / torch.sqrt(sigma**2 + 1)
-        t = self.schedule.sigma_to_t(sigma).to(x.dtype)
-        eps = self.net(x * _bcast(c_in), t, label)
-        return x - _bcast(sigma) * eps.to(x.dtype)
+        return self.from_output(x, sigma, self.net(*self.net_inputs(x, sigma), label))
 
 
 class FlowDenoiser(Denoiser):
@@ -76,12 +85,16 @@ class FlowDenoiser(Denoiser):
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
 
+    def net_inputs(self, x, sigma):
+        return x / _bcast(1 + sigma), 1000 * (sigma / (1 + sigma))
+
+    def from_output(self, x, sigma, v):
+        t = sigma / (1 + sigma)
+        return x / _bcast(1 + sigma) - _bcast(t) * v.to(x.dtype)
+
     def forward(self, x, sigma, label=None):
         sigma = as_sigma_batch(sigma, x)
-        t = sigma / (1 + sigma)
-        x_t = x / _bcast(1 + sigma)
-        v = self.net(x_t, 1000 * t, label)
-        return x_t - _bcast(t) * v.to(x.dtype)
+        return self.from_output(x, sigma, self.net(*self.net_inputs(x, sigma), label))
 
 
 def edm_time(sigma: torch.Tensor) -> torch.Tensor:
@@ -102,11 +115,16 @@ class EDMDenoiser(Denoiser):
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
 
+    def net_inputs(self, x, sigma):
+        return x * _bcast(edm_scalings(sigma, self.sigma_data)[2]), edm_time(sigma)
+
+    def from_output(self, x, sigma, f):
+        c_skip, c_out, _ = edm_scalings(sigma, self.sigma_data)
+        return _bcast(c_skip) * x + _bcast(c_out) * f.to(x.dtype)
+
     def forward(self, x, sigma, label=None):
         sigma = as_sigma_batch(sigma, x)
-        c_skip, c_out, c_in = edm_scalings(sigma, self.sigma_data)
-        f = self.net(x * _bcast(c_in), edm_time(sigma), label)
-        return _bcast(c_skip) * x + _bcast(c_out) * f.to(x.dtype)
+        return self.from_output(x, sigma, self.net(*self.net_inputs(x, sigma), label))
 
 
 def edm_scalings(sigma: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -295,6 +295,10 @@ class Models:
 
     @property
     def gate(self):
+        """The gating network the MCL rows route with: a shared model's score head, else the gating checkpoint's."""
+        m = self.diffusion.get("mcl")
+        if m is not None and m.shared:
+            return m.score_gate()
         return None if self.gating is None else self.gating.net
 
     @property
@@ -340,7 +344,7 @@ def load_models(names: Iterable[str], checkpoint_dir=None, device="cpu", need_ga
         if second is not None and second.kind != "classifier":
             raise ValueError(f"--classifier2 {classifier2}: a {second.kind} checkpoint, expected a classifier")
     gating = None
-    if "mcl" in diffusion and (need_gating or want_gating):
+    if "mcl" in diffusion and not diffusion["mcl"].shared and (need_gating or want_gating):  # a shared model's score head is its gate
         try:
             gating = _load("gating", checkpoint_dir, device)
         except (ValueError, OSError) as e:
@@ -845,20 +849,25 @@ def winner_share_by_digit(winners: torch.Tensor, labels: torch.Tensor, num_exper
 
 def gate_summary(probs: torch.Tensor, winners: torch.Tensor) -> dict:
     """The gate's mean probabilities (S, K), the mean normalized entropy of its per-example
-    probabilities (S,), the share of examples whose argmax is the winner (S,), and the baseline to
-    read that against (S,): ``majority``, the accuracy of naming the level's most frequent winner
-    for every image (what a gate that sees only sigma can reach; chance, 1/K, is its floor)."""
+    probabilities (S,), the share of examples whose argmax is the winner (S,), its cross-entropy
+    against the winner in nats (S,), and the baselines to read those against (S,): ``majority``,
+    the accuracy of naming the level's most frequent winner for every image, and
+    ``majority_ce``, the cross-entropy of giving every image the level's shares of wins (the best
+    a gate that sees only sigma can reach; chance, 1/K and log K, is their floor)."""
     p = torch.as_tensor(probs, dtype=torch.float64)
     w = torch.as_tensor(winners).long()
+    shares = winner_shares(w, p.shape[2])
+    ce = -p.gather(2, w[..., None]).squeeze(2).clamp_min(1e-12).log().mean(dim=1)
+    base_ce = -(shares * shares.clamp_min(1e-12).log()).sum(dim=1)
     return {"mean_probs": p.mean(dim=1), "entropy": normalized_entropy(p).mean(dim=1),
-            "accuracy": (p.argmax(dim=2) == w).double().mean(dim=1),
-            "majority": winner_shares(w, p.shape[2]).max(dim=1).values}
+            "accuracy": (p.argmax(dim=2) == w).double().mean(dim=1), "cross_entropy": ce,
+            "majority": shares.max(dim=1).values, "majority_ce": base_ce}
 
 
 def mcl_diagnosis(model: LoadedModel, x0: torch.Tensor, labels: torch.Tensor, levels: int = 8, gate=None, seed: int = 0, batch_size: int = 500) -> dict:
     """Winners and gate on ``x0`` (N, 1, 28, 28) in [-1, 1] with digit ``labels``, at ``levels``
     noise levels over the experts' range; JSON-ready lists (see ``specialisation_summary``)."""
-    experts = [model.objective.denoiser(n) for n in model.nets]
+    experts = model.expert_denoisers()
     sigmas = diagnosis_levels(experts[0].sigma_min, experts[0].sigma_max, levels)
     g = torch.Generator().manual_seed(seed)
     losses, probs = expert_losses(experts, x0, sigmas, g, batch_size, gate)
@@ -872,6 +881,16 @@ def mcl_diagnosis(model: LoadedModel, x0: torch.Tensor, labels: torch.Tensor, le
          "gate": None}
     if probs is not None:
         d["gate"] = {k: v.tolist() for k, v in gate_summary(probs, winners).items()}
+    training = model.config.get("training") or {}
+    if training.get("wta_scope") == "example":
+        # trained with one winner per clean image: its owner, by the training rule (the sum over levels of
+        # each hypothesis's loss relative to the mean of the K), is what the score head learnt to predict
+        rel = losses / losses.mean(dim=2, keepdim=True).clamp_min(1e-300)
+        owners = rel.sum(dim=0).argmin(dim=1)
+        d["owner_share"] = winner_shares(owners[None], model.num_experts)[0].tolist()
+        d["owner_share_by_digit"] = winner_share_by_digit(owners[None], labels, model.num_experts)[0].tolist()
+        if probs is not None:
+            d["score_vs_owner"] = {k: v.tolist() for k, v in gate_summary(probs, owners[None].expand_as(winners)).items()}
     return d
 
 
@@ -916,9 +935,18 @@ def diagnosis_markdown(diag: dict) -> str:
             if "majority" in gate:  # results.json files from before the baseline lack it
                 r += f" {gate['majority'][i]:.2f} |"
         rows.append(r)
-    return "\n".join([f"MCL diagnosis: {diag['n']} MNIST test images noised at {len(diag['sigmas'])} levels; "
-                      "the winner of an example is the expert with the smallest error on the clean image.", "", *rows, "",
-                      *[f"* {line}" for line in specialisation_summary(diag)]])
+    parts = [f"MCL diagnosis: {diag['n']} MNIST test images noised at {len(diag['sigmas'])} levels; "
+             "the winner of an example is the expert with the smallest error on the clean image.", "", *rows, "",
+             *[f"* {line}" for line in specialisation_summary(diag)]]
+    for key, what in (("gate", "its winner at that level"), ("score_vs_owner", "its owner (the hypothesis it trained through: lowest summed relative loss over the levels)")):
+        g = diag.get(key)
+        if not g or "cross_entropy" not in g:
+            continue
+        parts += ["", f"Score head (or gate) against {what}, per noise level, beside the best a predictor that sees only the noise level can do:", "",
+                  "| sigma | accuracy | noise-level-only accuracy | cross-entropy (nats) | noise-level-only cross-entropy |", "|---:|---:|---:|---:|---:|"]
+        parts += [f"| {sig:.3g} | {g['accuracy'][i]:.3f} | {g['majority'][i]:.3f} | {g['cross_entropy'][i]:.3f} | {g['majority_ce'][i]:.3f} |"
+                  for i, sig in enumerate(diag["sigmas"])]
+    return "\n".join(parts)
 
 
 def plot_gate_sigma(diag: dict, title: str = ""):
@@ -1146,7 +1174,7 @@ def evaluate(cfg: EvalConfig, log: Callable[[str], None] = _log, command: str | 
             "batches": [b.to_dict() for b in row.batches()],
             "images_sha256": images_sha256(samples.images),
             "nfe": nfe(row.settings.sampler, row.settings.steps),
-            **({"expert_evals_per_step": routing_cost(row.settings.routing, K)} if row.settings.model == "mcl" else {}),
+            **({"expert_evals_per_step": routing_cost(row.settings.routing, K, models.diffusion["mcl"].shared)} if row.settings.model == "mcl" else {}),
             "sample_seconds": samples.seconds,
             "seconds": time.perf_counter() - t_row,
             "metrics": m,

@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 
 from .denoisers import Denoiser, as_sigma_batch
+from .nets import HypothesisNet, SharedMCLNet
 
 WTA_MODES = ("hard", "relaxed", "annealed")
 
@@ -354,11 +355,14 @@ def _base(spec: str) -> str:
     return spec.split(":", 1)[0] + ":K" if spec.startswith("expert:") else spec.split(":", 1)[0]
 
 
-def routing_cost(spec: str, num_experts: int) -> int:
+def routing_cost(spec: str, num_experts: int, shared: bool = False) -> int:
     """The most expert evaluations one image costs per denoiser call with this routing (the gating
-    network, about 6% of one expert's parameters, not counted)."""
+    network, about 6% of one expert's parameters, not counted). With hypotheses on one trunk
+    (``shared``), one pass gives all of them: every routing costs one, ``scout`` two."""
     make_router(spec, num_experts)
     base = _base(spec)
+    if shared:
+        return 2 if base == "scout" else 1
     return num_experts if base == "soft" else 2 if base == "scout" else 1
 
 
@@ -485,6 +489,75 @@ class MCLDenoiser(Denoiser):
             probs = self.gate_probs(x, sigma)  # shown, not used
         self.last_expert = route.index.detach().cpu()
         self.last_gate_probs = None if probs is None else probs.detach().cpu()
+        self.last_denoised = out.detach()
+        self.last_evals = evals
+        self.expert_evals += evals
+        return out
+
+
+class ScoreGate(torch.nn.Module):
+    """The score head of a ``SharedMCLNet`` as a gating network ``gate(x, sigma) -> logits (B, K)``,
+    for callers that hold a gate beside the model (the registry, the pipeline's checks)."""
+
+    def __init__(self, net: SharedMCLNet, objective):
+        super().__init__()
+        self.net = net
+        self.base = objective.denoiser(net)  # its net_inputs only
+
+    def forward(self, x, sigma):
+        sigma = as_sigma_batch(sigma, x)
+        return self.net(*self.base.net_inputs(x, sigma))[1]
+
+
+class SharedMCLDenoiser(MCLDenoiser):
+    """The K hypotheses of one ``SharedMCLNet`` behind a router, with its score head as the gate.
+
+    One trunk pass per call gives every hypothesis and the scores (``hypotheses``), so every
+    routing, ``soft`` included, costs one pass; ``scout`` and ``x0gate`` read the score head on an
+    estimate, which is a second pass. The score head's probabilities are shown at every call
+    (``last_gate_probs``), whichever routing chose. ``experts[k]`` is hypothesis k alone, as a
+    denoiser."""
+
+    shared = True
+
+    def __init__(self, net: SharedMCLNet, objective, router: Router):
+        experts = [objective.denoiser(HypothesisNet(net, k)) for k in range(net.num_experts)]
+        super().__init__(experts, router, gate=ScoreGate(net, objective))
+        self.net = net
+        self.base = objective.denoiser(net)  # its net_inputs and from_output
+        self._pass = None
+
+    def hypotheses(self, x, sigma) -> tuple[torch.Tensor, torch.Tensor]:
+        """(every hypothesis's estimate of the clean image (B, K, C, H, W), the score head's
+        probabilities (B, K)), from one pass."""
+        sigma = as_sigma_batch(sigma, x)
+        outs, logits = self.net(*self.base.net_inputs(x, sigma))
+        preds = torch.stack([self.base.from_output(x, sigma, outs[:, k]) for k in range(outs.shape[1])], dim=1)
+        return preds, torch.softmax(logits.float(), dim=1)
+
+    def gate_probs(self, x, sigma):
+        if self._pass is not None and self._pass[0] is x:
+            return self._pass[2]
+        return self.hypotheses(x, sigma)[1]
+
+    def forward(self, x, sigma, label=None):
+        sigma = as_sigma_batch(sigma, x)
+        self.current_label = label
+        preds, probs = self.hypotheses(x, sigma)
+        self._pass = (x, preds, probs)
+        try:
+            route = self.router(x, sigma, self)
+        finally:
+            self._pass = None
+        b = x.shape[0]
+        if route.weights is not None:
+            out = (route.weights[:, :, None, None, None].to(x.dtype) * preds).sum(dim=1)
+        else:
+            out = preds[torch.arange(b, device=x.device), route.index.to(x.device)]
+        evals = b + sum(len(v) for v in (route.computed or {}).values())
+        self.last_gate_routed = route.probs is not None
+        self.last_expert = route.index.detach().cpu()
+        self.last_gate_probs = probs.detach().cpu()
         self.last_denoised = out.detach()
         self.last_evals = evals
         self.expert_evals += evals

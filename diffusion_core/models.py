@@ -3,9 +3,10 @@
 A checkpoint's config (see ``diffusion_core.checkpoints``) says what the file holds::
 
     {"model": "ddpm" | "cfg" | "flow" | "mcl" | "gating" | "classifier",
-     "network": {"kind": "unet" | "gating" | "classifier", "config": {...}},
+     "network": {"kind": "unet" | "mcl_shared" | "gating" | "classifier", "config": {...}},
      "objective": {...},          # diffusion models (see objectives.objective_from_dict)
-     "num_experts": K,            # mcl: tensors "experts.<k>.<param>", otherwise "net.<param>"
+     "num_experts": K,            # mcl: tensors "experts.<k>.<param>" (separate UNets), or "net.<param>" for
+                                  # one mcl_shared network holding every hypothesis; otherwise "net.<param>"
      "training": {...}, "quality": {...}}   # metadata for model cards
 """
 from __future__ import annotations
@@ -17,8 +18,8 @@ from torch import nn
 
 from .checkpoints import CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .guidance import AutoguidanceDenoiser, CFGDenoiser
-from .mcl import MCLDenoiser, make_router
-from .nets import build_network, count_parameters
+from .mcl import MCLDenoiser, ScoreGate, SharedMCLDenoiser, make_router
+from .nets import HypothesisNet, build_network, count_parameters
 from .objectives import Objective, objective_from_dict
 
 MODEL_KINDS = ("ddpm", "cfg", "flow", "mcl", "gating", "classifier")  # flow: a cfg or ddpm network trained as rectified flow
@@ -39,12 +40,34 @@ class LoadedModel:
         return self.nets[0]
 
     @property
+    def shared(self) -> bool:
+        """An MCL model whose hypotheses share one network (``nets.SharedMCLNet``)."""
+        return self.kind == "mcl" and self.config["network"]["kind"] == "mcl_shared"
+
+    @property
     def num_experts(self) -> int:
+        if self.shared:
+            return self.net.num_experts
         return len(self.nets) if self.kind == "mcl" else 1
+
+    def expert_denoisers(self) -> list:
+        """An MCL model's experts, each alone as a denoiser (for a shared model, the trunk and one head)."""
+        if self.kind != "mcl":
+            raise ValueError(f"a {self.kind} model has no experts")
+        if self.shared:
+            return [self.objective.denoiser(HypothesisNet(self.net, k)) for k in range(self.num_experts)]
+        return [self.objective.denoiser(n) for n in self.nets]
+
+    def score_gate(self) -> nn.Module:
+        """A shared MCL model's score head, as a gating network (``mcl.ScoreGate``)."""
+        if not self.shared:
+            raise ValueError(f"{self.path} has no score head (a {self.kind} model{'' if self.kind != 'mcl' else ' of separate experts'})")
+        return ScoreGate(self.net, self.objective)
 
     @property
     def num_classes(self) -> int | None:
-        return self.config["network"]["config"].get("num_classes")
+        net = self.config["network"]["config"]
+        return (net.get("unet") or {}).get("num_classes") if self.shared else net.get("num_classes")
 
     @property
     def num_parameters(self) -> int:
@@ -53,10 +76,14 @@ class LoadedModel:
     @property
     def win_rates(self) -> list[float] | None:
         """MCL: each expert's share of wins in the last training epoch, from the checkpoint's
-        metadata (``training.final.win_rates``); None when it is not recorded."""
+        metadata (``training.final.win_rates``); for hypotheses trained with per-example winners,
+        each one's share of the data (``owned_rates``). None when it is not recorded."""
         if self.kind != "mcl":
             return None
-        rates = ((self.config.get("training") or {}).get("final") or {}).get("win_rates")
+        training = self.config.get("training") or {}
+        final = training.get("final") or {}
+        rates = final.get("owned_rates") if training.get("wta_scope") == "example" else None
+        rates = rates or final.get("win_rates")
         return None if rates is None else [float(r) for r in rates]
 
     def to(self, device) -> "LoadedModel":
@@ -73,7 +100,9 @@ class LoadedModel:
         a class-conditional guide serves its unconditional branch)."""
         if self.objective is None:
             raise ValueError(f"a {self.kind} model is not a diffusion model")
-        if self.kind == "mcl":
+        if self.shared:
+            den = SharedMCLDenoiser(self.net, self.objective, make_router(routing or "gated", self.num_experts, self.win_rates))
+        elif self.kind == "mcl":
             experts = [self.objective.denoiser(n) for n in self.nets]
             den = MCLDenoiser(experts, make_router(routing or "gated", len(experts), self.win_rates), gate)
         else:
@@ -121,8 +150,8 @@ def model_from_tensors(tensors: dict, config: dict, path="<memory>") -> LoadedMo
         raise CheckpointError(path, f"unknown model kind {kind!r}; expected one of {MODEL_KINDS}")
     try:
         objective = objective_from_dict(config["objective"]) if "objective" in config else None
-        k = int(config.get("num_experts", 1)) if kind == "mcl" else 1
-        prefixes = [f"experts.{i}." for i in range(k)] if kind == "mcl" else ["net."]
+        k = int(config.get("num_experts", 1)) if kind == "mcl" and net_kind != "mcl_shared" else 1
+        prefixes = [f"experts.{i}." for i in range(k)] if kind == "mcl" and net_kind != "mcl_shared" else ["net."]
         nets = []
         for prefix in prefixes:
             net = build_network(net_kind, net_config)
@@ -148,7 +177,10 @@ def load_model(name_or_path, device="cpu", directory=None) -> LoadedModel:
 def save_model(path, kind: str, nets: list[nn.Module], config: dict, half: bool = False) -> Path:
     """Save networks under the naming ``load_model`` expects; ``config`` must hold network/objective."""
     config = dict(config, model=kind)
-    if kind == "mcl":
+    if kind == "mcl" and config["network"]["kind"] == "mcl_shared":  # one network holds every hypothesis
+        config["num_experts"] = nets[0].num_experts
+        tensors = {f"net.{k}": v for k, v in nets[0].state_dict().items()}
+    elif kind == "mcl":
         config["num_experts"] = len(nets)
         tensors = {f"experts.{i}.{k}": v for i, n in enumerate(nets) for k, v in n.state_dict().items()}
     else:

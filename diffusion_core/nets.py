@@ -6,7 +6,8 @@ metadata and rebuilt without unpickling anything (see ``diffusion_core.checkpoin
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+import copy
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -145,25 +146,39 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+        """The time (and label) embedding every ResBlock is modulated with, (B, 4 * base_channels)."""
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
         emb = self.time_mlp(timestep_embedding(t, self.emb_ch).to(x.dtype))
         if self.label_emb is not None:
             if label is None:
                 label = torch.full((x.shape[0],), self.config.num_classes, device=x.device, dtype=torch.long)
             emb = emb + self.label_emb(label.to(x.device).long())
+        return emb
+
+    def encode(self, x: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The encoder and the bottleneck: (bottleneck features, the skips the decoder consumes)."""
         h = self.stem(x)
         hs = [h]
         for layer in self.down:
             h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
             hs.append(h)
-        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
-        for layer in self.up:
+        return self.mid2(self.mid_attn(self.mid1(h, emb)), emb), hs
+
+    @staticmethod
+    def decode(layers, h: torch.Tensor, hs: list[torch.Tensor], emb: torch.Tensor) -> torch.Tensor:
+        """Run decoder ``layers`` on ``h``, popping a skip from ``hs`` for every ResBlock."""
+        for layer in layers:
             if isinstance(layer, ResBlock):
                 h = layer(torch.cat([h, hs.pop()], dim=1), emb)
             else:
                 h = layer(h)
-        return self.out(h)
+        return h
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.embed(x, t, label)
+        h, hs = self.encode(x, emb)
+        return self.out(self.decode(self.up, h, hs, emb))
 
 
 @dataclass
@@ -204,6 +219,152 @@ class GatingNet(nn.Module):
         scale, shift = e[:, :, None, None].chunk(2, dim=1)
         h = F.silu(self.conv3(h * (1 + scale) + shift))
         return self.head(h.mean(dim=(2, 3)))
+
+
+@dataclass
+class SharedMCLConfig(_Config):
+    unet: dict = field(default_factory=dict)  # the UNet the hypotheses share (a UNetConfig as a dict)
+    num_experts: int = 5
+    head_blocks: int = 1  # decoder ResBlocks (at full resolution, the last ones) each hypothesis owns before its output convolution
+    score_channels: int = 32
+
+
+class ScoreHead(nn.Module):
+    """K logits from the trunk's features at the split (B, C, 28, 28), its bottleneck (B, C', 7, 7)
+    and its time embedding: two strided convolutions down to the bottleneck's size, a projection of
+    the bottleneck added, FiLM by the embedding, global average pooling and an MLP. The last layer
+    starts at zero, so an untrained head says 1/K for every hypothesis."""
+
+    def __init__(self, split_ch: int, mid_ch: int, emb_dim: int, num_experts: int, ch: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(split_ch, ch, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(ch, 2 * ch, 3, stride=2, padding=1)
+        self.mid = nn.Conv2d(mid_ch, 2 * ch, 1)
+        self.film = nn.Linear(emb_dim, 4 * ch)
+        self.mlp = nn.Sequential(nn.Linear(2 * ch, 2 * ch), nn.SiLU(), nn.Linear(2 * ch, num_experts))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, h: torch.Tensor, mid: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        g = self.conv2(F.silu(self.conv1(F.silu(h)))) + self.mid(mid)
+        scale, shift = self.film(emb)[:, :, None, None].chunk(2, dim=1)
+        return self.mlp(F.silu(g * (1 + scale) + shift).mean(dim=(2, 3)))
+
+
+class SharedMCLNet(nn.Module):
+    """K hypotheses on one UNet (Rupprecht et al. 2017; resilient MCL, Letzelter et al. 2023).
+
+    The trunk is a ``UNet`` without its last ``head_blocks`` decoder ResBlocks and its output
+    convolution; each hypothesis head owns a copy of those. A ``ScoreHead`` on the trunk's features
+    gives one logit per hypothesis: trained by cross-entropy against the winning hypothesis, its
+    softmax estimates the probability that each hypothesis wins, given the noisy image.
+
+    ``forward(x, t, label)`` -> (every hypothesis's output (B, K, C, H, W), score logits (B, K)):
+    one trunk pass. Training calls ``forward(..., assign=fn)`` (see ``routed``)."""
+
+    def __init__(self, config: SharedMCLConfig | dict | None = None, **kwargs):
+        super().__init__()
+        if config is None:
+            config = SharedMCLConfig(**kwargs)
+        elif isinstance(config, dict):
+            config = SharedMCLConfig.from_dict(config)
+        self.config = config
+        trunk = UNet(config.unet)
+        last_level = trunk.config.blocks_per_level + 1  # ResBlocks at full resolution, the decoder's last layers
+        if not 0 <= config.head_blocks <= last_level:
+            raise ValueError(f"head_blocks must be in 0..{last_level}, got {config.head_blocks}")
+        if config.num_experts < 1:
+            raise ValueError(f"num_experts must be at least 1, got {config.num_experts}")
+        split = len(trunk.up) - config.head_blocks
+        head = nn.ModuleList(list(trunk.up[split:]) + [trunk.out])
+        trunk.up = trunk.up[:split]
+        trunk.out = nn.Identity()
+        self.trunk = trunk
+        self.heads = nn.ModuleList([copy.deepcopy(head) for _ in range(config.num_experts)])
+        for h in self.heads:  # each its own random start (the zero-initialised output layers too): identical heads would never differ
+            for m in h.modules():
+                if isinstance(m, (nn.Conv2d, nn.Linear)):
+                    m.reset_parameters()
+        emb_dim = 4 * trunk.config.base_channels
+        last = trunk.up[-1]  # the trunk's last layer: a ResBlock or an upsampling (Upsample, Conv2d)
+        split_ch = last.conv2.out_channels if isinstance(last, ResBlock) else last[1].out_channels
+        mid_ch = trunk.config.base_channels * trunk.config.channel_mults[-1]
+        self.score = ScoreHead(split_ch, mid_ch, emb_dim, config.num_experts, config.score_channels)
+
+    @property
+    def num_experts(self) -> int:
+        return self.config.num_experts
+
+    @classmethod
+    def from_unet(cls, unet: UNet, num_experts: int, head_blocks: int = 1, score_channels: int = 32, noise: float = 0.0,
+                  generator: torch.Generator | None = None) -> "SharedMCLNet":
+        """Hypotheses that all start as ``unet`` (a warm start): the trunk takes its weights, every
+        head a copy of its last layers, perturbed by ``noise`` times each tensor's std to break
+        the symmetry."""
+        net = cls(SharedMCLConfig(unet.config.to_dict(), num_experts, head_blocks, score_channels))
+        net.to(next(unet.parameters()).dtype)
+        state = unet.state_dict()
+        split = len(unet.up) - head_blocks
+        trunk = {k: v for k, v in state.items() if not k.startswith("out.") and not (k.startswith("up.") and int(k.split(".")[1]) >= split)}
+        net.trunk.load_state_dict(trunk)
+        for head in net.heads:
+            own = {}
+            for k, v in state.items():
+                if k.startswith("up.") and int(k.split(".")[1]) >= split:
+                    i = int(k.split(".")[1]) - split
+                    own[f"{i}.{k.split('.', 2)[2]}"] = v
+                elif k.startswith("out."):
+                    own[f"{head_blocks}.{k.split('.', 1)[1]}"] = v
+            head.load_state_dict(own)
+            if noise:
+                with torch.no_grad():
+                    for p in head.parameters():
+                        p.add_(noise * p.std(correction=0) * torch.randn(p.shape, generator=generator).to(p))
+        return net
+
+    def trunk_features(self, x, t, label=None):
+        """(features at the split, the skips its heads consume, the embedding, the bottleneck)."""
+        emb = self.trunk.embed(x, t, label)
+        mid, hs = self.trunk.encode(x, emb)
+        return UNet.decode(self.trunk.up, mid, hs, emb), hs, emb, mid
+
+    def head(self, k: int, h, hs, emb) -> torch.Tensor:
+        layers = self.heads[k]
+        return layers[-1](UNet.decode(layers[:-1], h, list(hs), emb))
+
+    def forward(self, x, t, label=None, assign=None):
+        """Inference: (outputs (B, K, C, H, W), logits (B, K)). Training (``assign`` a function of
+        the K outputs computed without autograd, returning one hypothesis per example (B,)):
+        (the assigned hypothesis's output with gradient (B, C, H, W), the K outputs without it,
+        logits computed on detached trunk features, the assignment). Every head takes part in the
+        graph (on an empty batch when nothing is assigned to it), as DDP needs."""
+        h, hs, emb, mid = self.trunk_features(x, t, label)
+        if assign is None:
+            return torch.stack([self.head(k, h, hs, emb) for k in range(self.num_experts)], dim=1), self.score(h, mid, emb)
+        with torch.no_grad():
+            every = torch.stack([self.head(k, h, hs, emb) for k in range(self.num_experts)], dim=1)
+        chosen = assign(every)
+        order, outs = [], []
+        for k in range(self.num_experts):
+            idx = (chosen == k).nonzero().squeeze(1)
+            order.append(idx)
+            outs.append(self.head(k, h[idx], [s[idx] for s in hs], emb[idx]))
+        out = torch.cat(outs)[torch.argsort(torch.cat(order))]
+        logits = self.score(h.detach(), mid.detach(), emb.detach())
+        return out, every, logits, chosen
+
+
+class HypothesisNet(nn.Module):
+    """One hypothesis of a ``SharedMCLNet`` as a plain network ``(x, t, label) -> output``: the
+    trunk and that hypothesis's head only (what ``expert:K`` routing and its tests run)."""
+
+    def __init__(self, shared: SharedMCLNet, k: int):
+        super().__init__()
+        self.shared, self.k = shared, int(k)
+
+    def forward(self, x, t, label=None):
+        h, hs, emb, _ = self.shared.trunk_features(x, t, label)
+        return self.shared.head(self.k, h, hs, emb)
 
 
 CLASSIFIER_ARCHS = ("vgg", "gap")
@@ -265,7 +426,7 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-NETWORKS = {"unet": (UNet, UNetConfig), "gating": (GatingNet, GatingConfig), "classifier": (Classifier, ClassifierConfig)}
+NETWORKS = {"unet": (UNet, UNetConfig), "mcl_shared": (SharedMCLNet, SharedMCLConfig), "gating": (GatingNet, GatingConfig), "classifier": (Classifier, ClassifierConfig)}
 
 
 def build_network(kind: str, config: dict) -> nn.Module:

@@ -176,7 +176,7 @@ def build_denoiser(settings: Settings, model, gate=None, guide=None):
     guide ``LoadedModel`` when ``settings.autoguidance`` is not 1)."""
     if model.kind == "mcl":
         make_router(settings.routing, model.num_experts)  # index in range for this ensemble
-        if routing_needs_gate(settings.routing) and gate is None:
+        if routing_needs_gate(settings.routing) and gate is None and not getattr(model, "shared", False):  # a shared model's score head is its gate
             raise ValueError(f"routing {settings.routing!r} needs the gating checkpoint, which is not available")
     return model.denoiser(guidance=settings.guidance, routing=settings.routing, gate=gate,
                           autoguidance=settings.autoguidance, guide=guide)

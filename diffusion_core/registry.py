@@ -27,7 +27,7 @@ from .mcl import ROUTINGS, routing_needs_gate
 from .models import GUIDE_KINDS, LoadedModel, load_model
 from .pipeline import guide_name
 
-DIFFUSION_MODELS = ("ddpm", "cfg", "flow", "mcl")  # what a person samples from, in menu order (others follow)
+DIFFUSION_MODELS = ("ddpm", "cfg", "flow", "mcl", "mcl_separate")  # what a person samples from, in menu order (others follow)
 AUXILIARY_MODELS = ("gating", "classifier", "classifier2", "ddpm_weak")  # MCL's gating network; the metrics' classifiers; autoguidance's bad model
 SAMPLEABLE_KINDS = ("ddpm", "cfg", "flow", "mcl")  # checkpoint kinds a sampler can run
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_-")
@@ -169,7 +169,9 @@ class ModelRegistry:
         if model.kind not in SAMPLEABLE_KINDS or model.objective is None:
             raise ValueError(f"{model.path} is a {model.kind} checkpoint, not a diffusion model ({', '.join(SAMPLEABLE_KINDS)})")
         gate = None
-        if model.kind == "mcl" and routing_needs_gate(settings.routing):
+        if model.shared:  # hypotheses on one network: its score head is the gate, under every routing
+            gate = model.score_gate()
+        elif model.kind == "mcl" and routing_needs_gate(settings.routing):
             try:
                 gate = self.gate_for(model, settings.model)
             except CheckpointError as e:

@@ -1,8 +1,8 @@
-"""The five training tasks (what differs between train/*.py); the loop is ``training.train``."""
+"""The training tasks of the single-network scripts (ddpm, ddpm_weak, cfg, flow, classifier);
+MCL and its gating network are in ``mcl_training``. The loop is ``training.train``."""
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 from pathlib import Path
 
@@ -12,27 +12,26 @@ from torch import nn
 
 from .checkpoints import CheckpointError
 from .guidance import CFGDenoiser
-from .mcl import WTA_MODES, ExpertRouter, GatedRouter, MCLDenoiser, annealed_temperature, win_counts, wta_assignment, wta_loss
 from .models import load_model, save_model
-from .nets import Classifier, ClassifierConfig, GatingConfig, GatingNet, UNet, UNetConfig
+from .nets import Classifier, ClassifierConfig, UNet, UNetConfig
 from .objectives import EPS_T_SAMPLING, FLOW_T_SAMPLING, TEACHER_WEIGHTS, EDMObjective, EpsilonObjective, FlowObjective, ScheduleConfig, teacher_target
 from .samplers import get_sigmas, sample_dpmpp_2m
 from .training import Task, fail
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
     model = getattr(model, "_orig_mod", model)  # torch.compile
     return getattr(model, "module", model)  # DistributedDataParallel
 
 
-def _save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:
+def save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:
     from torchvision.utils import save_image
 
     save_image((images.float().cpu().clamp(-1, 1) + 1) / 2, path, nrow=nrow, padding=2, pad_value=1.0)
 
 
 @torch.no_grad()
-def _sample(denoiser, n: int, label=None, steps: int = 16, seed: int = 0, device="cpu", on_step=None) -> torch.Tensor:
+def sample_fixed(denoiser, n: int, label=None, steps: int = 16, seed: int = 0, device="cpu", on_step=None) -> torch.Tensor:
     """``n`` samples with DPM++ 2M from a fixed seed (the same noise every epoch)."""
     sigmas = get_sigmas("dpmpp_2m", denoiser, steps)
     g = torch.Generator().manual_seed(seed)
@@ -181,7 +180,7 @@ class DiffusionTask(Task):
         drop = torch.rand(y.shape, generator=generator, device=generator.device).to(y.device) < self.args.p_uncond
         return torch.where(drop, torch.full_like(y, 10), y)
 
-    def loss(self, model, x0, y, generator, progress):
+    def loss(self, model, x0, y, generator, progress, index=None):
         batch = self.objective.training_batch(x0, generator)
         if self.teacher is not None:
             with torch.no_grad():
@@ -195,7 +194,7 @@ class DiffusionTask(Task):
     def sample_grid(self, model, path):
         device = next(model.parameters()).device
         label = torch.arange(20, device=device) % 10 if self.conditional else None
-        _save_grid(_sample(self.denoiser(model), 20, label, device=device), path, nrow=10)
+        save_grid(sample_fixed(self.denoiser(model), 20, label, device=device), path, nrow=10)
 
     def config(self, training: dict) -> dict:
         return {"network": {"kind": "unet", "config": self.unet_config().to_dict()}, "objective": self.objective.to_dict(),
@@ -206,200 +205,7 @@ class DiffusionTask(Task):
 
     def export(self, model, path, training):
         kind = "flow" if self.name == "flow" else "cfg" if self.conditional else "ddpm"
-        save_model(path, kind, [_unwrap(model)], self.config(training))
-
-
-class Ensemble(nn.Module):
-    """K UNets trained together. The training loop calls the ensemble as one module (through DDP
-    and torch.compile: reaching into ``.experts`` from the loss would bypass DDP's gradient
-    synchronisation)."""
-
-    def __init__(self, nets):
-        super().__init__()
-        self.experts = nn.ModuleList(nets)
-
-    def forward(self, x, t, label=None, assign=None):
-        """Without ``assign``: every expert on every input, (B, K, C, H, W). With ``assign`` (B,):
-        each input through its assigned expert only, (B, C, H, W). Every expert is still called
-        (on an empty batch when it has no input), so all parameters are in the graph, as DDP needs."""
-        if assign is None:
-            return torch.stack([e(x, t, label) for e in self.experts], dim=1)
-        order, outs = [], []
-        for k, expert in enumerate(self.experts):
-            idx = (assign == k).nonzero().squeeze(1)
-            order.append(idx)
-            outs.append(expert(x[idx], t[idx], None if label is None else label[idx]))
-        return torch.cat(outs)[torch.argsort(torch.cat(order))]
-
-
-class MCLTask(DiffusionTask):
-    """K expert denoisers with a winner-takes-all loss on the same noisy batch."""
-
-    dead_below = 0.05  # an expert winning fewer than this share of an epoch's examples is reported
-
-    def __init__(self, args):
-        super().__init__(args, name="mcl", conditional=False)
-        if args.wta not in WTA_MODES:
-            fail(f"--wta must be one of {WTA_MODES}", status=2)
-        if args.experts < 1:
-            fail("--experts must be at least 1", status=2)
-        if not 0 <= args.relax_eps < 1:
-            fail(f"--relax-eps must be in [0, 1) (got {args.relax_eps})", status=2)
-
-    def build(self):
-        if self.init_net is None:
-            return Ensemble([UNet(self.unet_config()) for _ in range(self.args.experts)])
-        experts = []
-        for _ in range(self.args.experts):
-            expert = copy.deepcopy(self.init_net)
-            with torch.no_grad():
-                for p in expert.parameters():
-                    p.add_(self.args.init_noise * p.std(correction=0) * torch.randn_like(p))
-            experts.append(expert)
-        return Ensemble(experts)
-
-    def expert_losses(self, pred: torch.Tensor, batch: dict) -> torch.Tensor:
-        """Per-example losses (B, K) of all experts' predictions (B, K, C, H, W)."""
-        return torch.stack([self.objective.loss_from_prediction(pred[:, k], batch) for k in range(pred.shape[1])], dim=1)
-
-    def loss(self, model, x0, y, generator, progress):
-        """``--mcl-update full``: every expert forward and backward on every example, the loss
-        ``mean_i sum_k w_ik L_ik`` (``mcl.wta_loss``). ``routed`` (default): a no-grad pass scores
-        all experts, then each example is trained through one expert only, drawn with probability
-        ``w_ik`` (the winner for hard WTA). Its gradient is the full formulation's exactly for hard
-        WTA and in expectation for relaxed and annealed WTA, at the cost of K forward passes
-        without autograd plus one model's forward and backward."""
-        batch = self.objective.training_batch(x0, generator)
-        temp = annealed_temperature(progress, self.args.t_start, self.args.t_end)
-        if getattr(self.args, "mcl_update", "routed") == "full":
-            losses = self.expert_losses(model(batch["net_input"], batch["net_time"]), batch)  # (B, K), through DDP
-            loss = wta_loss(losses, self.args.wta, eps=self.args.relax_eps, temperature=temp)
-            return loss, {"wins": win_counts(losses).float(), "temperature": temp}
-        with torch.no_grad():
-            losses = self.expert_losses(model(batch["net_input"], batch["net_time"]), batch)
-        assign = wta_assignment(losses, self.args.wta, eps=self.args.relax_eps, temperature=temp, generator=generator)
-        loss = self.objective.loss_from_prediction(model(batch["net_input"], batch["net_time"], assign=assign), batch).mean()
-        return loss, {"wins": win_counts(losses).float(), "temperature": temp}
-
-    def epoch_summary(self, sums, count):
-        """Adds ``wins`` (examples won per expert, all ranks) and ``win_rates``; an expert below
-        ``dead_below`` is listed in ``dead_experts`` and gets a warning."""
-        sums = dict(sums)
-        wins = torch.as_tensor(sums.pop("wins")).double().cpu()
-        rec = super().epoch_summary(sums, count)
-        rates = (wins / wins.sum().clamp_min(1)).tolist()
-        rec["wins"] = [int(round(w)) for w in wins.tolist()]
-        rec["win_rates"] = [round(r, 4) for r in rates]
-        dead = [k for k, r in enumerate(rates) if r < self.dead_below]
-        if dead:
-            rec["dead_experts"] = dead
-            hint = "; hard WTA lets experts die, try --wta annealed or relaxed" if self.args.wta == "hard" else ""
-            rec["warnings"] = [f"expert(s) {dead} won fewer than {self.dead_below:.0%} of the examples "
-                               f"(win rates {rec['win_rates']}){hint}"]
-        return rec
-
-    def sample_grid(self, model, path):
-        device = next(model.parameters()).device
-        rows = []
-        for k in range(self.args.experts):
-            den = MCLDenoiser([self.objective.denoiser(e) for e in model.experts], ExpertRouter(k))
-            rows.append(_sample(den, 10, device=device))
-        _save_grid(torch.cat(rows), path, nrow=10)
-
-    def config(self, training):
-        cfg = super().config(training)
-        cfg["training"].update(wta=self.args.wta, relax_eps=self.args.relax_eps, t_start=self.args.t_start, t_end=self.args.t_end)
-        return cfg
-
-    def export(self, model, path, training):
-        experts = list(_unwrap(model).experts)
-        half = sum(p.numel() for p in model.parameters()) * 4 > 15 * 2**20
-        save_model(path, "mcl", experts, self.config(training), half=half)
-
-
-class GatingTask(Task):
-    """A gating network on a frozen MCL ensemble: the target is each example's winning expert."""
-
-    name = "gating"
-
-    def __init__(self, args):
-        super().__init__(args)
-        try:
-            self.mcl = load_model(args.mcl)
-        except (CheckpointError, OSError) as e:
-            fail(f"--mcl {args.mcl}: {e}")
-        if self.mcl.kind != "mcl":
-            fail(f"--mcl {args.mcl} is a {self.mcl.kind} checkpoint, not an MCL ensemble")
-        den = self.mcl.objective.denoiser(self.mcl.nets[0])
-        self.sigma_range = (den.sigma_min, den.sigma_max)  # the ensemble's noise range (bands, --gate-sigma)
-
-    def build(self):
-        self.mcl.to(self.device)
-        return GatingNet(GatingConfig(num_experts=self.mcl.num_experts, channels=self.args.channels))
-
-    def training_sigmas(self, n: int, generator: torch.Generator) -> torch.Tensor | None:
-        """``--gate-sigma loguniform``: ``n`` levels spread evenly in log-sigma over the ensemble's
-        range, as a sampler's steps visit them; ``objective``: None (the MCL objective's own density)."""
-        if getattr(self.args, "gate_sigma", "objective") != "loguniform":
-            return None
-        lo, hi = (math.log(s) for s in self.sigma_range)
-        u = torch.rand((n,), generator=generator, device=generator.device, dtype=torch.float64)
-        return (lo + (hi - lo) * u).exp()
-
-    def loss(self, model, x0, y, generator, progress):
-        sigma = self.training_sigmas(x0.shape[0], generator)
-        if sigma is None:
-            batch = self.mcl.objective.training_batch(x0, generator)
-        else:
-            batch = self.mcl.objective.training_batch_at(x0, sigma, generator)
-        with torch.no_grad():
-            target = torch.stack([self.mcl.objective.loss(e, batch) for e in self.mcl.nets], dim=1).argmin(dim=1)
-        logits = model(batch["x_sigma"], batch["sigma"])
-        hit = (logits.argmax(dim=1) == target).float()
-        band = self.band_of(batch["sigma"])
-        return F.cross_entropy(logits.float(), target), {
-            "accuracy": hit.mean(),
-            "band_hits": torch.zeros(self.bands, device=hit.device).index_add_(0, band, hit),
-            "band_counts": torch.bincount(band, minlength=self.bands).float(),
-        }
-
-    bands = 6  # noise bands of the per-band accuracy in the epoch records
-
-    def band_edges(self) -> torch.Tensor:
-        """``bands + 1`` increasing sigmas, equal steps in log sigma over the MCL model's range."""
-        lo, hi = self.sigma_range
-        return torch.logspace(math.log10(lo), math.log10(hi), self.bands + 1, dtype=torch.float64)
-
-    def band_of(self, sigma: torch.Tensor) -> torch.Tensor:
-        inner = self.band_edges()[1:-1].to(sigma.device)
-        return torch.bucketize(sigma.double(), inner).long()
-
-    def epoch_summary(self, sums, count):
-        """Adds ``band_accuracy``: top-1 accuracy per noise band (edges in ``band_sigmas``), and the
-        chance level (1 / K) to read it against."""
-        sums = dict(sums)
-        hits, counts = torch.as_tensor(sums.pop("band_hits")).double().cpu(), torch.as_tensor(sums.pop("band_counts")).double().cpu()
-        rec = super().epoch_summary(sums, count)
-        rec["band_sigmas"] = [round(float(e), 4) for e in self.band_edges()]
-        rec["band_accuracy"] = [round(float(h / c), 4) if c else None for h, c in zip(hits, counts)]
-        rec["band_examples"] = [int(c) for c in counts]
-        rec["chance"] = round(1 / self.mcl.num_experts, 4)
-        return rec
-
-    @torch.no_grad()
-    def sample_grid(self, model, path):
-        """20 samples from the frozen ensemble routed by the gate; logs how often each expert served."""
-        den = MCLDenoiser([self.mcl.objective.denoiser(e) for e in self.mcl.nets], GatedRouter(), gate=model)
-        served = torch.zeros(self.mcl.num_experts)
-        x = _sample(den, 20, device=self.device, on_step=lambda: served.add_(torch.bincount(den.last_expert, minlength=len(served))))
-        _save_grid(x, path, nrow=10)
-        return {"sample_expert_use": [round(v, 4) for v in (served / served.sum()).tolist()]}
-
-    def export(self, model, path, training):
-        net = _unwrap(model)
-        cfg = {"network": {"kind": "gating", "config": net.config.to_dict()},
-               "training": dict(training, mcl=str(self.args.mcl), gate_sigma=getattr(self.args, "gate_sigma", "objective"))}
-        save_model(path, "gating", [net], cfg)
+        save_model(path, kind, [unwrap(model)], self.config(training))
 
 
 class ClassifierTask(Task):
@@ -410,7 +216,7 @@ class ClassifierTask(Task):
     def build(self):
         return Classifier(ClassifierConfig(channels=self.args.channels, arch=getattr(self.args, "arch", "vgg")))
 
-    def loss(self, model, x0, y, generator, progress):
+    def loss(self, model, x0, y, generator, progress, index=None):
         shifts = torch.randint(-2, 3, (2,), generator=generator, device=generator.device).tolist()
         x = torch.roll(x0, shifts=shifts, dims=(2, 3))
         logits = model(x)
@@ -430,10 +236,10 @@ class ClassifierTask(Task):
         for d in range(10):
             chosen = x[pred == d][:10]
             grid[d, : len(chosen)] = chosen
-        _save_grid(grid.flatten(0, 1), path, nrow=10)
+        save_grid(grid.flatten(0, 1), path, nrow=10)
         return {"test_accuracy": round((pred == y).float().mean().item(), 5)}
 
     def export(self, model, path, training):
-        net = _unwrap(model)
+        net = unwrap(model)
         training = dict(training, test_accuracy=training.get("final", {}).get("test_accuracy"))
         save_model(path, "classifier", [net], {"network": {"kind": "classifier", "config": net.config.to_dict()}, "training": training})

@@ -21,8 +21,9 @@ top to bottom:
    loudly and logged;
 6. export: the EMA weights with training metadata, through ``task.export``.
 
-The state file's keys: ``model ema opt sched gen step epoch batch_in_epoch wall_s args`` and
-``ranks`` (per-rank random states and epoch sums; optional, older files lack it).
+The state file's keys: ``model ema opt sched gen step epoch batch_in_epoch wall_s args``,
+``ranks`` (per-rank random states and epoch sums) and ``task`` (``Task.state_dict``); older files
+lack the last two.
 """
 from __future__ import annotations
 
@@ -207,11 +208,20 @@ class Task:
     def build(self) -> nn.Module:
         raise NotImplementedError
 
-    def loss(self, model: nn.Module, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator, progress: float) -> tuple[torch.Tensor, dict]:
+    def loss(self, model: nn.Module, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator, progress: float,
+             index: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """Scalar loss and a dict of numbers to log (floats or tensors, summed over the epoch and
         over ranks). ``model`` is the wrapped model (DDP / compiled): call it, do not reach into it,
-        or DDP will not synchronise gradients."""
+        or DDP will not synchronise gradients. ``index``: the batch's positions in the training set."""
         raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """What the task itself learns besides the model (MCL's per-example assignment), for the
+        resume state; tensors only."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     def epoch_summary(self, sums: dict, count: int) -> dict:
         """The epoch record from the summed logs of ``count`` steps (all ranks together). A
@@ -403,6 +413,7 @@ def train(task: Task, args) -> dict:
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
         step, epoch, batch_in_epoch, wall_before = st["step"], st["epoch"], st["batch_in_epoch"], st["wall_s"]
+        task.load_state_dict(st.get("task") or {})
         ranks = st.get("ranks")
         if ranks is not None and len(ranks) == world:
             mine = ranks[rank]
@@ -444,7 +455,7 @@ def train(task: Task, args) -> dict:
                 {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                  "gen": gen.get_state(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                  "wall_s": wall_before + time.perf_counter() - t_start, "train_s": train_s, "args": json.dumps(vars(args), default=str),
-                 "ranks": ranks},
+                 "ranks": ranks, "task": task.state_dict()},
                 state_path,
             )
         if world > 1:
@@ -469,7 +480,7 @@ def train(task: Task, args) -> dict:
             idx = shard_indices(perm, batch_in_epoch, rank, world, args.batch_size)
             x0, y = images[idx], labels[idx]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss, logs = task.loss(train_model, x0, y, gen, step / max(1, total_steps))
+                loss, logs = task.loss(train_model, x0, y, gen, step / max(1, total_steps), index=idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)

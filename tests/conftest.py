@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffusion_core.models import save_model
-from diffusion_core.nets import Classifier, ClassifierConfig, GatingConfig, GatingNet, UNet, UNetConfig
+from diffusion_core.nets import Classifier, ClassifierConfig, GatingConfig, GatingNet, SharedMCLNet, UNet, UNetConfig
 from diffusion_core.objectives import EpsilonObjective
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -18,7 +18,8 @@ TINY_UNET = dict(base_channels=8, channel_mults=(1, 2, 2), blocks_per_level=1, a
 
 
 def make_tiny_checkpoints(directory: Path, num_experts: int = 3, seed: int = 0) -> Path:
-    """Write ddpm/ddpm_weak/cfg/mcl/gating/classifier checkpoints with small random weights to ``directory``.
+    """Write ddpm/ddpm_weak/cfg/mcl/mcl_shared/gating/classifier checkpoints with small random weights to ``directory``
+    (``mcl``: separate experts routed by ``gating``; ``mcl_shared``: hypotheses on one network).
 
     The UNets' output convolutions are zero-initialised, so they are perturbed to give non-trivial
     predictions."""
@@ -41,6 +42,13 @@ def make_tiny_checkpoints(directory: Path, num_experts: int = 3, seed: int = 0) 
     save_model(directory / "cfg.safetensors", "cfg", [n := unet(10)], cfg_of(n))
     experts = [unet() for _ in range(num_experts)]
     save_model(directory / "mcl.safetensors", "mcl", experts, cfg_of(experts[0]))
+    shared = SharedMCLNet.from_unet(unet(), num_experts, head_blocks=1, noise=0.5)  # hypotheses on one network, with a score head
+    with torch.no_grad():
+        for p in shared.score.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # a score head that is not uniform
+    save_model(directory / "mcl_shared.safetensors", "mcl", [shared.eval()],
+               {"network": {"kind": "mcl_shared", "config": shared.config.to_dict()}, "objective": objective.to_dict(),
+                "training": {"note": "tiny random test model", "mcl_arch": "shared", "wta_scope": "example"}})
     gate = GatingNet(GatingConfig(num_experts=num_experts, channels=8))
     save_model(directory / "gating.safetensors", "gating", [gate], {"network": {"kind": "gating", "config": gate.config.to_dict()}, "training": {}})
     clf = Classifier(ClassifierConfig(channels=8, feature_dim=32)).eval()

@@ -93,7 +93,7 @@ def test_generate_stream_share_link(server, page, checkpoints, tmp_path):
         other.screenshot(path=str(ROOT / "assets" / "app_screenshot.png"), full_page=True)
 
 
-def test_mcl_controls_chart_and_compare(server, page, tmp_path):
+def test_mcl_controls_chart_and_compare(server, page, checkpoints, tmp_path):
     page.goto(server + "?model=mcl&steps=8&n=3&seed=1")  # no routing in the link: the app's default
     wait_done(page, "8 steps")
     assert page.locator("#routing").is_visible() and not page.locator("#digit").is_visible()
@@ -103,6 +103,8 @@ def test_mcl_controls_chart_and_compare(server, page, tmp_path):
     assert f"routing={default}" in filled_textbox(page, "share_link")
     page.locator("#chart").wait_for(state="visible")
     page.locator("#chart img").wait_for()  # experts per step, and the gate's probabilities
+    if (checkpoints / "mcl_shared.safetensors").exists():  # the tiny folder: mcl is separate experts with a gating network
+        assert "Gating network" in page.locator("#chart_caption").inner_text()
     page.locator("#routing input").click()
     offered = [t.replace("✓", "").strip() for t in page.get_by_role("option").all_inner_texts()]  # the selected one is ticked
     assert offered == [ui.routing_label(r) for r in ui.MENU_ROUTINGS]
@@ -125,6 +127,20 @@ def test_mcl_controls_chart_and_compare(server, page, tmp_path):
     page.get_by_role("tab", name="Models").click()
     assert page.locator(".model-card").count() >= 4
     page.screenshot(path=str(tmp_path / "mcl.png"), full_page=True)
+
+
+def test_shared_mcl_chart_shows_the_score_head(server, page, checkpoints):
+    """MCL hypotheses on one network: the chart's lower panel is the score head, and the sentence under
+    the chart says what its probabilities mean; the routing help names the score head too."""
+    name = "mcl_shared" if (checkpoints / "mcl_shared.safetensors").exists() else "mcl"
+    page.goto(server + f"?model={name}&steps=6&n=2&seed=3")
+    wait_done(page, "6 steps")
+    page.locator("#chart img").wait_for()
+    caption = page.locator("#chart_caption").filter(has_text="Score head")
+    caption.wait_for(timeout=TIMEOUT_MS)
+    assert "owns" in caption.inner_text()
+    assert "score head" in page.locator("#routing").inner_text()
+    assert "gating network" not in page.locator("#routing").inner_text()
 
 
 def test_autoguidance_control_and_its_share_link(server, page, checkpoints):

@@ -16,7 +16,8 @@ from diffusion_core.mcl import wta_assignment, wta_loss, wta_weights
 from diffusion_core.models import load_model
 from diffusion_core.nets import UNet, UNetConfig
 from diffusion_core.objectives import EDMObjective, EpsilonObjective, FlowObjective, ScheduleConfig, objective_from_dict, teacher_target
-from diffusion_core.tasks import DiffusionTask, Ensemble, MCLTask, add_diffusion_args
+from diffusion_core.mcl_training import Ensemble, MCLTask
+from diffusion_core.tasks import DiffusionTask, add_diffusion_args
 from test_training import check_run, metrics, run_script
 
 # ----------------------------------------------------------------------------- precision, recipes
@@ -375,7 +376,8 @@ def test_quick_cfg_edm_bf16_with_snapshots_and_time_limit(tmp_path, mnist_root):
 
 def test_quick_mcl_min_snr_full_update(tmp_path, mnist_root):
     run_dir, out = tmp_path / "run", tmp_path / "mcl.safetensors"
-    run_script("mcl", run_dir, out, mnist_root, "--quick", "--experts", 2, "--limit", 256, "--min-snr-gamma", 5, "--mcl-update", "full")
+    run_script("mcl", run_dir, out, mnist_root, "--quick", "--experts", 2, "--limit", 256, "--min-snr-gamma", 5, "--mcl-update", "full",
+               "--mcl-arch", "separate", "--wta-scope", "step")
     model = load_model(out)
     assert model.objective.to_dict()["min_snr_gamma"] == 5 and model.config["training"]["args"]["mcl_update"] == "full"
     assert sum(metrics(run_dir, "epoch")[-1]["wins"]) == 4 * 64
@@ -515,7 +517,7 @@ def test_quick_gating_with_loguniform_noise_levels(tmp_path, mnist_root):
     """--gate-sigma loguniform: the training examples fill every noise band about equally (the
     objective's own density puts ~1% below sigma 0.05), and the checkpoint records the choice."""
     mcl_dir, mcl_out = tmp_path / "mcl", tmp_path / "mcl.safetensors"
-    run_script("mcl", mcl_dir, mcl_out, mnist_root, "--quick", "--experts", 2, "--limit", 128, "--epochs", 1)
+    run_script("mcl", mcl_dir, mcl_out, mnist_root, "--quick", "--experts", 2, "--limit", 128, "--epochs", 1, "--mcl-arch", "separate", "--wta-scope", "step")
     run_dir, out = tmp_path / "run", tmp_path / "gating.safetensors"
     run_script("gating", run_dir, out, mnist_root, "--quick", "--epochs", 1, "--max-steps", 8, "--mcl", mcl_out, "--gate-sigma", "loguniform")
     assert load_model(out).config["training"]["gate_sigma"] == "loguniform"

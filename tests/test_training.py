@@ -112,7 +112,8 @@ def ddpm_ref(tmp_path_factory, mnist_root):
 def mcl_run(tmp_path_factory, mnist_root):
     run_dir = tmp_path_factory.mktemp("mcl") / "run"
     out = run_dir.parent / "mcl.safetensors"
-    proc = run_script("mcl", run_dir, out, mnist_root, "--quick", "--experts", 3, "--limit", 256)  # 2 epochs of 4 steps
+    proc = run_script("mcl", run_dir, out, mnist_root, "--quick", "--experts", 3, "--limit", 256,  # 2 epochs of 4 steps
+                      "--mcl-arch", "separate", "--wta-scope", "step", "--wta", "annealed")  # the ensemble train/gating.py routes
     return SimpleNamespace(run_dir=run_dir, out=out, proc=proc)
 
 
@@ -263,7 +264,7 @@ def test_lr_factor_warmup_then_cosine():
 
 
 def test_mcl_epoch_summary_reports_a_dead_expert():
-    from diffusion_core.tasks import MCLTask
+    from diffusion_core.mcl_training import MCLTask
 
     args = SimpleNamespace(objective="ddpm_eps", schedule="linear", timesteps=1000, beta_start=1e-4, beta_end=0.02,
                            attention=True, wta="hard", experts=3, relax_eps=0.05, t_start=0.05, t_end=1e-5)

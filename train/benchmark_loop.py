@@ -16,10 +16,11 @@ other in one process; each runs ``--warmup`` untimed steps (torch.compile compil
 * plain: ``torchvision.datasets.MNIST`` with ``ToTensor()`` and ``Normalize((0.5,), (0.5,))``
   through a shuffling ``torch.utils.data.DataLoader`` (``--num-workers``, default 0 as in
   DataLoader), each batch copied to the device, fp32, AdamW, no clipping, no EMA;
-* MCL (``--mcl-experts K``, 0 to skip): our loop on an ensemble of K unconditional UNets of the
-  same size with annealed WTA, once with the routed update of train/mcl.py (a no-grad pass scores
-  every expert, then each example trains one expert) and once with the full update (every expert
-  forward and backward on every example).
+* MCL (``--mcl-experts K``, 0 to skip): our loop on K unconditional hypotheses of the same UNet:
+  train/mcl.py's CPU default (``mcl-shared``: one trunk with K heads and a score head, see
+  diffusion_core/mcl_training.py), then an ensemble of K separate UNets with annealed WTA, once
+  with the routed update (a no-grad pass scores every expert, then each example trains one expert)
+  and once with the full update (every expert forward and backward on every example).
 
 Images per second count training images through forward, backward and the optimizer step
 (CUDA is synchronised before the clock is read). Prints a table and writes JSON (``--json``).
@@ -39,8 +40,13 @@ sys.path.insert(1, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from cfg import RECIPES as CFG_RECIPES  # noqa: E402  (train/cfg.py, beside this file)
+from mcl import RECIPES as MCL_RECIPES  # noqa: E402  (train/mcl.py)
+
+MCL_RECIPE = MCL_RECIPES["cpu"]
+
 from diffusion_core.data import MNISTNotFound, data_root, load_mnist  # noqa: E402
-from diffusion_core.tasks import DiffusionTask, MCLTask  # noqa: E402
+from diffusion_core.mcl_training import MCLTask  # noqa: E402
+from diffusion_core.tasks import DiffusionTask  # noqa: E402
 from diffusion_core.training import PRECISIONS, channels_last_for, device_name, ema_update, lr_factor, resolve_precision, shard_indices  # noqa: E402
 
 
@@ -78,8 +84,14 @@ def task_for(args) -> DiffusionTask:
     return DiffusionTask(_task_args(args, p_uncond=0.1), name="cfg", conditional=True)
 
 
-def mcl_task_for(args, update: str) -> MCLTask:
-    """The MCL task of train/mcl.py: K experts, annealed WTA, ``update`` routed or full."""
+def mcl_task_for(args, update: str, arch: str = "separate") -> MCLTask:
+    """The MCL task of train/mcl.py: K experts, annealed WTA, ``update`` routed or full; ``arch="shared"``:
+    train/mcl.py's CPU default (one trunk, K heads of ``MCL_RECIPE["head_blocks"]`` blocks and a score head,
+    per-example winners, ``MCL_RECIPE["wta"]`` WTA)."""
+    if arch == "shared":
+        return MCLTask(_task_args(args, experts=args.mcl_experts, wta=MCL_RECIPE["wta"], relax_eps=0.05, t_start=0.05, t_end=1e-5,
+                                  mcl_update="routed", mcl_arch="shared", wta_scope=MCL_RECIPE["wta_scope"],
+                                  head_blocks=MCL_RECIPE["head_blocks"], assign_momentum=0.5, score_weight=0.1, limit=None))
     return MCLTask(_task_args(args, experts=args.mcl_experts, wta="annealed", relax_eps=0.05, t_start=0.05, t_end=1e-5, mcl_update=update))
 
 
@@ -131,7 +143,7 @@ def our_loop(args, device, task=None, name="ours") -> dict:
         idx = shard_indices(perm, batch, 0, 1, args.batch_size)
         x0, y = images[idx], labels[idx]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss, _ = task.loss(train_model, x0, y, gen, i / total)
+            loss, _ = task.loss(train_model, x0, y, gen, i / total, index=idx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -142,7 +154,8 @@ def our_loop(args, device, task=None, name="ours") -> dict:
 
     what = ["preloaded tensor"] + (["channels_last"] if memory_format == torch.channels_last else []) + (["bf16 autocast"] if use_bf16 else ["fp32"]) + (["compiled"] if args.compile else [])
     if isinstance(task, MCLTask):
-        what = [f"MCL K={args.mcl_experts}, {task.args.mcl_update} update"] + what
+        what = ([f"MCL K={args.mcl_experts}, shared trunk, {task.head_blocks} head block(s), {task.args.wta} WTA per {task.scope}"] if task.arch == "shared"
+                else [f"MCL K={args.mcl_experts}, {task.args.mcl_update} update"]) + what
     return {"loop": name, "what": ", ".join(what), **timed(step, args, device)}
 
 
@@ -201,6 +214,7 @@ def main(argv=None):
         args.objective = recipe.get("objective", "ddpm_eps")
     results = [our_loop(args, device), plain_loop(args, device)]
     if args.mcl_experts:
+        results += [our_loop(args, device, mcl_task_for(args, "routed", "shared"), "mcl-shared")]
         results += [our_loop(args, device, mcl_task_for(args, u), f"mcl-{u}") for u in ("routed", "full")]
     ours, plain = results[0]["images_per_s"], results[1]["images_per_s"]
     for r in results:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffusion_core.tasks import GatingTask  # noqa: E402
+from diffusion_core.mcl_training import GatingTask  # noqa: E402
 from diffusion_core.training import common_parser, parse_args, train  # noqa: E402
 
 # The defaults per device (--recipe): the CPU one made the shipped checkpoint on a 2-core CPU.

@@ -22,13 +22,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from diffusion_core.mcl import WTA_MODES  # noqa: E402
-from diffusion_core.tasks import MCLTask, add_diffusion_args  # noqa: E402
+from diffusion_core.mcl_training import MCL_ARCHS, WTA_SCOPES, MCLTask  # noqa: E402
+from diffusion_core.tasks import add_diffusion_args  # noqa: E402
 from diffusion_core.training import common_parser, parse_args, train  # noqa: E402
 
 # The defaults per device (--recipe): the CPU one made the shipped checkpoint on a 2-core CPU,
 # starting the experts from the shipped DDPM (so they inherit its objective: epsilon, Min-SNR-5).
 RECIPES = {
-    "cpu": {"init": "ddpm", "epochs": 5, "batch_size": 128, "lr": 5e-4, "warmup_steps": 50},
+    "cpu": {"init": "ddpm", "epochs": 2, "batch_size": 128, "lr": 5e-4, "warmup_steps": 50,
+            "mcl_arch": "shared", "wta_scope": "example", "wta": "hard", "head_blocks": 1},
     "gpu": {"epochs": 20, "batch_size": 256},
 }
 
@@ -43,6 +45,19 @@ def main(argv=None):
     p.add_argument("--mcl-update", choices=("routed", "full"), default="routed",
                    help="routed: score all experts without autograd, then train each example through one expert "
                         "(the winner, or a draw from the WTA weights); full: every expert forward and backward on every example")
+    p.add_argument("--mcl-arch", choices=MCL_ARCHS, default="separate",
+                   help="separate: K UNets (the gating network is trained afterwards, train/gating.py); shared: one UNet trunk, "
+                        "K hypothesis heads and a score head trained together")
+    p.add_argument("--head-blocks", type=int, default=1,
+                   help="shared: decoder ResBlocks (the last ones, at full resolution) each hypothesis owns before its output convolution")
+    p.add_argument("--wta-scope", choices=WTA_SCOPES, default="step",
+                   help="step: the winner of each noisy example; example: each clean image's winner over its noise levels, "
+                        "re-assigned at every visit (see diffusion_core/mcl_training.py)")
+    p.add_argument("--assign-momentum", type=float, default=0.5,
+                   help="--wta-scope example: weight of a visit's losses in the example's running row")
+    p.add_argument("--assign-init", choices=("kmeans", "none"), default="kmeans",
+                   help="--wta-scope example: start the per-example rows from k-means on the images (no labels), or empty")
+    p.add_argument("--score-weight", type=float, default=0.1, help="shared: weight of the score head's cross-entropy in the loss")
     args = parse_args(p, RECIPES, argv)
     if args.experts < 1:
         p.error("--experts must be at least 1")

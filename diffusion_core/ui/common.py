@@ -26,7 +26,21 @@ MAX_COMPARE_ROWS = 12
 SCALE = 8  # final images: each 28x28 sample becomes 224x224
 GAP = 4  # pixels between tiles of a grid (after upscaling)
 BACKGROUND = 255  # grid gaps
-SHARE_VERSION = "1"
+SHARE_VERSION = "2"
+# Links of an older version name models by what they were then. v=1 links were made while ``mcl``
+# was the ensemble of five separate UNets, which ships since as ``mcl_separate``: they open it, so
+# they reproduce their images. (Where no ``mcl_separate`` checkpoint is there, the name is kept.)
+LEGACY_MODEL_NAMES = {"1": {"mcl": "mcl_separate"}}
+
+
+def upgrade_link(version: str, fields: dict, models) -> tuple[dict, list[str]]:
+    """A link's fields of ``version`` as this version reads them; raises for an unknown version."""
+    if version != SHARE_VERSION and version not in LEGACY_MODEL_NAMES:
+        raise ValueError(f"this share link is malformed: version {version[:20]!r} is not supported (this app writes v={SHARE_VERSION})")
+    renamed = LEGACY_MODEL_NAMES.get(version, {}).get(fields.get("model", ""))
+    if renamed and renamed in models:
+        return dict(fields, model=renamed), [f"this link was made for the model then called {fields['model']!r}, which is now {renamed!r}"]
+    return fields, []
 SHARE_FIELDS = ("model", "digit", "guidance", "sampler", "steps", "eta", "routing", "seed", "n", "autoguidance", "guide")
 MAX_VALUE_CHARS = 64  # longer strings in a field are refused before parsing
 
@@ -34,7 +48,8 @@ MODEL_LABELS = {
     "ddpm": "DDPM (unconditional)",
     "cfg": "CFG (choose a digit)",
     "flow": "Flow matching (choose a digit)",
-    "mcl": "MCL (ensemble of experts)",
+    "mcl": "MCL (experts on one network)",
+    "mcl_separate": "MCL, five separate experts",
 }
 CARD_TITLES = dict(MODEL_LABELS, gating="Gating network", classifier="Classifier", classifier2="Second classifier",
                    ddpm_weak="Weak DDPM (autoguidance's guide)")
@@ -43,9 +58,12 @@ MODEL_BLURBS = {
     "cfg": "Class-conditional with classifier-free guidance: pick a digit and how strongly to steer towards it.",
     "flow": "Rectified flow (flow matching), class-conditional with classifier-free guidance: it learns the velocity "
             "that carries noise to a digit along straight lines (x_t = (1 - t) x0 + t noise).",
-    "mcl": "Multiple Choice Learning: several expert denoisers, each specialised by winner-takes-all training (here by digit: "
-           "each expert draws two or three digits); a router picks the expert for each image and step.",
-    "gating": "The gating network that routes MCL samples to experts (gated, sampled, soft, sticky, x0gate and scout routing); "
+    "mcl": "Multiple Choice Learning: five expert denoisers that share one network and own a part of the data each (winner-takes-all "
+           "per training image, over all its noise levels). A score head says which expert owns the image being drawn; "
+           "a router picks the expert for each image and step.",
+    "mcl_separate": "The earlier MCL: five separate UNets trained with winner-takes-all per noisy example, routed by a separate "
+                    "gating network. Kept for comparison, and so that links made for it still reproduce.",
+    "gating": "The gating network that routes mcl_separate's experts (gated, sampled, soft, sticky, x0gate and scout routing); "
               "the app also draws its probabilities beside every MCL trajectory.",
     "classifier": "The MNIST classifier behind the quality metrics (accuracy, FID-style features).",
     "classifier2": "A second MNIST classifier of another architecture and seed: the evaluation's independent reading of every row.",
@@ -97,6 +115,7 @@ class ModelInfo:
     num_experts: int
     path: str
     objective: str | None = None  # ddpm_eps, edm, rectified_flow
+    shared: bool = False  # MCL hypotheses on one network, with a score head (nets.SharedMCLNet)
 
     @property
     def is_mcl(self) -> bool:
@@ -125,10 +144,11 @@ def model_info(name: str, path) -> ModelInfo:
     info = ModelInfo(
         name=name,
         kind=kind,
-        conditional=bool(net.get("num_classes")) and kind != "classifier",
+        conditional=bool(net.get("num_classes") or (net.get("unet") or {}).get("num_classes")) and kind != "classifier",
         num_experts=int(config.get("num_experts", 1)) if kind == "mcl" else 1,
         path=str(path),
         objective=(config.get("objective") or {}).get("name"),
+        shared=config.get("network", {}).get("kind") == "mcl_shared",
     )
     with _info_lock:
         _info_cache[key] = info
@@ -184,12 +204,18 @@ def routing_choices(num_experts: int, keep: str | None = None) -> list[tuple[str
     return choices
 
 
-def routing_help(routing: str | None) -> str:
-    """One sentence on what a routing does and its cost, for the line under the routing menu."""
+def routing_help(routing: str | None, shared: bool = False) -> str:
+    """One sentence on what a routing does and its cost, for the line under the routing menu
+    (``shared``: the experts are heads on one network, so one pass serves them all)."""
     key = str(routing or "").strip().lower()
     key = "expert:K" if key.startswith("expert:") else key.split(":", 1)[0]
     if key not in ROUTING_HELP:
         return "Which expert denoises each image at each step."
+    if shared:
+        gate = ROUTING_HELP[key].replace("the gating network", "the score head").replace("The gating network", "The score head")
+        gate = gate.replace(" (K times the cost)", "")
+        cost = "2 passes" if key == "scout" else "1 pass"
+        return f"{gate} Cost: {cost} of the shared network per image per step."
     cost = ROUTING_COST[key]
     return f"{ROUTING_HELP[key]} Cost: {cost} expert evaluation{'' if cost == '1' else 's'} per image per step."
 

@@ -12,7 +12,7 @@ from ..explore import velocity
 from ..palette import expert_color
 from ..pipeline import Settings, to_uint8, trajectory
 from .common import ModelInfo, final_image
-from .render import (OutputFiles, Recording, expert_borders, expert_chart, filmstrip, frame_scale, gif_frames, initial_noise,
+from .render import (SCORE_HEAD_SENTENCE, OutputFiles, Recording, expert_borders, expert_chart, filmstrip, frame_scale, gif_frames, initial_noise,
                      png_bytes, render_grid, render_rgb_grid, velocity_tiles, vp_frame, write_gif)
 from .share import share_query
 
@@ -97,7 +97,7 @@ def stream(registry, settings: Settings, info: ModelInfo, files: OutputFiles | N
     images = to_uint8(last.x).numpy()
     rec = Recording(noise, xs, dens, sigmas, np.stack(experts) if experts else None,
                     np.stack(probs) if len(probs) == len(xs) and probs else None,
-                    model.num_experts if info.is_mcl else 0)
+                    model.num_experts if info.is_mcl else 0, score_head=info.shared)
     borders = expert_borders(rec, len(xs) - 1, n)
     noisy = render_grid(images, fs, border=borders, border_width=3) if borders else render_grid(images, fs)
     yield {
@@ -119,7 +119,18 @@ def stream(registry, settings: Settings, info: ModelInfo, files: OutputFiles | N
         "gif": gif,
         "downloads": [png, gif, js],
         "chart": expert_chart(rec, settings.routing) if rec.experts is not None else None,
+        "chart_caption": chart_caption(rec, settings.routing),
     }
+
+
+def chart_caption(rec: Recording, routing: str) -> str:
+    """The sentence under the MCL chart: what its lower panel's probabilities are."""
+    if rec.experts is None or rec.gate_probs is None:
+        return ""
+    if rec.score_head:
+        return (f"**Score head** (lower panel): {SCORE_HEAD_SENTENCE.split(': ', 1)[1]}. It was trained to name the expert that owns each "
+                "training image, so it starts near each expert's share of the data and sharpens as the digit appears.")
+    return "**Gating network** (lower panel): its guess, from the noisy image, of the expert that would denoise it best."
 
 
 def generate_image(registry, settings: Settings, info: ModelInfo) -> np.ndarray:

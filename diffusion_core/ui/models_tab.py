@@ -57,6 +57,10 @@ def model_card(name: str, path) -> dict:
     if net.get("kind") == "unet":
         overview.append(("network", f"UNet, {ncfg.get('base_channels')} base channels × {_fmt_value(ncfg.get('channel_mults', []))}"
                          + (", attention" if ncfg.get("attention") else "")))
+    elif net.get("kind") == "mcl_shared":
+        u = ncfg.get("unet") or {}
+        overview.append(("network", f"one UNet trunk ({u.get('base_channels')} base channels × {_fmt_value(u.get('channel_mults', []))}), "
+                         f"{ncfg.get('num_experts')} hypothesis heads of {ncfg.get('head_blocks')} ResBlock(s) and a score head"))
     elif net.get("kind"):
         overview.append(("network", net["kind"]))
     obj = config.get("objective")
@@ -72,7 +76,8 @@ def model_card(name: str, path) -> dict:
     for key, label in [("wall_time_s", "training time"), ("device", "device"), ("init", "started from"), ("epochs", "epochs"),
                        ("steps", "optimizer steps"), ("images_seen", "images seen"), ("batch_size", "batch size"), ("lr", "learning rate"),
                        ("p_uncond", "label dropout"), ("teacher", "teacher"), ("teacher_weight", "teacher weight"),
-                       ("wta", "winner-takes-all"), ("ema_decay", "EMA decay")]:
+                       ("wta", "winner-takes-all"), ("wta_scope", "winner decided per"), ("mcl_arch", "MCL architecture"),
+                       ("ema_decay", "EMA decay")]:
         if tr.get(key) is not None:
             value = tr[key]
             if key == "wall_time_s":
@@ -85,7 +90,9 @@ def model_card(name: str, path) -> dict:
                 value = _fmt_value(value)
             training.append((label, value))
     final = tr.get("final") or {}
-    for key in ("loss", "accuracy"):
+    if isinstance(final.get("owned_rates"), list) and tr.get("wta_scope") == "example":
+        training.append(("experts' shares of the data", ", ".join(f"{r:.0%}" for r in final["owned_rates"])))
+    for key in ("loss", "accuracy", "score_accuracy"):
         if isinstance(final.get(key), (int, float)):
             training.append((f"final {key}", _fmt_value(final[key])))
     if tr.get("note"):

@@ -208,6 +208,7 @@ class Recording:
     experts: np.ndarray | None  # (S, N) expert per step and image, MCL
     gate_probs: np.ndarray | None  # (S, N, K) gating probabilities, gated/soft routing
     num_experts: int = 0
+    score_head: bool = False  # the probabilities are a shared MCL model's score head, not a separate gating network
 
 
 def expert_borders(rec: Recording, step: int | None, count: int) -> list[str | None] | None:
@@ -316,6 +317,9 @@ def mean_gate_probs(probs: np.ndarray) -> np.ndarray:
     return np.asarray(probs, dtype=np.float64).mean(axis=1)
 
 
+SCORE_HEAD_SENTENCE = "score head: how likely each expert is to be the one that owns this image, given the noisy image so far"
+
+
 def expert_chart(rec: Recording, routing: str):
     """A matplotlib figure: the expert chosen at each step (one image) or each expert's share of
     the images per step (several), and the gating probabilities when the recording has them (the
@@ -356,8 +360,11 @@ def expert_chart(rec: Recording, routing: str):
         ax2.stackplot(steps, probs.T, colors=colors, labels=[f"expert {k}" for k in range(K)], step="mid" if S < 3 else None)
         ax2.set_ylim(0, 1)
         ax2.set_ylabel("probability")
-        what = "gating probabilities" if routing_needs_gate(routing) else f"what the gating network thinks (not used by {routing} routing)"
-        ax2.set_title(what + (" (mean over images)" if N > 1 else ""), fontsize=10, loc="left")
+        if rec.score_head:
+            what = SCORE_HEAD_SENTENCE + ("" if routing_needs_gate(routing) else f" (not used by {routing} routing)")
+        else:
+            what = "gating probabilities" if routing_needs_gate(routing) else f"what the gating network thinks (not used by {routing} routing)"
+        ax2.set_title(what + (" (mean over images)" if N > 1 else ""), fontsize=10, loc="left", wrap=True)
     handles = [Patch(color=colors[k], label=f"expert {k}") for k in range(K)]
     fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False)
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))

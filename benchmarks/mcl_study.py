@@ -1,0 +1,219 @@
+"""The MCL study at equal CPU budget: every arm's checkpoint through the same evaluation, one table.
+
+    python benchmarks/mcl_study.py                       # the arms of docs/mcl.md, trained into runs/study/<arm>/
+    python benchmarks/mcl_study.py --arms k1,example-hard --n 200   # a subset, fewer samples
+
+Each arm is one ``train/mcl.py`` run (commands in ``ARMS`` and in docs/mcl.md) that wrote
+``runs/study/<arm>/mcl.safetensors`` and its ``metrics.jsonl``. For each, this script runs
+``diffusion_core.evaluate`` on that checkpoint (DPM-Solver++ 2M, 16 steps, ``--n`` samples a row,
+both classifiers, the MCL diagnosis on 1000 test images) into ``<out>/<arm>/``, and collects:
+
+* training: images/s of the run's epochs, images seen, minutes, the experts' shares of wins (and,
+  for per-example winners, of the data);
+* each expert alone: the digits it draws most and its share of confident samples;
+* every routing: FD over the real-data floor, class entropy and confidence, under both classifiers;
+* the score head (or gating network) per noise level: accuracy and cross-entropy against the
+  winner it was trained for, beside a predictor that sees only the noise level.
+
+It writes ``<out>/study.json`` and ``<out>/study.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from diffusion_core.evaluate import EvalConfig, evaluate  # noqa: E402
+
+# arm -> (what it is, the training command, the routings evaluated)
+ARMS = {
+    "k1": ("K=1 baseline: the same network, one head, same budget",
+           "python train/mcl.py --experts 1 --wta-scope step --epochs 3 --max-steps 1250", ("expert:0",)),
+    "separate": ("5 separate UNets, annealed WTA per step (today's formulation)",
+                 "python train/mcl.py --mcl-arch separate --wta-scope step --wta annealed --epochs 1 --max-steps 430", None),
+    "step-annealed": ("shared trunk, annealed WTA per step",
+                      "python train/mcl.py --wta-scope step --wta annealed", None),
+    "example-hard": ("shared trunk, per-example winners, hard WTA (train/mcl.py's default)", "python train/mcl.py", None),
+    "example-relaxed": ("shared trunk, per-example winners, relaxed WTA (eps 0.05)", "python train/mcl.py --wta relaxed", None),
+    "example-annealed": ("shared trunk, per-example winners, annealed WTA", "python train/mcl.py --wta annealed", None),
+}
+MCL_ROUTINGS = ("experts", "sampled", "winrate", "pooled", "soft", "gated")
+CLASSIFIERS = ("classifier", "classifier2")
+
+
+def arm_dir(runs: Path, arm: str) -> Path:
+    return runs / arm
+
+
+def training_summary(run: Path) -> dict:
+    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"type": "epoch"' in line]
+    last = epochs[-1]
+    seconds = sum(r["seconds"] for r in epochs)
+    images = sum(r["images_per_s"] * r["seconds"] for r in epochs)
+    out = {"epochs": len(epochs), "steps": last["step"], "train_minutes": round(seconds / 60, 1), "images_per_s": round(images / seconds, 1),
+           "win_rates": last.get("win_rates"), "owned_rates": last.get("owned_rates")}
+    for k in ("score_accuracy", "score_ce", "denoise_loss"):
+        if k in last:
+            out[k] = round(last[k], 4)
+    return out
+
+
+def evaluate_arm(arm: str, runs: Path, out: Path, n: int, checkpoints: Path, device: str) -> dict:
+    ckpt = arm_dir(runs, arm) / "mcl.safetensors"
+    if not ckpt.is_file():
+        raise SystemExit(f"error: {ckpt} is missing; train the arm first: {ARMS[arm][1]} --run-dir {arm_dir(runs, arm)} --out {ckpt}")
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        for name in CLASSIFIERS:
+            (d / f"{name}.safetensors").symlink_to((checkpoints / f"{name}.safetensors").resolve())
+        (d / "mcl.safetensors").symlink_to(ckpt.resolve())
+        routings = ARMS[arm][2] or MCL_ROUTINGS
+        cfg = EvalConfig(models=("mcl",), routings=routings, n=n, sweep_n=0, diagnosis_n=1000, checkpoint_dir=str(d),
+                         out_dir=str(out / arm), figures=False, device=device, batch_size=100)
+        results = evaluate(cfg.validate(), command=f"python benchmarks/mcl_study.py --arms {arm} --n {n}")
+    rows = {}
+    for r in results["rows"]:
+        m = r["metrics"]
+        m2 = m.get("second_classifier") or {}
+        hist = m["histogram"]
+        top = sorted(range(10), key=lambda c: -hist[c])[:3]
+        rows[r["settings"]["routing"]] = {
+            "fd_ratio": round(m["frechet_ratio"], 3), "entropy": round(m["entropy"], 4), "confident": round(m["confident"], 4),
+            "fd_ratio_2": round(m2.get("frechet_ratio", float("nan")), 3), "entropy_2": round(m2.get("entropy", float("nan")), 4),
+            "confident_2": round(m2.get("confident", float("nan")), 4), "modes": m["modes_covered"],
+            "top_digits": [(c, round(hist[c] / max(sum(hist), 1), 3)) for c in top], "seconds": round(r["sample_seconds"], 1)}
+    diag = results.get("mcl_diagnosis") or {}
+    score = diag.get("score_vs_owner") or diag.get("gate")
+    return {"arm": arm, "what": ARMS[arm][0], "command": ARMS[arm][1], "training": training_summary(arm_dir(runs, arm)), "rows": rows,
+            "diagnosis_sigmas": diag.get("sigmas"), "score": score, "score_target": "owner" if diag.get("score_vs_owner") else "winner",
+            "owner_share_by_digit": diag.get("owner_share_by_digit"), "winner_share_by_digit": diag.get("winner_share_by_digit")}
+
+
+def _f(v, spec=".2f"):
+    return "–" if v is None or v != v else format(v, spec)
+
+
+def study_markdown(arms: list[dict], n: int) -> str:
+    lines = [f"Every arm evaluated with DPM-Solver++ 2M, 16 steps, {n} samples a row, seed 0. FD is over the real-data floor in "
+             "each classifier's feature space (classifier / classifier2).", "",
+             "| arm | images/s | images seen | minutes | routing | FD/floor | entropy | conf>0.9 |", "|---|---:|---:|---:|---|---:|---:|---:|"]
+    for a in arms:
+        t = a["training"]
+        seen = t["steps"] * 128
+        for i, (routing, r) in enumerate((k, v) for k, v in a["rows"].items() if not k.startswith("expert:") or a["arm"] == "k1"):
+            head = f"| {a['arm']} | {t['images_per_s']:.0f} | {seen:,} | {t['train_minutes']:.1f} |" if i == 0 else "| | | | |"
+            lines.append(f"{head} {routing} | {_f(r['fd_ratio'])} / {_f(r['fd_ratio_2'])} | {_f(r['entropy'], '.3f')} / {_f(r['entropy_2'], '.3f')} "
+                         f"| {_f(r['confident'], '.3f')} / {_f(r['confident_2'], '.3f')} |")
+    lines += ["", "Each expert alone (classifier): its three most drawn digits (share of its samples) and its confident share; "
+              "the experts' shares of training wins (per step) and of the data (per example).", "",
+              "| arm | expert | digits it draws | conf>0.9 | FD/floor | share of wins | share of data |", "|---|---:|---|---:|---:|---:|---:|"]
+    for a in arms:
+        if a["arm"] == "k1":
+            continue
+        t = a["training"]
+        for k in range(len(t["win_rates"] or [])):
+            r = a["rows"].get(f"expert:{k}")
+            if r is None:
+                continue
+            digits = ", ".join(f"{c} ({s:.0%})" for c, s in r["top_digits"])
+            owned = (t.get("owned_rates") or [None] * 10)[k]
+            lines.append(f"| {a['arm']} | {k} | {digits} | {_f(r['confident'], '.3f')} | {_f(r['fd_ratio'])} | {_f(t['win_rates'][k], '.3f')} | {_f(owned, '.3f')} |")
+    lines += ["", "Score head (shared arms) or gating network per noise level, against the winner it was trained for: accuracy and "
+              "cross-entropy (nats), and in brackets a predictor that sees only the noise level.", ""]
+    for a in arms:
+        s = a.get("score")
+        if not s or a["arm"] == "k1":
+            continue
+        lines += [f"{a['arm']} (target: {a['score_target']}):", "", "| sigma | accuracy (noise only) | cross-entropy (noise only) |", "|---:|---:|---:|"]
+        for i, sig in enumerate(a["diagnosis_sigmas"]):
+            lines.append(f"| {sig:.3g} | {s['accuracy'][i]:.3f} ({s['majority'][i]:.3f}) | {s['cross_entropy'][i]:.3f} ({s['majority_ce'][i]:.3f}) |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def score_trajectories(model_path: Path, png: Path, routing: str = "sampled", seeds=(0, 1, 2, 3), steps: int = 32) -> dict:
+    """The score head's probabilities against the noise level along a few trajectories (one panel
+    each, the final digit beside it), with the expert that served each step as dots; returns the
+    numbers plotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from diffusion_core.models import load_model
+    from diffusion_core.palette import expert_color
+    from diffusion_core.pipeline import Settings, to_uint8, trajectory
+
+    model = load_model(model_path)
+    fig = Figure(figsize=(11, 2.4 * len(seeds)), dpi=90, layout="constrained")
+    axes = fig.subplots(len(seeds), 2, squeeze=False, width_ratios=[6, 1])
+    data = []
+    for row, seed in enumerate(seeds):
+        s = Settings(model=str(model_path), routing=routing, steps=steps, seed=seed, n=1)
+        sig, probs, experts, last = [], [], [], None
+        for step in trajectory(s, model, model.score_gate()):
+            sig.append(step.sigma)
+            probs.append(step.gate_probs[0].tolist())
+            experts.append(int(step.expert[0]))
+            last = step.x
+        ax = axes[row, 0]
+        for k in range(model.num_experts):
+            ax.plot(sig, [p[k] for p in probs], color=expert_color(k), lw=2, label=f"expert {k}")
+        ax.scatter(sig, [1.04] * len(sig), c=[expert_color(e) for e in experts], s=18, clip_on=False)
+        ax.set_xscale("log")
+        ax.set_xlim(max(sig), min(sig))
+        ax.set_ylim(0, 1.08)
+        ax.set_ylabel("score head p(k)")
+        ax.set_title(f"seed {seed}: dots = the expert {routing} routing drew at each step", fontsize=9, loc="left")
+        ax.grid(alpha=0.3)
+        axes[row, 1].imshow(to_uint8(last)[0].numpy(), cmap="gray", vmin=0, vmax=255)
+        axes[row, 1].axis("off")
+        data.append({"seed": seed, "sigma": sig, "probs": probs, "experts": experts})
+    axes[-1, 0].set_xlabel("noise level sigma (falls from left to right)")
+    axes[0, 0].legend(fontsize=7, ncol=model.num_experts, loc="upper left", bbox_to_anchor=(0, 1.45), frameon=False)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png)
+    return {"routing": routing, "steps": steps, "trajectories": data}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
+    p.add_argument("--runs", default="runs/study", help="where the arms' run folders are")
+    p.add_argument("--out", default="assets/mcl_study", help="where study.json, study.md and each arm's evaluation go")
+    p.add_argument("--n", type=int, default=1000, help="samples per row")
+    p.add_argument("--checkpoints", default="checkpoints", help="folder with classifier and classifier2")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--figure", default=None, metavar="ARM", help="also draw the score head along four trajectories of this arm "
+                   "(<out>/fig_score_trajectories.png); with --arms '' only the figure")
+    args = p.parse_args(argv)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    bad = [a for a in arms if a not in ARMS]
+    if bad:
+        p.error(f"unknown arm(s) {bad}; expected some of {', '.join(ARMS)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    previous = json.loads((out / "study.json").read_text())["arms"] if (out / "study.json").is_file() else []
+    done = {a["arm"]: a for a in previous}
+    for arm in arms:
+        done[arm] = evaluate_arm(arm, Path(args.runs), out, args.n, Path(args.checkpoints), args.device)
+        print(f"{arm}: " + ", ".join(f"{k} {v['fd_ratio']:.2f}x/{v['entropy']:.3f}" for k, v in done[arm]["rows"].items()), flush=True)
+    if args.figure:
+        traj = score_trajectories(arm_dir(Path(args.runs), args.figure) / "mcl.safetensors", out / "fig_score_trajectories.png")
+        (out / "score_trajectories.json").write_text(json.dumps(dict(traj, arm=args.figure)) + "\n")
+        print(f"wrote {out / 'fig_score_trajectories.png'}")
+    ordered = [done[a] for a in ARMS if a in done]
+    command = "python benchmarks/mcl_study.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
+    (out / "study.json").write_text(json.dumps({"command": command, "n": args.n, "arms": ordered}, indent=1) + "\n")
+    (out / "study.md").write_text(study_markdown(ordered, args.n) + "\n")
+    print((out / "study.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
