@@ -369,7 +369,7 @@ def test_small_run_prints_markdown_table(small_run, capsys):
     text = ev.results_markdown(results)
     table = [ln for ln in text.splitlines() if ln.startswith("|")]
     assert table[0].startswith("| row | sampler | steps | NFE | FD | FD floor | FD/floor")
-    assert len(table) == 4 * 2 + 17 + 17 + 4 + 3  # headers + rules; rows; InceptionV3 FID rows; sweep rows; diagnosis levels
+    assert len(table) == 5 * 2 + 17 + 17 + 4 + 3 + 3  # headers + rules; rows; InceptionV3 FID rows; sweep rows; diagnosis levels; the gate against the noise-level-only predictor
 
 
 @pytest.mark.parametrize("name", [f"cfg g={G}", f"flow g={G}", "mcl pooled", "mcl gated", "mcl sampled", "mcl winrate", "mcl scout"])

@@ -18,9 +18,10 @@ from diffusion_core.registry import ModelRegistry
 
 
 def test_available_models_and_visibility(models):
-    assert list(models) == ["ddpm", "cfg", "mcl"]
+    assert list(models) == ["ddpm", "cfg", "mcl", "mcl_shared"]
     assert models["cfg"].conditional and not models["ddpm"].conditional
-    assert models["mcl"].is_mcl and models["mcl"].num_experts == 3
+    assert models["mcl"].is_mcl and models["mcl"].num_experts == 3 and not models["mcl"].shared
+    assert models["mcl_shared"].is_mcl and models["mcl_shared"].num_experts == 3 and models["mcl_shared"].shared
     v = ui.visibility(models["cfg"], "dpmpp_2m")
     assert (v.digit, v.guidance, v.routing, v.eta) == (True, True, False, False)
     v = ui.visibility(models["mcl"], "ddim")
@@ -62,7 +63,7 @@ def test_defaults_are_pipeline_defaults(models):
 def test_share_link_round_trip(models, fields):
     s = ui.parse_settings(models, **fields)
     query = ui.share_query(s, models[s.model])
-    assert query.startswith("?v=1&model=")
+    assert query.startswith("?v=2&model=")
     back, notes = ui.settings_from_query(models, query)
     assert back == s and notes == []
     # also as the mapping / pairs Gradio's Request gives
@@ -91,7 +92,7 @@ def test_share_link_ignores_foreign_parameters(models):
     ("?model=mcl&routing=wat", "unknown routing 'wat'"),
     ("?model=gpt&steps=3", "unknown model 'gpt'"),
     ("?model=cfg&steps=3&steps=4", "'steps' is given more than once"),
-    ("?v=2&model=cfg", "version '2' is not supported"),
+    ("?v=3&model=cfg", "version '3' is not supported"),
     ("?model=cfg&seed=" + "9" * 5000, "seed is too long"),
 ])
 def test_malformed_share_links(models, query, words):
