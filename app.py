@@ -517,7 +517,7 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
     def open_link(link):
         """Read a share link (a URL or its query): the tab it opens and its settings JSON, or a clear message when it is malformed."""
         if not isinstance(link, str) or not link.strip():
-            raise ValueError("give a share link (a URL with ?v=2&...)")
+            raise ValueError("give a share link (a URL with ?v=1&...)")
         if len(link) > 20_000:
             raise ValueError("this share link is malformed: it is too long")
         models = _models()

@@ -69,13 +69,14 @@ def bench(registry, repeats: int = 5, model: str = "cfg") -> dict:
     ag = ui.default_autoguidance(info)  # the app's autoguidance for an unconditional model (two networks a step)
     one = ui.parse_settings(models, model=model, autoguidance=ag)  # the app's defaults: one image
     ten = ui.parse_settings(models, model=model, n=10, autoguidance=ag)  # digits 0..9 when the model is conditional
+    sixteen = ui.parse_settings(models, model=model, n=16, autoguidance=ag)  # the Generate tab's largest grid people compare models on
     m, gate = registry.for_settings(one)
     guide = registry.guide_for(one, m)
-    for s in (one, ten):  # warm up (first calls allocate)
+    for s in (one, ten, sixteen):  # warm up (first calls allocate)
         _stream_times(registry, s, info)
         generate(Settings(**s.to_dict()), m, gate, guide=guide)
     rows = {}
-    for name, s in (("one_digit", one), ("ten_digits", ten)):
+    for name, s in (("one_digit", one), ("ten_digits", ten), ("sixteen", sixteen)):
         app_runs = [_stream_times(registry, s, info) for _ in range(repeats)]
         lib = []
         for _ in range(repeats):

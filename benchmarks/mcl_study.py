@@ -31,28 +31,43 @@ sys.path.insert(0, str(ROOT))
 
 from diffusion_core.evaluate import EvalConfig, evaluate  # noqa: E402
 
-# arm -> (what it is, the training command, the routings evaluated)
+# The arms. Full budget: the K=1 baseline, the separate ensemble and train/mcl.py's default, each
+# given the same CPU time (the step counts follow the images/s of train/benchmark_loop.py: 175 for
+# one model, 131 for the shared default, 60 for separate experts). Half budget, to compare the WTA
+# variants and the scope: four runs stopped after the first 468 steps of the same 2-epoch schedule,
+# against the default run's snapshot at that step.
+SHARED = "python train/mcl.py --mcl-arch shared --wta-scope example --wta hard --epochs 2"  # mcl_shared's recipe
 ARMS = {
-    "k1": ("K=1 baseline: the same network, one head, same budget",
-           "python train/mcl.py --experts 1 --wta-scope step --epochs 3 --max-steps 1250", ("expert:0",)),
-    "separate": ("5 separate UNets, annealed WTA per step (today's formulation)",
-                 "python train/mcl.py --mcl-arch separate --wta-scope step --wta annealed --epochs 1 --max-steps 430", None),
-    "step-annealed": ("shared trunk, annealed WTA per step",
-                      "python train/mcl.py --wta-scope step --wta annealed", None),
-    "example-hard": ("shared trunk, per-example winners, hard WTA (train/mcl.py's default)", "python train/mcl.py", None),
-    "example-relaxed": ("shared trunk, per-example winners, relaxed WTA (eps 0.05)", "python train/mcl.py --wta relaxed", None),
-    "example-annealed": ("shared trunk, per-example winners, annealed WTA", "python train/mcl.py --wta annealed", None),
+    "k1": dict(what="K=1 baseline: the same network with one head", routings=("expert:0",),
+               command="python train/mcl.py --mcl-arch shared --experts 1 --wta-scope step --epochs 3 --max-steps 1250"),
+    "separate": dict(what="5 separate UNets, annealed WTA per step (the earlier formulation)",
+                     command="python train/mcl.py --epochs 1 --max-steps 430"),
+    "example-hard": dict(what="shared trunk, per-example winners, hard WTA (the shipped mcl_shared)",
+                         command=SHARED + " --snapshot-every 468"),
+    "example-hard@468": dict(what="the default run at step 468 (its snapshot)", run="example-hard", upto=468,
+                             checkpoint="snapshots/mcl_step0000468.safetensors", command="(the snapshot of example-hard)"),
+    "example-relaxed@468": dict(what="per-example winners, relaxed WTA (eps 0.05)", run="example-relaxed",
+                                command=SHARED.replace("hard", "relaxed") + " --stop-at 468"),
+    "example-annealed@468": dict(what="per-example winners, annealed WTA", run="example-annealed",
+                                 command=SHARED.replace("hard", "annealed") + " --stop-at 468"),
+    "step-annealed@468": dict(what="shared trunk, winners per noisy example, annealed WTA", run="step-annealed",
+                              command="python train/mcl.py --mcl-arch shared --wta-scope step --wta annealed --epochs 2 --stop-at 468"),
 }
 MCL_ROUTINGS = ("experts", "sampled", "winrate", "pooled", "soft", "gated")
 CLASSIFIERS = ("classifier", "classifier2")
 
 
 def arm_dir(runs: Path, arm: str) -> Path:
-    return runs / arm
+    return runs / ARMS[arm].get("run", arm)
 
 
-def training_summary(run: Path) -> dict:
+def arm_checkpoint(runs: Path, arm: str) -> Path:
+    return arm_dir(runs, arm) / ARMS[arm].get("checkpoint", "mcl.safetensors")
+
+
+def training_summary(run: Path, upto: int | None = None) -> dict:
     epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"type": "epoch"' in line]
+    epochs = [r for r in epochs if upto is None or r["step"] <= upto]
     last = epochs[-1]
     seconds = sum(r["seconds"] for r in epochs)
     images = sum(r["images_per_s"] * r["seconds"] for r in epochs)
@@ -64,19 +79,20 @@ def training_summary(run: Path) -> dict:
     return out
 
 
-def evaluate_arm(arm: str, runs: Path, out: Path, n: int, checkpoints: Path, device: str) -> dict:
-    ckpt = arm_dir(runs, arm) / "mcl.safetensors"
+def evaluate_arm(arm: str, runs: Path, out: Path, n: int, checkpoints: Path, device: str, routings=None, diagnosis_n: int = 1000) -> dict:
+    ckpt = arm_checkpoint(runs, arm)
     if not ckpt.is_file():
-        raise SystemExit(f"error: {ckpt} is missing; train the arm first: {ARMS[arm][1]} --run-dir {arm_dir(runs, arm)} --out {ckpt}")
+        raise SystemExit(f"error: {ckpt} is missing; train the arm first: {ARMS[arm]['command']} --run-dir {arm_dir(runs, arm)} --out {ckpt}")
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         for name in CLASSIFIERS:
             (d / f"{name}.safetensors").symlink_to((checkpoints / f"{name}.safetensors").resolve())
         (d / "mcl.safetensors").symlink_to(ckpt.resolve())
-        routings = ARMS[arm][2] or MCL_ROUTINGS
-        cfg = EvalConfig(models=("mcl",), routings=routings, n=n, sweep_n=0, diagnosis_n=1000, checkpoint_dir=str(d),
+        routings = ARMS[arm].get("routings") or routings or MCL_ROUTINGS
+        cfg = EvalConfig(models=("mcl",), routings=routings, n=n, sweep_n=0, diagnosis_n=diagnosis_n, checkpoint_dir=str(d),
                          out_dir=str(out / arm), figures=False, device=device, batch_size=100)
-        results = evaluate(cfg.validate(), command=f"python benchmarks/mcl_study.py --arms {arm} --n {n}")
+        command = f"python benchmarks/mcl_study.py --arms {arm} --n {n} --routings {','.join(routings)} --diagnosis-n {diagnosis_n}"
+        results = evaluate(cfg.validate(), command=command)
     rows = {}
     for r in results["rows"]:
         m = r["metrics"]
@@ -87,10 +103,11 @@ def evaluate_arm(arm: str, runs: Path, out: Path, n: int, checkpoints: Path, dev
             "fd_ratio": round(m["frechet_ratio"], 3), "entropy": round(m["entropy"], 4), "confident": round(m["confident"], 4),
             "fd_ratio_2": round(m2.get("frechet_ratio", float("nan")), 3), "entropy_2": round(m2.get("entropy", float("nan")), 4),
             "confident_2": round(m2.get("confident", float("nan")), 4), "modes": m["modes_covered"],
-            "top_digits": [(c, round(hist[c] / max(sum(hist), 1), 3)) for c in top], "seconds": round(r["sample_seconds"], 1)}
+            "top_digits": [(c, round(hist[c] / max(sum(hist), 1), 3)) for c in top], "seconds": round(r["sample_seconds"], 1), "n": n}
     diag = results.get("mcl_diagnosis") or {}
     score = diag.get("score_vs_owner") or diag.get("gate")
-    return {"arm": arm, "what": ARMS[arm][0], "command": ARMS[arm][1], "training": training_summary(arm_dir(runs, arm)), "rows": rows,
+    return {"arm": arm, "n": n, "what": ARMS[arm]["what"], "command": ARMS[arm]["command"],
+            "training": training_summary(arm_dir(runs, arm), ARMS[arm].get("upto")), "rows": rows,
             "diagnosis_sigmas": diag.get("sigmas"), "score": score, "score_target": "owner" if diag.get("score_vs_owner") else "winner",
             "owner_share_by_digit": diag.get("owner_share_by_digit"), "winner_share_by_digit": diag.get("winner_share_by_digit")}
 
@@ -100,14 +117,15 @@ def _f(v, spec=".2f"):
 
 
 def study_markdown(arms: list[dict], n: int) -> str:
-    lines = [f"Every arm evaluated with DPM-Solver++ 2M, 16 steps, {n} samples a row, seed 0. FD is over the real-data floor in "
+    lines = [f"Every arm evaluated with DPM-Solver++ 2M, 16 steps, {n} samples a row (unless its row says otherwise), seed 0. FD is over the real-data floor in "
              "each classifier's feature space (classifier / classifier2).", "",
-             "| arm | images/s | images seen | minutes | routing | FD/floor | entropy | conf>0.9 |", "|---|---:|---:|---:|---|---:|---:|---:|"]
+             "| arm | images/s | images seen | minutes | samples | routing | FD/floor | entropy | conf>0.9 |", "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
     for a in arms:
         t = a["training"]
         seen = t["steps"] * 128
         for i, (routing, r) in enumerate((k, v) for k, v in a["rows"].items() if not k.startswith("expert:") or a["arm"] == "k1"):
             head = f"| {a['arm']} | {t['images_per_s']:.0f} | {seen:,} | {t['train_minutes']:.1f} |" if i == 0 else "| | | | |"
+            head += f" {r.get('n', a.get('n', n))} |"
             lines.append(f"{head} {routing} | {_f(r['fd_ratio'])} / {_f(r['fd_ratio_2'])} | {_f(r['entropy'], '.3f')} / {_f(r['entropy_2'], '.3f')} "
                          f"| {_f(r['confident'], '.3f')} / {_f(r['confident_2'], '.3f')} |")
     lines += ["", "Each expert alone (classifier): its three most drawn digits (share of its samples) and its confident share; "
@@ -188,6 +206,9 @@ def main(argv=None):
     p.add_argument("--runs", default="runs/study", help="where the arms' run folders are")
     p.add_argument("--out", default="assets/mcl_study", help="where study.json, study.md and each arm's evaluation go")
     p.add_argument("--n", type=int, default=1000, help="samples per row")
+    p.add_argument("--routings", default=None, help="comma-separated MCL routings of the K=5 arms (default: "
+                   + ",".join(MCL_ROUTINGS) + ")")
+    p.add_argument("--diagnosis-n", type=int, default=1000, help="test images in the MCL diagnosis (the score head per noise level; 0: none)")
     p.add_argument("--checkpoints", default="checkpoints", help="folder with classifier and classifier2")
     p.add_argument("--device", default="cpu")
     p.add_argument("--figure", default=None, metavar="ARM", help="also draw the score head along four trajectories of this arm "
@@ -202,10 +223,17 @@ def main(argv=None):
     previous = json.loads((out / "study.json").read_text())["arms"] if (out / "study.json").is_file() else []
     done = {a["arm"]: a for a in previous}
     for arm in arms:
-        done[arm] = evaluate_arm(arm, Path(args.runs), out, args.n, Path(args.checkpoints), args.device)
+        routings = tuple(r for r in args.routings.split(",") if r) if args.routings else None
+        new = evaluate_arm(arm, Path(args.runs), out / f"n{args.n}", args.n, Path(args.checkpoints), args.device, routings, args.diagnosis_n)
+        if arm in done:  # another call's rows (other routings or sample counts) are kept
+            new["rows"] = {**done[arm]["rows"], **new["rows"]}
+            if new["score"] is None:
+                new["score"] = done[arm].get("score")
+        done[arm] = new
         print(f"{arm}: " + ", ".join(f"{k} {v['fd_ratio']:.2f}x/{v['entropy']:.3f}" for k, v in done[arm]["rows"].items()), flush=True)
+        (out / "study.json").write_text(json.dumps({"arms": [done[a] for a in ARMS if a in done]}, indent=1) + "\n")  # after each arm
     if args.figure:
-        traj = score_trajectories(arm_dir(Path(args.runs), args.figure) / "mcl.safetensors", out / "fig_score_trajectories.png")
+        traj = score_trajectories(arm_checkpoint(Path(args.runs), args.figure), out / "fig_score_trajectories.png")
         (out / "score_trajectories.json").write_text(json.dumps(dict(traj, arm=args.figure)) + "\n")
         print(f"wrote {out / 'fig_score_trajectories.png'}")
     ordered = [done[a] for a in ARMS if a in done]

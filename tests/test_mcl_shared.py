@@ -278,36 +278,3 @@ def test_the_chart_names_the_score_head(shared_run):
     rec.score_head = False
     assert not any(SCORE_HEAD_SENTENCE in a.get_title(loc="left") for a in expert_chart(rec, "sampled").axes)
 
-
-def test_a_v1_mcl_link_opens_the_separate_ensemble_and_reproduces_its_images(tiny_checkpoints, tmp_path):
-    """A link made while ``mcl`` was the separate ensemble (v=1) gives the same bytes once that
-    ensemble ships as ``mcl_separate`` and ``mcl`` is the shared network; a v=2 link means the new one."""
-    import shutil
-
-    from diffusion_core import ui
-    from diffusion_core.pipeline import generate
-    from diffusion_core.registry import ModelRegistry
-
-    new = tmp_path / "after"
-    new.mkdir()
-    for f in tiny_checkpoints.glob("*.safetensors"):
-        shutil.copy(f, new / f.name)
-    shutil.copy(tiny_checkpoints / "mcl.safetensors", new / "mcl_separate.safetensors")
-    shutil.copy(tiny_checkpoints / "mcl_shared.safetensors", new / "mcl.safetensors")
-    link = "?v=1&model=mcl&sampler=dpmpp_2m&steps=4&routing=sampled&seed=5&n=3"
-
-    def images(directory, query):
-        reg = ModelRegistry(directory)
-        s, notes = ui.settings_from_query(ui.available_models(reg), query)
-        model, gate = reg.for_settings(s)
-        return generate(s, model, gate).images, s, notes
-
-    before, s_old, _ = images(tiny_checkpoints, link)
-    after, s_new, notes = images(new, link)
-    assert s_old.model == "mcl" and s_new.model == "mcl_separate" and any("mcl_separate" in n for n in notes)
-    assert torch.equal(before, after)
-    current, s2, notes2 = images(new, link.replace("v=1", "v=2"))
-    assert s2.model == "mcl" and not notes2 and not torch.equal(current, before)
-    for bad in ("?v=3&model=mcl", "?v=0&model=cfg"):
-        with pytest.raises(ValueError, match="version"):
-            ui.settings_from_query(ui.available_models(ModelRegistry(new)), bad)

@@ -330,8 +330,9 @@ def test_benchmark_loop_smoke(tmp_path, mnist_root):
                           cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
-    assert [r["loop"] for r in report["results"]] == ["ours", "plain", "mcl-routed", "mcl-full"]
-    assert report["precision"] == "fp32" and "MCL K=2, routed update" in report["results"][2]["what"]
+    assert [r["loop"] for r in report["results"]] == ["ours", "plain", "mcl-shared", "mcl-routed", "mcl-full"]
+    assert report["precision"] == "fp32" and "MCL K=2, routed update" in report["results"][3]["what"]
+    assert "shared trunk" in report["results"][2]["what"]
     # with no --blocks / --objective: the UNet of train/cfg.py's CPU recipe, which made the shipped cfg
     assert (report["network"]["blocks"], report["objective"]) == (1, "edm")
     for r in report["results"]:

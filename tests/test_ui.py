@@ -63,7 +63,7 @@ def test_defaults_are_pipeline_defaults(models):
 def test_share_link_round_trip(models, fields):
     s = ui.parse_settings(models, **fields)
     query = ui.share_query(s, models[s.model])
-    assert query.startswith("?v=2&model=")
+    assert query.startswith("?v=1&model=")
     back, notes = ui.settings_from_query(models, query)
     assert back == s and notes == []
     # also as the mapping / pairs Gradio's Request gives
@@ -92,7 +92,7 @@ def test_share_link_ignores_foreign_parameters(models):
     ("?model=mcl&routing=wat", "unknown routing 'wat'"),
     ("?model=gpt&steps=3", "unknown model 'gpt'"),
     ("?model=cfg&steps=3&steps=4", "'steps' is given more than once"),
-    ("?v=3&model=cfg", "version '3' is not supported"),
+    ("?v=2&model=cfg", "version '2' is not supported"),
     ("?model=cfg&seed=" + "9" * 5000, "seed is too long"),
 ])
 def test_malformed_share_links(models, query, words):

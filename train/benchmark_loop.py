@@ -17,7 +17,7 @@ other in one process; each runs ``--warmup`` untimed steps (torch.compile compil
   through a shuffling ``torch.utils.data.DataLoader`` (``--num-workers``, default 0 as in
   DataLoader), each batch copied to the device, fp32, AdamW, no clipping, no EMA;
 * MCL (``--mcl-experts K``, 0 to skip): our loop on K unconditional hypotheses of the same UNet:
-  train/mcl.py's CPU default (``mcl-shared``: one trunk with K heads and a score head, see
+  mcl_shared's command (``mcl-shared``: one trunk with K heads and a score head, see
   diffusion_core/mcl_training.py), then an ensemble of K separate UNets with annealed WTA, once
   with the routed update (a no-grad pass scores every expert, then each example trains one expert)
   and once with the full update (every expert forward and backward on every example).
@@ -40,9 +40,8 @@ sys.path.insert(1, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from cfg import RECIPES as CFG_RECIPES  # noqa: E402  (train/cfg.py, beside this file)
-from mcl import RECIPES as MCL_RECIPES  # noqa: E402  (train/mcl.py)
 
-MCL_RECIPE = MCL_RECIPES["cpu"]
+SHARED = {"wta": "hard", "wta_scope": "example", "head_blocks": 1}  # mcl_shared's command: train/mcl.py --mcl-arch shared --wta-scope example --wta hard
 
 from diffusion_core.data import MNISTNotFound, data_root, load_mnist  # noqa: E402
 from diffusion_core.mcl_training import MCLTask  # noqa: E402
@@ -86,12 +85,13 @@ def task_for(args) -> DiffusionTask:
 
 def mcl_task_for(args, update: str, arch: str = "separate") -> MCLTask:
     """The MCL task of train/mcl.py: K experts, annealed WTA, ``update`` routed or full; ``arch="shared"``:
-    train/mcl.py's CPU default (one trunk, K heads of ``MCL_RECIPE["head_blocks"]`` blocks and a score head,
-    per-example winners, ``MCL_RECIPE["wta"]`` WTA)."""
+    the mcl_shared command (one trunk, K heads of ``SHARED["head_blocks"]`` blocks and a score head,
+    per-example winners, ``SHARED["wta"]`` WTA)."""
     if arch == "shared":
-        return MCLTask(_task_args(args, experts=args.mcl_experts, wta=MCL_RECIPE["wta"], relax_eps=0.05, t_start=0.05, t_end=1e-5,
-                                  mcl_update="routed", mcl_arch="shared", wta_scope=MCL_RECIPE["wta_scope"],
-                                  head_blocks=MCL_RECIPE["head_blocks"], assign_momentum=0.5, score_weight=0.1, limit=None))
+        return MCLTask(_task_args(args, experts=args.mcl_experts, wta=SHARED["wta"], relax_eps=0.05, t_start=0.05, t_end=1e-5,
+                                  mcl_update="routed", mcl_arch="shared", wta_scope=SHARED["wta_scope"],
+                                  head_blocks=SHARED["head_blocks"], assign_momentum=0.5, score_weight=0.1, limit=None,
+                                  data_dir=args.data_dir, seed=args.seed))  # its k-means start reads the training set (in the untimed warm-up)
     return MCLTask(_task_args(args, experts=args.mcl_experts, wta="annealed", relax_eps=0.05, t_start=0.05, t_end=1e-5, mcl_update=update))
 
 

@@ -1,13 +1,16 @@
 """Train an MCL ensemble of K expert denoisers with a winner-takes-all loss.
 
-    python train/mcl.py                          # the shipped checkpoints/mcl.safetensors (CPU recipe on a CPU), K=5
+    python train/mcl.py                          # the shipped checkpoints/mcl.safetensors (CPU recipe on a CPU), K=5 separate UNets
+    python train/mcl.py --mcl-arch shared --wta-scope example --wta hard --epochs 2
+                                                 # checkpoints/mcl_shared.safetensors: K heads on one trunk, a score head
     python train/mcl.py --recipe gpu             # the GPU recipe (the default where CUDA is available)
     python train/mcl.py --experts 3 --wta hard   # hard (stochastic) MCL
     python train/mcl.py --quick                  # a smoke run on 512 images
     torchrun --nproc_per_node 2 train/mcl.py     # DDP; win counts are summed over processes
 
 Every expert is scored on the same noisy batch; --wta picks how the per-example losses are
-weighted (see diffusion_core/mcl.py). Each epoch record holds the examples each expert won
+weighted (see diffusion_core/mcl.py), --wta-scope where the winner is decided (per noisy example or
+per clean image, diffusion_core/mcl_training.py). Each epoch record holds the examples each expert won
 (``wins``) and their shares (``win_rates``); an expert winning under 5% is reported with a
 WARNING on stderr and a ``warnings`` entry in metrics.jsonl.
 
@@ -29,8 +32,7 @@ from diffusion_core.training import common_parser, parse_args, train  # noqa: E4
 # The defaults per device (--recipe): the CPU one made the shipped checkpoint on a 2-core CPU,
 # starting the experts from the shipped DDPM (so they inherit its objective: epsilon, Min-SNR-5).
 RECIPES = {
-    "cpu": {"init": "ddpm", "epochs": 2, "batch_size": 128, "lr": 5e-4, "warmup_steps": 50,
-            "mcl_arch": "shared", "wta_scope": "example", "wta": "hard", "head_blocks": 1},
+    "cpu": {"init": "ddpm", "epochs": 5, "batch_size": 128, "lr": 5e-4, "warmup_steps": 50},
     "gpu": {"epochs": 20, "batch_size": 256},
 }
 

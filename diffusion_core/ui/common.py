@@ -26,21 +26,7 @@ MAX_COMPARE_ROWS = 12
 SCALE = 8  # final images: each 28x28 sample becomes 224x224
 GAP = 4  # pixels between tiles of a grid (after upscaling)
 BACKGROUND = 255  # grid gaps
-SHARE_VERSION = "2"
-# Links of an older version name models by what they were then. v=1 links were made while ``mcl``
-# was the ensemble of five separate UNets, which ships since as ``mcl_separate``: they open it, so
-# they reproduce their images. (Where no ``mcl_separate`` checkpoint is there, the name is kept.)
-LEGACY_MODEL_NAMES = {"1": {"mcl": "mcl_separate"}}
-
-
-def upgrade_link(version: str, fields: dict, models) -> tuple[dict, list[str]]:
-    """A link's fields of ``version`` as this version reads them; raises for an unknown version."""
-    if version != SHARE_VERSION and version not in LEGACY_MODEL_NAMES:
-        raise ValueError(f"this share link is malformed: version {version[:20]!r} is not supported (this app writes v={SHARE_VERSION})")
-    renamed = LEGACY_MODEL_NAMES.get(version, {}).get(fields.get("model", ""))
-    if renamed and renamed in models:
-        return dict(fields, model=renamed), [f"this link was made for the model then called {fields['model']!r}, which is now {renamed!r}"]
-    return fields, []
+SHARE_VERSION = "1"
 SHARE_FIELDS = ("model", "digit", "guidance", "sampler", "steps", "eta", "routing", "seed", "n", "autoguidance", "guide")
 MAX_VALUE_CHARS = 64  # longer strings in a field are refused before parsing
 
@@ -48,8 +34,8 @@ MODEL_LABELS = {
     "ddpm": "DDPM (unconditional)",
     "cfg": "CFG (choose a digit)",
     "flow": "Flow matching (choose a digit)",
-    "mcl": "MCL (experts on one network)",
-    "mcl_separate": "MCL, five separate experts",
+    "mcl": "MCL (ensemble of experts)",
+    "mcl_shared": "MCL, experts on one network (score head)",
 }
 CARD_TITLES = dict(MODEL_LABELS, gating="Gating network", classifier="Classifier", classifier2="Second classifier",
                    ddpm_weak="Weak DDPM (autoguidance's guide)")
@@ -58,12 +44,12 @@ MODEL_BLURBS = {
     "cfg": "Class-conditional with classifier-free guidance: pick a digit and how strongly to steer towards it.",
     "flow": "Rectified flow (flow matching), class-conditional with classifier-free guidance: it learns the velocity "
             "that carries noise to a digit along straight lines (x_t = (1 - t) x0 + t noise).",
-    "mcl": "Multiple Choice Learning: five expert denoisers that share one network and own a part of the data each (winner-takes-all "
-           "per training image, over all its noise levels). A score head says which expert owns the image being drawn; "
-           "a router picks the expert for each image and step.",
-    "mcl_separate": "The earlier MCL: five separate UNets trained with winner-takes-all per noisy example, routed by a separate "
-                    "gating network. Kept for comparison, and so that links made for it still reproduce.",
-    "gating": "The gating network that routes mcl_separate's experts (gated, sampled, soft, sticky, x0gate and scout routing); "
+    "mcl": "Multiple Choice Learning: several expert denoisers, each specialised by winner-takes-all training (here by digit: "
+           "each expert draws two or three digits); a router picks the expert for each image and step.",
+    "mcl_shared": "Multiple Choice Learning on one network: five hypothesis heads on a shared UNet trunk, each the owner of a part "
+                  "of the data (winner-takes-all per training image, over all its noise levels), and a score head that says which "
+                  "expert owns the image being drawn. A study model (docs/mcl.md): its images are not yet as good as mcl's.",
+    "gating": "The gating network that routes mcl's experts (gated, sampled, soft, sticky, x0gate and scout routing); "
               "the app also draws its probabilities beside every MCL trajectory.",
     "classifier": "The MNIST classifier behind the quality metrics (accuracy, FID-style features).",
     "classifier2": "A second MNIST classifier of another architecture and seed: the evaluation's independent reading of every row.",

@@ -14,7 +14,7 @@ from typing import Mapping
 
 from .. import explore as ex
 from ..pipeline import Settings
-from .common import SHARE_FIELDS, SHARE_VERSION, ModelInfo, parse_settings, upgrade_link
+from .common import SHARE_FIELDS, SHARE_VERSION, ModelInfo, parse_settings
 from .compare_tab import parse_compare, row_value
 from .explore_tab import edit_from_fields
 from .share import split_query
@@ -42,8 +42,9 @@ def parse_link(models: Mapping[str, ModelInfo], query, default_model: str | None
     ours, notes = split_query(query)
     if not ours:
         return Link(notes=notes)
-    ours, renamed = upgrade_link(ours.pop("v", SHARE_VERSION), ours, models)
-    notes = notes + renamed
+    version = ours.pop("v", SHARE_VERSION)
+    if version != SHARE_VERSION:
+        raise ValueError(f"this share link is malformed: version {version[:20]!r} is not supported (this app writes v={SHARE_VERSION})")
     tab = ours.pop("tab", "generate").strip().lower()
     if tab not in TABS:
         raise ValueError(f"this share link is malformed: unknown tab {tab[:20]!r}; expected one of {', '.join(TABS)}")

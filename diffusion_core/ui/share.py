@@ -7,7 +7,7 @@ from typing import Mapping
 from urllib.parse import parse_qsl, urlencode
 
 from ..pipeline import Settings
-from .common import SHARE_FIELDS, SHARE_VERSION, ModelInfo, parse_settings, upgrade_link
+from .common import SHARE_FIELDS, SHARE_VERSION, ModelInfo, parse_settings
 
 LINK_FIELDS = ("tab", "axis", "values", "index", "drawing", "level", "region")  # the other tabs' fields
 MAX_LINK_VALUE_CHARS = 4000  # the longest field (an encoded drawing) is about 1.1k characters
@@ -77,8 +77,9 @@ def settings_from_query(models: Mapping[str, ModelInfo], query) -> tuple[Setting
     ours, notes = split_query(query)
     if not any(k in SHARE_FIELDS for k in ours):
         return None, []
-    ours, renamed = upgrade_link(ours.pop("v", SHARE_VERSION), ours, models)
-    notes = notes + renamed
+    version = ours.pop("v", SHARE_VERSION)
+    if version != SHARE_VERSION:
+        raise ValueError(f"this share link is malformed: version {version[:20]!r} is not supported (this app writes v={SHARE_VERSION})")
     try:
         return parse_settings(models, **{k: v for k, v in ours.items() if k in SHARE_FIELDS}), notes
     except ValueError as e:
