@@ -10,8 +10,8 @@ from diffusion_core.registry import ModelRegistry
 
 def test_bench_reports_every_case(tiny_checkpoints):
     rows = bench_app.bench(ModelRegistry(tiny_checkpoints), repeats=1)
-    assert set(rows) == {"one_digit", "ten_digits"}
-    assert rows["one_digit"]["settings"]["n"] == 1 and rows["ten_digits"]["settings"]["n"] == 10
+    assert set(rows) == {"one_digit", "ten_digits", "sixteen"}
+    assert rows["one_digit"]["settings"]["n"] == 1 and rows["ten_digits"]["settings"]["n"] == 10 and rows["sixteen"]["settings"]["n"] == 16
     for row in rows.values():
         first, step, final = row["app_first_frame_s"], row["app_first_step_frame_s"], row["app_final_image_s"]
         assert 0 <= first <= step <= final and row["pipeline_generate_s"] > 0

@@ -160,14 +160,14 @@ def test_menus_list_the_checkpoints_that_exist(tiny_checkpoints, tmp_path):
     d = tmp_path / "ck"
     shutil.copytree(tiny_checkpoints, d)
     reg = ModelRegistry(d)
-    assert list(ui.available_models(reg)) == ["ddpm", "cfg", "mcl"]
+    assert list(ui.available_models(reg)) == ["ddpm", "cfg", "mcl", "mcl_shared"]
     add_tiny_flow(d)  # the flow model lands: it appears, in its place in the menu
     add_tiny_flow(d, name="flow_v2")
     models = ui.available_models(reg)
-    assert list(models) == ["ddpm", "cfg", "flow", "mcl", "flow_v2"]
+    assert list(models) == ["ddpm", "cfg", "flow", "mcl", "mcl_shared", "flow_v2"]
     assert models["flow"].is_flow and models["flow"].conditional
     assert dict(ui.model_choices(models))["Flow matching (choose a digit)"] == "flow"
     assert ("flow_v2 (flow matching, choose a digit)", "flow_v2") in ui.model_choices(models)
-    assert ui.model_cards(reg).count('class="model-card"') == 8  # ddpm_weak included
+    assert ui.model_cards(reg).count('class="model-card"') == 9  # ddpm_weak and mcl_shared included
     s = ui.parse_settings(models, model="flow_v2", digit=1, steps=2)
     assert ui.generate_image(reg, s, models["flow_v2"]).shape == (224, 224)
