@@ -200,12 +200,12 @@ def counting_loads(monkeypatch, delay=0.0):
 
 def test_registry_lists_available_models(ckdir):
     reg = ModelRegistry(ckdir)
-    assert set(reg.available()) == {"ddpm", "ddpm_weak", "cfg", "mcl", "gating", "classifier"}
-    assert reg.available_diffusion_models() == ["ddpm", "cfg", "mcl"]  # the guide is no menu model
-    assert reg.available_diffusion_models() == ["ddpm", "cfg", "mcl"]
+    assert set(reg.available()) == {"ddpm", "ddpm_weak", "cfg", "mcl", "mcl_shared", "gating", "classifier"}
+    assert reg.available_diffusion_models() == ["ddpm", "cfg", "mcl", "mcl_shared"]  # the guide is no menu model
+    assert reg.available_diffusion_models() == ["ddpm", "cfg", "mcl", "mcl_shared"]
     (ckdir / "ddpm.safetensors").unlink()
     (ckdir / "gating.safetensors").unlink()
-    assert reg.available_diffusion_models() == ["cfg", "mcl"]
+    assert reg.available_diffusion_models() == ["cfg", "mcl", "mcl_shared"]
     assert "gating" not in reg.available()
 
 
