@@ -99,7 +99,8 @@ def evaluate_arm(arm: str, runs: Path, out: Path, n: int, checkpoints: Path, dev
         m2 = m.get("second_classifier") or {}
         hist = m["histogram"]
         top = sorted(range(10), key=lambda c: -hist[c])[:3]
-        rows[r["settings"]["routing"]] = {
+        key = r["settings"]["routing"] if n == 1000 else f"{r['settings']['routing']} (n={n})"  # rows at other sample counts kept apart
+        rows[key] = {
             "fd_ratio": round(m["frechet_ratio"], 3), "entropy": round(m["entropy"], 4), "confident": round(m["confident"], 4),
             "fd_ratio_2": round(m2.get("frechet_ratio", float("nan")), 3), "entropy_2": round(m2.get("entropy", float("nan")), 4),
             "confident_2": round(m2.get("confident", float("nan")), 4), "modes": m["modes_covered"],
@@ -227,8 +228,9 @@ def main(argv=None):
         new = evaluate_arm(arm, Path(args.runs), out / f"n{args.n}", args.n, Path(args.checkpoints), args.device, routings, args.diagnosis_n)
         if arm in done:  # another call's rows (other routings or sample counts) are kept
             new["rows"] = {**done[arm]["rows"], **new["rows"]}
-            if new["score"] is None:
-                new["score"] = done[arm].get("score")
+            if new["score"] is None:  # a call without the diagnosis keeps the earlier one
+                for k in ("score", "score_target", "diagnosis_sigmas", "owner_share_by_digit", "winner_share_by_digit"):
+                    new[k] = done[arm].get(k)
         done[arm] = new
         print(f"{arm}: " + ", ".join(f"{k} {v['fd_ratio']:.2f}x/{v['entropy']:.3f}" for k, v in done[arm]["rows"].items()), flush=True)
         (out / "study.json").write_text(json.dumps({"arms": [done[a] for a in ARMS if a in done]}, indent=1) + "\n")  # after each arm
