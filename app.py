@@ -113,7 +113,7 @@ def _control_updates(model_name, sampler_name, routing_value=None):
     values = [c[1] for c in choices]
     routing_value = routing_value if routing_value in values else D.routing
     return (gr.update(visible=v.digit), gr.update(visible=v.guidance),
-            gr.update(visible=v.routing, choices=choices, value=routing_value, info=ui.routing_help(routing_value, bool(info and info.shared))),
+            gr.update(visible=v.routing, choices=choices, value=routing_value, info=ui.routing_help(routing_value, _shared(info))),
             gr.update(visible=v.eta), gr.update(visible=bool(info and info.is_flow)),
             gr.update(visible=v.autoguidance), gr.update(visible=v.autoguidance, choices=ui.guide_names(models)))
 

@@ -484,15 +484,24 @@ class MCLDenoiser(Denoiser):
                     out[m] = self.experts[k](x[m], sigma[m], None if label is None else label[m])
                     evals += int(m.sum())
         probs = route.probs
-        self.last_gate_routed = probs is not None
         if probs is None and self.watch_gate and self.gate is not None:
             probs = self.gate_probs(x, sigma)  # shown, not used
+        return self._remember(route, probs, out, evals)
+
+    def _remember(self, route: Route, probs, out: torch.Tensor, evals: int) -> torch.Tensor:
+        """Keep what the call did (``last_*``, ``expert_evals``); returns ``out``."""
+        self.last_gate_routed = route.probs is not None
         self.last_expert = route.index.detach().cpu()
         self.last_gate_probs = None if probs is None else probs.detach().cpu()
         self.last_denoised = out.detach()
         self.last_evals = evals
         self.expert_evals += evals
         return out
+
+
+def hypothesis_denoisers(net: SharedMCLNet, objective) -> list[Denoiser]:
+    """Each hypothesis of a ``SharedMCLNet`` alone, as a denoiser (the trunk and its head)."""
+    return [objective.denoiser(HypothesisNet(net, k)) for k in range(net.num_experts)]
 
 
 class ScoreGate(torch.nn.Module):
@@ -521,8 +530,7 @@ class SharedMCLDenoiser(MCLDenoiser):
     shared = True
 
     def __init__(self, net: SharedMCLNet, objective, router: Router):
-        experts = [objective.denoiser(HypothesisNet(net, k)) for k in range(net.num_experts)]
-        super().__init__(experts, router, gate=ScoreGate(net, objective))
+        super().__init__(hypothesis_denoisers(net, objective), router, gate=ScoreGate(net, objective))
         self.net = net
         self.base = objective.denoiser(net)  # its net_inputs and from_output
         self._pass = None
@@ -554,11 +562,4 @@ class SharedMCLDenoiser(MCLDenoiser):
             out = (route.weights[:, :, None, None, None].to(x.dtype) * preds).sum(dim=1)
         else:
             out = preds[torch.arange(b, device=x.device), route.index.to(x.device)]
-        evals = b + sum(len(v) for v in (route.computed or {}).values())
-        self.last_gate_routed = route.probs is not None
-        self.last_expert = route.index.detach().cpu()
-        self.last_gate_probs = probs.detach().cpu()
-        self.last_denoised = out.detach()
-        self.last_evals = evals
-        self.expert_evals += evals
-        return out
+        return self._remember(route, probs, out, b + sum(len(v) for v in (route.computed or {}).values()))

@@ -35,7 +35,7 @@ from torch import nn
 from .checkpoints import CheckpointError
 from .mcl import WTA_MODES, ExpertRouter, GatedRouter, MCLDenoiser, SharedMCLDenoiser, annealed_temperature, win_counts, wta_assignment, wta_loss
 from .models import load_model, save_model
-from .nets import GatingConfig, GatingNet, SharedMCLConfig, SharedMCLNet, UNet
+from .nets import GatingConfig, GatingNet, SharedMCLConfig, SharedMCLNet, UNet, route_each
 from .tasks import DiffusionTask, sample_fixed, save_grid, unwrap
 from .training import Task, fail
 
@@ -58,12 +58,7 @@ class Ensemble(nn.Module):
         (on an empty batch when it has no input), so all parameters are in the graph, as DDP needs."""
         if assign is None:
             return torch.stack([e(x, t, label) for e in self.experts], dim=1)
-        order, outs = [], []
-        for k, expert in enumerate(self.experts):
-            idx = (assign == k).nonzero().squeeze(1)
-            order.append(idx)
-            outs.append(expert(x[idx], t[idx], None if label is None else label[idx]))
-        return torch.cat(outs)[torch.argsort(torch.cat(order))]
+        return route_each(assign, len(self.experts), lambda k, idx: self.experts[k](x[idx], t[idx], None if label is None else label[idx]))
 
 
 def kmeans_distances(images: torch.Tensor, k: int, seed: int = 0, iterations: int = 30, pool: int = 2) -> torch.Tensor:
@@ -124,7 +119,7 @@ class MCLTask(DiffusionTask):
             if self.init_net is not None:
                 return SharedMCLNet.from_unet(self.init_net, k, self.head_blocks, noise=self.args.init_noise)
             try:
-                return SharedMCLNet(SharedMCLConfig(self.unet_config().to_dict(), k, self.head_blocks))
+                return SharedMCLNet(self.build_config())
             except ValueError as e:
                 fail(f"--head-blocks: {e}", status=2)
         if self.init_net is None:

@@ -18,8 +18,8 @@ from torch import nn
 
 from .checkpoints import CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .guidance import AutoguidanceDenoiser, CFGDenoiser
-from .mcl import MCLDenoiser, ScoreGate, SharedMCLDenoiser, make_router
-from .nets import HypothesisNet, build_network, count_parameters
+from .mcl import MCLDenoiser, ScoreGate, SharedMCLDenoiser, hypothesis_denoisers, make_router
+from .nets import build_network, count_parameters
 from .objectives import Objective, objective_from_dict
 
 MODEL_KINDS = ("ddpm", "cfg", "flow", "mcl", "gating", "classifier")  # flow: a cfg or ddpm network trained as rectified flow
@@ -55,7 +55,7 @@ class LoadedModel:
         if self.kind != "mcl":
             raise ValueError(f"a {self.kind} model has no experts")
         if self.shared:
-            return [self.objective.denoiser(HypothesisNet(self.net, k)) for k in range(self.num_experts)]
+            return hypothesis_denoisers(self.net, self.objective)
         return [self.objective.denoiser(n) for n in self.nets]
 
     def score_gate(self) -> nn.Module:

@@ -84,6 +84,13 @@ class _Config:
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
+    @classmethod
+    def of(cls, config=None, **kwargs):
+        """A network's config argument as a config: given, from a dict, or built from keyword arguments."""
+        if config is None:
+            return cls(**kwargs)
+        return cls.from_dict(config) if isinstance(config, dict) else config
+
 
 @dataclass
 class UNetConfig(_Config):
@@ -107,10 +114,7 @@ class UNet(nn.Module):
 
     def __init__(self, config: UNetConfig | dict | None = None, **kwargs):
         super().__init__()
-        if config is None:
-            config = UNetConfig(**kwargs)
-        elif isinstance(config, dict):
-            config = UNetConfig.from_dict(config)
+        config = UNetConfig.of(config, **kwargs)
         self.config = config
         c = config
         ch = c.base_channels
@@ -199,10 +203,7 @@ class GatingNet(nn.Module):
 
     def __init__(self, config: GatingConfig | dict | None = None, **kwargs):
         super().__init__()
-        if config is None:
-            config = GatingConfig(**kwargs)
-        elif isinstance(config, dict):
-            config = GatingConfig.from_dict(config)
+        config = GatingConfig.of(config, **kwargs)
         self.config = config
         ch = config.channels
         self.emb = nn.Sequential(nn.Linear(ch, 2 * ch), nn.SiLU(), nn.Linear(2 * ch, 4 * ch))
@@ -219,6 +220,19 @@ class GatingNet(nn.Module):
         scale, shift = e[:, :, None, None].chunk(2, dim=1)
         h = F.silu(self.conv3(h * (1 + scale) + shift))
         return self.head(h.mean(dim=(2, 3)))
+
+
+def route_each(assign: torch.Tensor, k: int, run) -> torch.Tensor:
+    """Each input through its assigned module: ``run(j, idx)`` computes module j's outputs on the
+    inputs at ``idx`` (those ``assign`` gives to j); the outputs come back in the inputs' order.
+    Every module is run, on an empty batch when nothing is assigned to it, so that all parameters
+    are in the graph, as DDP needs."""
+    order, outs = [], []
+    for j in range(k):
+        idx = (assign == j).nonzero().squeeze(1)
+        order.append(idx)
+        outs.append(run(j, idx))
+    return torch.cat(outs)[torch.argsort(torch.cat(order))]
 
 
 @dataclass
@@ -264,10 +278,7 @@ class SharedMCLNet(nn.Module):
 
     def __init__(self, config: SharedMCLConfig | dict | None = None, **kwargs):
         super().__init__()
-        if config is None:
-            config = SharedMCLConfig(**kwargs)
-        elif isinstance(config, dict):
-            config = SharedMCLConfig.from_dict(config)
+        config = SharedMCLConfig.of(config, **kwargs)
         self.config = config
         trunk = UNet(config.unet)
         last_level = trunk.config.blocks_per_level + 1  # ResBlocks at full resolution, the decoder's last layers
@@ -344,12 +355,7 @@ class SharedMCLNet(nn.Module):
         with torch.no_grad():
             every = torch.stack([self.head(k, h, hs, emb) for k in range(self.num_experts)], dim=1)
         chosen = assign(every)
-        order, outs = [], []
-        for k in range(self.num_experts):
-            idx = (chosen == k).nonzero().squeeze(1)
-            order.append(idx)
-            outs.append(self.head(k, h[idx], [s[idx] for s in hs], emb[idx]))
-        out = torch.cat(outs)[torch.argsort(torch.cat(order))]
+        out = route_each(chosen, self.num_experts, lambda k, idx: self.head(k, h[idx], [s[idx] for s in hs], emb[idx]))
         logits = self.score(h.detach(), mid.detach(), emb.detach())
         return out, every, logits, chosen
 
@@ -392,10 +398,7 @@ class Classifier(nn.Module):
 
     def __init__(self, config: ClassifierConfig | dict | None = None, **kwargs):
         super().__init__()
-        if config is None:
-            config = ClassifierConfig(**kwargs)
-        elif isinstance(config, dict):
-            config = ClassifierConfig.from_dict(config)
+        config = ClassifierConfig.of(config, **kwargs)
         if config.arch not in CLASSIFIER_ARCHS:
             raise ValueError(f"unknown classifier arch {config.arch!r}; expected one of {', '.join(CLASSIFIER_ARCHS)}")
         self.config = config

@@ -128,7 +128,7 @@ def chart_caption(rec: Recording, routing: str) -> str:
     if rec.experts is None or rec.gate_probs is None:
         return ""
     if rec.score_head:
-        return (f"**Score head** (lower panel): {SCORE_HEAD_SENTENCE.split(': ', 1)[1]}. It was trained to name the expert that owns each "
+        return (f"**Score head** (lower panel): {SCORE_HEAD_SENTENCE}. It was trained to name the expert that owns each "
                 "training image, so it starts near each expert's share of the data and sharpens as the digit appears.")
     return "**Gating network** (lower panel): its guess, from the noisy image, of the expert that would denoise it best."
 

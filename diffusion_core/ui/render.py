@@ -317,7 +317,7 @@ def mean_gate_probs(probs: np.ndarray) -> np.ndarray:
     return np.asarray(probs, dtype=np.float64).mean(axis=1)
 
 
-SCORE_HEAD_SENTENCE = "score head: how likely each expert is to be the one that owns this image, given the noisy image so far"
+SCORE_HEAD_SENTENCE = "how likely each expert is to be the one that owns this image, given the noisy image so far"
 
 
 def expert_chart(rec: Recording, routing: str):
@@ -361,7 +361,7 @@ def expert_chart(rec: Recording, routing: str):
         ax2.set_ylim(0, 1)
         ax2.set_ylabel("probability")
         if rec.score_head:
-            what = SCORE_HEAD_SENTENCE + ("" if routing_needs_gate(routing) else f" (not used by {routing} routing)")
+            what = "score head: " + SCORE_HEAD_SENTENCE + ("" if routing_needs_gate(routing) else f" (not used by {routing} routing)")
         else:
             what = "gating probabilities" if routing_needs_gate(routing) else f"what the gating network thinks (not used by {routing} routing)"
         ax2.set_title(what + (" (mean over images)" if N > 1 else ""), fontsize=10, loc="left", wrap=True)
