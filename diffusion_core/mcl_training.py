@@ -105,6 +105,9 @@ class MCLTask(DiffusionTask):
         if not 0 < self.momentum <= 1:
             fail(f"--assign-momentum must be in (0, 1] (got {self.momentum})", status=2)
         self.head_blocks = int(getattr(args, "head_blocks", 1))
+        weight = float(getattr(args, "score_weight", 0.1))
+        if not (math.isfinite(weight) and weight >= 0):
+            fail(f"--score-weight must be a non-negative number (got {weight})", status=2)
         if self.arch == "separate" and getattr(args, "mcl_update", "routed") == "full" and self.scope == "example":
             fail("--wta-scope example trains each example through its own expert: use --mcl-update routed", status=2)
         if self.scope == "example" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -116,9 +119,9 @@ class MCLTask(DiffusionTask):
     def build(self):
         k = self.args.experts
         if self.arch == "shared":
-            if self.init_net is not None:
-                return SharedMCLNet.from_unet(self.init_net, k, self.head_blocks, noise=self.args.init_noise)
             try:
+                if self.init_net is not None:
+                    return SharedMCLNet.from_unet(self.init_net, k, self.head_blocks, noise=self.args.init_noise)
                 return SharedMCLNet(self.build_config())
             except ValueError as e:
                 fail(f"--head-blocks: {e}", status=2)

@@ -278,3 +278,17 @@ def test_the_chart_names_the_score_head(shared_run):
     rec.score_head = False
     assert not any(SCORE_HEAD_SENTENCE in a.get_title(loc="left") for a in expert_chart(rec, "sampled").axes)
 
+
+
+@pytest.mark.parametrize("flags, message", [(["--head-blocks", "9"], "--head-blocks: head_blocks must be in 0..2"),
+                                            (["--head-blocks", "9", "--init", "ddpm"], "--head-blocks: head_blocks must be in 0..2"),
+                                            (["--score-weight", "-1"], "--score-weight must be a non-negative number"),
+                                            (["--assign-momentum", "0"], "--assign-momentum must be in (0, 1]")])
+def test_bad_shared_flags_are_clear_errors(flags, message, tmp_path, mnist_root):
+    cmd = [sys.executable, str(ROOT / "train" / "mcl.py"), "--no-progress", "--mcl-arch", "shared", "--wta-scope", "example",
+           "--limit", "256", "--batch-size", "64", "--channels", "8", "--blocks", "1", "--epochs", "1", "--data-dir", str(mnist_root),
+           "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "m.safetensors"), *flags]
+    if "--init" not in flags:
+        cmd.append("--quick")
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
