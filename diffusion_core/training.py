@@ -1,4 +1,4 @@
-"""The one training loop behind train/{ddpm,cfg,mcl,gating,classifier}.py.
+"""The one training loop behind the scripts in train/ (ddpm, ddpm_weak, cfg, flow, cold_blur, mcl, gating, classifier).
 
 A ``Task`` (see ``diffusion_core.tasks``) says what differs between the scripts: which network,
 which loss, what a sample grid shows and what gets exported. ``train(task, args)`` does the rest,
@@ -19,7 +19,9 @@ top to bottom:
    records every ``--log-every`` steps, one ``epoch`` record per epoch, summed over all ranks),
    a loss-curve PNG, a sample grid per epoch, and warnings (e.g. a dead MCL expert) printed
    loudly and logged;
-6. export: the EMA weights with training metadata, through ``task.export``.
+6. export: the EMA weights with training metadata, through ``task.export``; the metadata's
+   ``history`` keeps the loss curve and the sample grids after epochs 1, 5 and the last
+   (``training_history``), for the Models tab.
 
 The state file's keys: ``model ema opt sched gen step epoch batch_in_epoch wall_s args``,
 ``ranks`` (per-rank random states and epoch sums) and ``task`` (``Task.state_dict``); older files
@@ -319,6 +321,32 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     plt.close(fig)
 
 
+HISTORY_EPOCHS = (1, 5)  # the sample grids a history keeps besides the last epoch's (1-based)
+HISTORY_POINTS = 300  # the loss curve's points at most (means of consecutive step records)
+
+
+def training_history(run_dir: Path, metrics_path: Path, epochs: int) -> dict:
+    """What the Models tab shows of how a model learned: the loss curve (at most ``HISTORY_POINTS``
+    ``[step, loss]`` points, each the mean of consecutive step records) and the sample grids
+    written after epochs 1, 5 and the last (PNG, base64), read from the run directory. A few tens
+    of kB; it is stored in the checkpoint's training metadata."""
+    import base64
+
+    steps = [r for r in read_metrics(metrics_path) if r.get("type") == "step"]
+    per = max(1, math.ceil(len(steps) / HISTORY_POINTS))
+    loss = []
+    for i in range(0, len(steps), per):
+        chunk = steps[i:i + per]
+        loss.append([chunk[-1]["step"], round(sum(r["loss"] for r in chunk) / len(chunk), 6)])
+    images = {r["epoch"]: r.get("step") for r in read_metrics(metrics_path) if r.get("type") == "epoch"}
+    grids = []
+    for epoch in sorted({e for e in HISTORY_EPOCHS if e <= epochs} | ({epochs} if epochs else set())):
+        png = run_dir / f"samples_epoch{epoch - 1:03d}.png"
+        if png.is_file():
+            grids.append({"epoch": epoch, "step": images.get(epoch - 1), "png": base64.b64encode(png.read_bytes()).decode("ascii")})
+    return {"loss": loss, "grids": grids}
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -568,6 +596,7 @@ def train(task: Task, args) -> dict:
         "final": {k: v for k, v in last_record.items() if k not in ("type", "warnings")}, "args": _jsonable(args),
     }
     if is_main:
+        training["history"] = training_history(run_dir, metrics_path, epoch)
         task.export(ema, out, training)
         print(f"exported {out} ({out.stat().st_size / 2**20:.2f} MiB) after {step} steps in {wall:.1f} s", flush=True)
     if world > 1:
