@@ -2,12 +2,13 @@
 
 A checkpoint's config (see ``diffusion_core.checkpoints``) says what the file holds::
 
-    {"model": "ddpm" | "cfg" | "flow" | "mcl" | "gating" | "classifier",
+    {"model": "ddpm" | "cfg" | "flow" | "mcl" | "gating" | "classifier" | "cold",
      "network": {"kind": "unet" | "mcl_shared" | "gating" | "classifier", "config": {...}},
      "objective": {...},          # diffusion models (see objectives.objective_from_dict)
      "num_experts": K,            # mcl: tensors "experts.<k>.<param>" (separate UNets), or "net.<param>" for
                                   # one mcl_shared network holding every hypothesis; otherwise "net.<param>"
-     "training": {...}, "quality": {...}}   # metadata for model cards
+     "degradation": {...}, "generation": {...},   # cold: the degradation (cold.BlurConfig) and the flat start's statistics
+     "training": {...}, "quality": {...}}   # metadata for model cards; training.history: loss curve and sample grids
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from .mcl import MCLDenoiser, ScoreGate, SharedMCLDenoiser, hypothesis_denoisers
 from .nets import build_network, count_parameters
 from .objectives import Objective, objective_from_dict
 
-MODEL_KINDS = ("ddpm", "cfg", "flow", "mcl", "gating", "classifier")  # flow: a cfg or ddpm network trained as rectified flow
+MODEL_KINDS = ("ddpm", "cfg", "flow", "mcl", "gating", "classifier", "cold")  # flow: a cfg or ddpm network trained as rectified flow;
+# cold: a restoration network for a degradation that is not noise (cold.py; its config holds "degradation" and "generation")
 GUIDE_KINDS = ("ddpm", "cfg", "flow")  # what can serve as autoguidance's bad model (one network)
 
 
@@ -85,6 +87,19 @@ class LoadedModel:
         rates = final.get("owned_rates") if training.get("wta_scope") == "example" else None
         rates = rates or final.get("win_rates")
         return None if rates is None else [float(r) for r in rates]
+
+    def restorer(self):
+        """A cold-diffusion model as ``cold.Restorer`` (its degradation attached)."""
+        if self.kind != "cold":
+            raise ValueError(f"a {self.kind} model is not a cold-diffusion restorer")
+        from .cold import BlurDegradation, Restorer
+
+        return Restorer(self.net, BlurDegradation(self.config["degradation"]))
+
+    @property
+    def history(self) -> dict | None:
+        """The training history recorded when the model trained (``training.history``), or None."""
+        return (self.config.get("training") or {}).get("history")
 
     def to(self, device) -> "LoadedModel":
         for n in self.nets:
@@ -150,6 +165,10 @@ def model_from_tensors(tensors: dict, config: dict, path="<memory>") -> LoadedMo
         raise CheckpointError(path, f"unknown model kind {kind!r}; expected one of {MODEL_KINDS}")
     try:
         objective = objective_from_dict(config["objective"]) if "objective" in config else None
+        if kind == "cold":
+            from .cold import BlurDegradation
+
+            BlurDegradation(config["degradation"])  # a readable degradation, or the error below
         k = int(config.get("num_experts", 1)) if kind == "mcl" and net_kind != "mcl_shared" else 1
         prefixes = [f"experts.{i}." for i in range(k)] if kind == "mcl" and net_kind != "mcl_shared" else ["net."]
         nets = []
@@ -158,6 +177,8 @@ def model_from_tensors(tensors: dict, config: dict, path="<memory>") -> LoadedMo
             net.load_state_dict(_state(tensors, prefix), strict=True)
             net.eval().requires_grad_(False)
             nets.append(net)
+    except KeyError as e:
+        raise CheckpointError(path, f"config lacks {e}") from None
     except (RuntimeError, ValueError, TypeError) as e:
         raise CheckpointError(path, f"tensors do not match the config: {_first_problem(e)}") from None
     expected = sum(len(n.state_dict()) for n in nets)

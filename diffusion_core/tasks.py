@@ -1,5 +1,5 @@
-"""The training tasks of the single-network scripts (ddpm, ddpm_weak, cfg, flow, classifier);
-MCL and its gating network are in ``mcl_training``. The loop is ``training.train``."""
+"""The training tasks of the single-network scripts (ddpm, ddpm_weak, cfg, flow, cold_blur,
+classifier); MCL and its gating network are in ``mcl_training``. The loop is ``training.train``."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoints import CheckpointError
+from .cold import BlurConfig, BlurDegradation, Restorer, StartDistribution, restore
 from .guidance import CFGDenoiser
 from .models import load_model, save_model
 from .nets import Classifier, ClassifierConfig, UNet, UNetConfig
@@ -243,3 +244,56 @@ class ClassifierTask(Task):
         net = unwrap(model)
         training = dict(training, test_accuracy=training.get("final", {}).get("test_accuracy"))
         save_model(path, "classifier", [net], {"network": {"kind": "classifier", "config": net.config.to_dict()}, "training": training})
+
+
+class ColdTask(Task):
+    """Cold diffusion (``diffusion_core.cold``): a UNet learns ``R(D(x0, s) + small noise, s) = x0``
+    for the blur levels s drawn uniformly from 1..levels, with the L1 loss of Bansal et al. The
+    blur is computed in float32 outside autocast (its cosine transform needs the precision)."""
+
+    name = "cold_blur"
+
+    def __init__(self, args):
+        super().__init__(args)
+        try:
+            self.degradation = BlurDegradation(BlurConfig(levels=args.levels, sigma_max=args.sigma_max, train_noise=args.train_noise))
+        except (TypeError, ValueError) as e:
+            fail(f"bad blur settings: {e}", status=2)
+        if args.train_noise < 0 or args.start_noise < 0:
+            fail("--train-noise and --start-noise must be at least 0", status=2)
+        self.init_net = unet_from_checkpoint(args.init, conditional=False)[0] if getattr(args, "init", None) else None
+        from .data import load_mnist  # generation's start: the fully blurred training images' surviving modes
+
+        images = load_mnist(args.data_dir, train=True)[0][: args.limit or None]
+        self.start = StartDistribution.fit(images, self.degradation, args.start_noise)
+
+    def unet_config(self) -> UNetConfig:
+        if self.init_net is not None:
+            return self.init_net.config
+        return UNetConfig(base_channels=self.args.channels, blocks_per_level=self.args.blocks, attention=self.args.attention)
+
+    def build(self):
+        return self.init_net if self.init_net is not None else UNet(self.unet_config())
+
+    def loss(self, model, x0, y, generator, progress, index=None):
+        deg = self.degradation
+        s = torch.randint(1, deg.levels + 1, (x0.shape[0],), generator=generator, device=generator.device).to(x0.device)
+        with torch.autocast(x0.device.type, enabled=False):
+            x_s = deg(x0, s.cpu())
+            x_s = x_s + deg.config.train_noise * torch.randn(x_s.shape, generator=generator, device=generator.device).to(x0.device)
+        pred = model(x_s, 1000.0 * s.float() / deg.levels)
+        return (pred.float() - x0).abs().mean(), {}
+
+    def generate(self, model, n: int, seed: int = 0, sampler: str = "improved") -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        device = next(model.parameters()).device
+        x = self.start.sample(n, g).to(device)
+        return restore(Restorer(model, self.degradation), x, self.degradation.levels, sampler)
+
+    def sample_grid(self, model, path):
+        save_grid(self.generate(model, 20), path, nrow=10)
+
+    def export(self, model, path, training):
+        config = {"network": {"kind": "unet", "config": self.unet_config().to_dict()}, "degradation": self.degradation.to_dict(),
+                  "generation": self.start.to_dict(), "training": dict(training, init=getattr(self.args, "init", None))}
+        save_model(path, "cold", [unwrap(model)], config)

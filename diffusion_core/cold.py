@@ -1,0 +1,203 @@
+"""Cold diffusion (Bansal et al., NeurIPS 2023, "Cold Diffusion: Inverting Arbitrary Image Transforms
+Without Noise"): a network trained to undo a degradation that is not Gaussian noise, here a
+Gaussian blur of increasing strength.
+
+This is its own small interface beside the denoiser (``denoisers.py``), not a denoiser: the
+degraded image at level ``s`` is ``D(x0, s)``, a deterministic function of the clean image, and the
+restoration network ``R(x_s, s)`` predicts ``x0``. There is no sigma, so none of the samplers of
+``samplers.py`` applies; the two samplers of the paper are here::
+
+    deg = BlurDegradation(levels=20)
+    x_s = deg(x0, s)                          # level s in 0..levels (0: the clean image)
+    restorer = Restorer(net, deg)             # R(x_s, s) -> x0_hat
+    for step in restore_improved(restorer, x_s, s):   # or restore_naive
+        ...                                   # step.level, step.x (the image at level s - 1), step.x0
+
+The blur is the heat equation with reflecting borders, computed exactly in the cosine basis: the
+2-D DCT-II of the image is multiplied by ``exp(-sigma^2 |omega|^2 / 2)``, the transfer function of a
+Gaussian of standard deviation ``sigma`` pixels. It keeps the image's mean.
+
+How far the last level goes is a choice. The paper blurs until only the mean is left (a flat
+image, here about ``sigma_max = 30`` px) and generates from a flat start plus a little noise (its
+Section 5.1). A flat image holds nothing but the digit's brightness, so restoring it can only be a
+guess, and the best guess in squared error is the blurred average that Algorithm 1 gives, not the
+sharp digit of Algorithm 2. We stop at ``sigma_max = 10`` px, where the coarsest cosine modes
+(about a dozen of the 784) survive: a blob that still says where the ink is. Generation starts
+from those modes drawn from a Gaussian fitted to the fully blurred training images
+(``StartDistribution``), plus a little noise. With ``sigma_max = 30`` only the mean survives and
+this is exactly the paper's flat start.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Iterator, NamedTuple
+
+import torch
+from torch import nn
+
+DEGRADATIONS = ("blur",)
+
+
+def dct_matrix(n: int) -> torch.Tensor:
+    """The orthonormal DCT-II matrix ``C`` (n, n): ``C @ x`` transforms a column, ``C.T`` inverts it."""
+    k = torch.arange(n, dtype=torch.float64)[:, None]
+    i = torch.arange(n, dtype=torch.float64)[None, :]
+    c = torch.cos(math.pi * (i + 0.5) * k / n) * math.sqrt(2.0 / n)
+    c[0] /= math.sqrt(2.0)
+    return c
+
+
+@dataclass(frozen=True)
+class BlurConfig:
+    levels: int = 20  # degradation levels 1..levels (0 is the clean image)
+    sigma_min: float = 0.5  # the blur's standard deviation (pixels) at level 1
+    sigma_max: float = 10.0  # ... and at the last level, geometric in between (30 px would leave a flat image)
+    size: int = 28
+    train_noise: float = 0.01  # Gaussian noise added to the network's input in training (robustness to the start's noise)
+
+
+class BlurDegradation:
+    """``D(x0, s)``: Gaussian blur of standard deviation ``sigmas[s]`` pixels (``sigmas[0] = 0``)."""
+
+    name = "blur"
+
+    def __init__(self, config: BlurConfig | dict | None = None):
+        if isinstance(config, dict):
+            config = BlurConfig(**{k: v for k, v in config.items() if k != "name"})
+        self.config = c = config or BlurConfig()
+        if c.levels < 1 or not 0 < c.sigma_min <= c.sigma_max:
+            raise ValueError(f"a blur needs levels >= 1 and 0 < sigma_min <= sigma_max (got {c})")
+        self.levels = c.levels
+        geo = torch.logspace(math.log10(c.sigma_min), math.log10(c.sigma_max), c.levels, dtype=torch.float64)
+        self.sigmas = torch.cat([torch.zeros(1, dtype=torch.float64), geo])
+        self._dct = dct_matrix(c.size).float()
+        omega = math.pi * torch.arange(c.size, dtype=torch.float64) / c.size
+        freq2 = omega[:, None] ** 2 + omega[None, :] ** 2  # |omega|^2 of each cosine mode
+        self._gains = torch.exp(-0.5 * self.sigmas[:, None, None] ** 2 * freq2).float()  # (levels + 1, size, size)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, **asdict(self.config)}
+
+    def check_level(self, s: int) -> int:
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= self.levels:
+            raise ValueError(f"blur level must be an integer from 0 to {self.levels} (got {s!r})")
+        return s
+
+    def __call__(self, x0: torch.Tensor, s) -> torch.Tensor:
+        """Blur ``x0`` (B, C, H, W) to level ``s``: an int, or a LongTensor (B,) of levels."""
+        if isinstance(s, int):
+            self.check_level(s)
+        s = torch.as_tensor(s, dtype=torch.long).reshape(-1).expand(x0.shape[0]).cpu()
+        c = self._dct.to(x0.device, x0.dtype)
+        gains = self._gains[s].to(x0.device, x0.dtype)[:, None]  # (B, 1, H, W)
+        coeffs = c @ x0 @ c.T
+        return c.T @ (coeffs * gains) @ c
+
+
+class Restorer:
+    """``R(x_s, s) -> x0_hat``: the restoration network, called in float32 with its level input
+    ``1000 s / levels`` (the range the UNet's time embedding was built for)."""
+
+    def __init__(self, net: nn.Module, degradation: BlurDegradation):
+        self.net = net
+        self.degradation = degradation
+
+    def net_time(self, s: torch.Tensor) -> torch.Tensor:
+        return 1000.0 * s.float() / self.degradation.levels
+
+    def __call__(self, x: torch.Tensor, s) -> torch.Tensor:
+        s = torch.as_tensor(s, dtype=torch.long, device=x.device).reshape(-1).expand(x.shape[0])
+        with torch.no_grad():
+            return self.net(x, self.net_time(s)).float()
+
+
+class ColdStep(NamedTuple):
+    level: int  # the level this step started from
+    x: torch.Tensor  # the image at level - 1
+    x0: torch.Tensor  # the network's estimate of the clean image at ``level``
+
+
+def restore_naive(restorer: Restorer, x: torch.Tensor, level: int) -> Iterator[ColdStep]:
+    """Algorithm 1 of Bansal et al.: ``x_{s-1} = D(R(x_s, s), s - 1)``. Every step re-degrades the
+    estimate, so its errors are not corrected by the next one."""
+    deg = restorer.degradation
+    for s in range(deg.check_level(level), 0, -1):
+        x0 = restorer(x, s)
+        x = deg(x0, s - 1)
+        yield ColdStep(s, x, x0)
+
+
+def restore_improved(restorer: Restorer, x: torch.Tensor, level: int) -> Iterator[ColdStep]:
+    """Algorithm 2 of Bansal et al.: ``x_{s-1} = x_s - D(x0_hat, s) + D(x0_hat, s - 1)``, with
+    ``x0_hat = R(x_s, s)``. Only the difference between two levels of the estimate is added, so
+    an error in the estimate moves ``x`` by how much it changes between neighbouring levels, not
+    by the whole error as in Algorithm 1 (the paper shows it exact, whatever the estimate, for
+    degradations of the form ``x0 + s e``)."""
+    deg = restorer.degradation
+    for s in range(deg.check_level(level), 0, -1):
+        x0 = restorer(x, s)
+        x = x - deg(x0, s) + deg(x0, s - 1)
+        yield ColdStep(s, x, x0)
+
+
+COLD_SAMPLERS = {"naive": restore_naive, "improved": restore_improved}
+
+
+def restore(restorer: Restorer, x: torch.Tensor, level: int, sampler: str = "improved") -> torch.Tensor:
+    """The restored image (the last step's ``x``; ``x`` itself at level 0)."""
+    if sampler not in COLD_SAMPLERS:
+        raise ValueError(f"unknown cold-diffusion sampler {sampler!r}; expected one of {', '.join(COLD_SAMPLERS)}")
+    for step in COLD_SAMPLERS[sampler](restorer, x, level):
+        x = step.x
+    return x
+
+
+class StartDistribution:
+    """Where generation starts: the fully degraded image ``D(x0, levels)`` of a digit ``x0`` that
+    nobody drew. The last level keeps only the cosine modes whose gain is above ``threshold``
+    (``modes``); their coefficients are drawn from a Gaussian (``mean``, lower Cholesky factor
+    ``scale_tril``) fitted to the fully blurred training images, and ``noise`` (a standard deviation)
+    is added to every pixel. Stored as the checkpoint's ``generation`` (``to_dict``)."""
+
+    def __init__(self, modes, mean, scale_tril, noise: float, size: int = 28):
+        self.modes = torch.as_tensor(modes, dtype=torch.long).reshape(-1, 2)
+        self.mean = torch.as_tensor(mean, dtype=torch.float64).reshape(-1)
+        self.scale_tril = torch.as_tensor(scale_tril, dtype=torch.float64).reshape(len(self.mean), len(self.mean))
+        if len(self.modes) != len(self.mean) or len(self.modes) == 0 or float(noise) < 0:
+            raise ValueError("a start distribution needs as many modes as means, at least one, and noise >= 0")
+        if int(self.modes.min()) < 0 or int(self.modes.max()) >= size:
+            raise ValueError(f"start modes must lie in 0..{size - 1}")
+        self.noise = float(noise)
+        self.size = size
+        self._dct = dct_matrix(size)
+
+    @classmethod
+    def fit(cls, images: torch.Tensor, degradation: BlurDegradation, noise: float, threshold: float = 1e-3) -> "StartDistribution":
+        """Fit to ``images`` (N, 1, H, W) blurred to the last level of ``degradation``."""
+        gains = degradation._gains[-1].double()
+        modes = (gains > threshold).nonzero()
+        c = dct_matrix(degradation.config.size)
+        coeffs = c @ degradation(images.float(), degradation.levels).double()[:, 0] @ c.T
+        z = coeffs[:, modes[:, 0], modes[:, 1]]  # (N, M)
+        mean = z.mean(0)
+        cov = torch.atleast_2d(torch.cov(z.T)) + 1e-9 * torch.eye(len(modes), dtype=torch.float64)
+        return cls(modes, mean, torch.linalg.cholesky(cov), noise, degradation.config.size)
+
+    def to_dict(self) -> dict:
+        return {"modes": self.modes.tolist(), "mean": [round(float(v), 6) for v in self.mean],
+                "scale_tril": [[round(float(v), 6) for v in row] for row in self.scale_tril], "noise": self.noise}
+
+    @classmethod
+    def from_dict(cls, d: dict, size: int = 28) -> "StartDistribution":
+        return cls(d["modes"], d["mean"], d["scale_tril"], d["noise"], size)
+
+    def sample(self, n: int, generator: torch.Generator, noise: float | None = None) -> torch.Tensor:
+        """``n`` starts (n, 1, size, size), float32; every random number comes from ``generator``
+        (the modes' coefficients first, then the pixel noise)."""
+        noise = self.noise if noise is None else float(noise)
+        z = self.mean + torch.randn((n, len(self.mean)), generator=generator, dtype=torch.float64) @ self.scale_tril.T
+        coeffs = torch.zeros((n, self.size, self.size), dtype=torch.float64)
+        coeffs[:, self.modes[:, 0], self.modes[:, 1]] = z
+        x = (self._dct.T @ coeffs @ self._dct).float()[:, None]
+        return x + noise * torch.randn((n, 1, self.size, self.size), generator=generator)
