@@ -21,6 +21,7 @@ import torch
 from diffusion_core import ui
 from diffusion_core.pipeline import DEFAULT_GUIDES, MAX_AUTOGUIDANCE, MAX_GUIDANCE, MAX_STEPS, Settings
 from diffusion_core.registry import ModelRegistry
+from diffusion_core.ui.common import sampler_help
 
 registry = ModelRegistry()
 files = ui.OutputFiles()
@@ -603,6 +604,7 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
     dice.click(ui.random_seed, None, seed, api_visibility="private", queue=False)
     routing.change(lambda r, m: gr.update(info=ui.routing_help(r, _shared(_models().get(m)))), [routing, model], routing,
                    api_visibility="private", queue=False)
+    sampler.change(lambda s: gr.update(info=sampler_help(s) or ""), sampler, sampler, api_visibility="private", queue=False)
     compare_btn.click(compare_ui, [axis, values] + controls, [compare_img, compare_json, compare_files, compare_query], api_visibility="private",
                       concurrency_id=SAMPLING).then(None, compare_query, compare_link, js=share_js, api_visibility="private")
 

@@ -100,6 +100,16 @@ def sample_dpmpp_2m(denoiser, x, sigmas, label=None, generator=None) -> Iterator
         yield _step(i, sigmas, x, denoised, denoiser)
 
 
+def _ddim_step(x, denoised, sigma: float, sigma_next: float, eta: float) -> tuple[torch.Tensor, float]:
+    """DDIM's update (Song et al. 2021, eq. 12) in sigma space, ``alphabar = 1 / (1 + sigma^2)``:
+    the deterministic part and the standard deviation of the fresh noise to add to it."""
+    ab, ab_next = 1 / (1 + sigma**2), 1 / (1 + sigma_next**2)
+    std_vp = eta * math.sqrt((1 - ab_next) / (1 - ab)) * math.sqrt(max(0.0, 1 - ab / ab_next))  # sigma_t(eta), VP frame
+    eps = (x - denoised) / sigma
+    mean = denoised + math.sqrt(max(0.0, 1 - ab_next - std_vp**2) / ab_next) * eps
+    return mean, std_vp / math.sqrt(ab_next)
+
+
 @torch.no_grad()
 def sample_ddim(denoiser, x, sigmas, label=None, generator=None, eta: float = 0.0) -> Iterator[Step]:
     """DDIM (Song et al. 2021) in sigma space; ``alphabar = 1 / (1 + sigma^2)``.
@@ -113,13 +123,9 @@ def sample_ddim(denoiser, x, sigmas, label=None, generator=None, eta: float = 0.
         if sigma_next == 0:
             x = denoised
         else:
-            ab, ab_next = 1 / (1 + sigma**2), 1 / (1 + sigma_next**2)
-            # DDIM's sigma_t(eta) in the variance-preserving frame
-            std_vp = eta * math.sqrt((1 - ab_next) / (1 - ab)) * math.sqrt(max(0.0, 1 - ab / ab_next))
-            eps = (x - denoised) / sigma
-            x = denoised + math.sqrt(max(0.0, 1 - ab_next - std_vp**2) / ab_next) * eps
-            if std_vp > 0:
-                x = x + std_vp / math.sqrt(ab_next) * _randn_like(x, generator)
+            x, std = _ddim_step(x, denoised, sigma, sigma_next, eta)
+            if std > 0:
+                x = x + std * _randn_like(x, generator)
         yield _step(i, sigmas, x, denoised, denoiser)
 
 
@@ -127,6 +133,23 @@ def sample_ddim(denoiser, x, sigmas, label=None, generator=None, eta: float = 0.
 def sample_ddpm(denoiser, x, sigmas, label=None, generator=None) -> Iterator[Step]:
     """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2, posterior variance beta-tilde)."""
     yield from sample_ddim(denoiser, x, sigmas, label, generator, eta=1.0)
+
+
+@torch.no_grad()
+def sample_ddpm_nonoise(denoiser, x, sigmas, label=None, generator=None) -> Iterator[Step]:
+    """DDPM's ancestral step with its noise term ``sigma_t z`` removed: the posterior mean only
+    (the classic exercise on Ho et al. 2020, Algorithm 2). It fails on purpose: the mean carries
+    only ``sqrt(1 - alphabar_{t-1} - beta-tilde_t)`` of noise where the next step expects
+    ``sqrt(1 - alphabar_{t-1})``, so every step sees a cleaner image than its noise level says
+    and pulls its guess towards the average; the spread is never put back, and every seed ends
+    in nearly the same image (``tests/test_ddpm_nonoise.py``).
+    DDIM with eta 0 is deterministic too, but keeps the full noise weight (``eta = 0`` in
+    ``_ddim_step``: no beta-tilde is taken out), so its image stays on the noise schedule."""
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = denoiser(x, sigma, label)
+        x = denoised if sigma_next == 0 else _ddim_step(x, denoised, sigma, sigma_next, 1.0)[0]
+        yield _step(i, sigmas, x, denoised, denoiser)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,19 +180,23 @@ def discrete_sigmas_for(discrete: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([discrete.double()[ts], torch.zeros(1, dtype=torch.float64)])
 
 
+DISCRETE_GRID_SAMPLERS = ("ddpm", "ddpm_nonoise", "ddim")  # on the training timesteps of a discrete-time model
+
+
 def get_sigmas(sampler: str, denoiser, steps: int) -> torch.Tensor:
     """The default noise-level grid of a sampler for a denoiser: the training timesteps (respaced)
-    for ``ddpm`` and ``ddim`` on discrete-time models, Karras spacing otherwise."""
+    for ``ddpm``, ``ddpm_nonoise`` and ``ddim`` on discrete-time models, Karras spacing otherwise."""
     if steps < 1:
         raise ValueError("steps must be at least 1")
     discrete = getattr(denoiser, "discrete_sigmas", None)
-    if sampler in ("ddpm", "ddim") and discrete is not None:
+    if sampler in DISCRETE_GRID_SAMPLERS and discrete is not None:
         return discrete_sigmas_for(discrete, steps)
     return karras_sigmas(steps, denoiser.sigma_min, denoiser.sigma_max)
 
 
 SAMPLERS: dict[str, Callable[..., Iterator[Step]]] = {
     "ddpm": sample_ddpm,
+    "ddpm_nonoise": sample_ddpm_nonoise,
     "ddim": sample_ddim,
     "euler": sample_euler,
     "heun": sample_heun,
@@ -177,7 +204,7 @@ SAMPLERS: dict[str, Callable[..., Iterator[Step]]] = {
 }
 
 # Function evaluations per step (the last Heun step is a single Euler evaluation).
-NFE_PER_STEP = {"ddpm": 1, "ddim": 1, "euler": 1, "heun": 2, "dpmpp_2m": 1}
+NFE_PER_STEP = {"ddpm": 1, "ddpm_nonoise": 1, "ddim": 1, "euler": 1, "heun": 2, "dpmpp_2m": 1}
 
 
 def get_sampler(name: str) -> Callable[..., Iterator[Step]]:

@@ -37,7 +37,7 @@ ROUTINGS = ["expert:0", "expert:2", "heuristic", "gated", "soft", "pooled"]
         ({"digit": 11}, "digit must be between 0 and 9, got 11"),
         ({"digit": -1}, "digit must be between 0 and 9"),
         ({"digit": True}, "digit must be an integer"),
-        ({"sampler": "plms"}, "unknown sampler 'plms'; expected one of ddpm, ddim, euler, heun, dpmpp_2m"),
+        ({"sampler": "plms"}, "unknown sampler 'plms'; expected one of ddpm, ddpm_nonoise, ddim, euler, heun, dpmpp_2m"),
         ({"sampler": ["euler"]}, "unknown sampler"),
         ({"routing": "random"}, "unknown routing 'random'"),
         ({"routing": "expert:two"}, "expert:K with K an integer"),

@@ -38,6 +38,7 @@ SAMPLERS = {
     "dpmpp_2m": (get_sampler("dpmpp_2m"), {}),
     "ddim": (sample_ddim, {"eta": 0.0}),
     "ddpm": (get_sampler("ddpm"), {}),
+    "ddpm_nonoise": (get_sampler("ddpm_nonoise"), {}),
     "ddim_eta1": (sample_ddim, {"eta": 1.0}),
     "ddim_eta0.5": (sample_ddim, {"eta": 0.5}),
 }
@@ -191,3 +192,38 @@ def test_ode_samplers_on_point_mixture(name, steps):
     sigmas, records = _mixture_run(name, 8)
     _, dist = MIX.nearest(records[-2].x)
     assert (dist**2).mean().item() / float(sigmas[-2]) ** 2 > 5
+
+
+# ----------------------------------------------------------------------------- DDPM without its noise
+
+
+def test_ddpm_without_noise_collapses_to_the_mean_where_ddpm_keeps_the_variance():
+    # The classic exercise: drop sigma_t z from DDPM's step. On Gaussian data the exact denoiser
+    # shrinks towards the mean, and without the fresh noise nothing puts the spread back, so the
+    # chain's output variance collapses (here below 1% of the data's) while its mean stays right.
+    n = 4000
+    sigmas = get_sigmas("ddpm_nonoise", GAUSS_WIDE, 1000)
+    assert torch.equal(sigmas, get_sigmas("ddpm", GAUSS_WIDE, 1000))  # the same timesteps as DDPM
+    mean, var = _moments("ddpm_nonoise", n, sigmas)
+    _, var_ddpm = _moments("ddpm", n, sigmas)
+    assert (var < 0.01 * GAUSS_WIDE.s**2).all(), var
+    assert (var_ddpm > 0.9 * GAUSS_WIDE.s**2).all(), var_ddpm
+    assert ((mean - GAUSS_WIDE.mu).abs() < 0.05).all(), mean
+    # It is not DDIM with eta 0, which keeps the full noise weight and so the data's spread.
+    gen = _gen(0)
+    x = GAUSS_WIDE.noisy((n, 1, 2, 2), float(sigmas[0]), gen)
+    ddim = _run("ddim", GAUSS_WIDE, x, sigmas)[-1].x
+    assert (ddim.var(0) > 0.9 * GAUSS_WIDE.s**2).all()
+
+
+def test_ddpm_without_noise_is_ddpm_minus_its_noise_term():
+    # One step from the same state: DDPM's result minus the noise it drew is the no-noise result.
+    sigmas = get_sigmas("ddpm", GAUSS_WIDE, 1000)[500:502]
+    x = GAUSS_WIDE.noisy((64, 1, 2, 2), float(sigmas[0]), _gen(1))
+    g = _gen(2)
+    ddpm = _run("ddpm", GAUSS_WIDE, x, sigmas, g)[0].x
+    z = torch.randn(x.shape, generator=_gen(2), dtype=torch.float32).double()
+    nonoise = _run("ddpm_nonoise", GAUSS_WIDE, x, sigmas)[0].x
+    ab, ab_next = 1 / (1 + float(sigmas[0]) ** 2), 1 / (1 + float(sigmas[1]) ** 2)
+    beta_tilde = (1 - ab_next) / (1 - ab) * (1 - ab / ab_next)  # Ho et al.'s posterior variance (VP frame)
+    torch.testing.assert_close(ddpm - nonoise, math.sqrt(beta_tilde / ab_next) * z, rtol=1e-6, atol=1e-9)

@@ -60,9 +60,24 @@ SAMPLER_LABELS = {
     "dpmpp_2m": "DPM-Solver++ (2M)",
     "ddim": "DDIM",
     "ddpm": "DDPM (ancestral)",
+    "ddpm_nonoise": "DDPM without noise (fails)",
     "euler": "Euler",
     "heun": "Heun (2nd order)",
 }
+SAMPLER_NOTES = {"ddpm_nonoise": (
+    "*DDPM without noise* drops the fresh noise `σ_t z` from DDPM's step and keeps the rest, so the image holds less noise "
+    "than the next step expects: the network reads it as cleaner than it is, each guess is pulled towards the average, and "
+    "nothing puts the spread back. Every seed ends in nearly the same image (with our DDPM, a thin 1). DDIM at eta 0 is "
+    "deterministic too, but it puts the predicted noise back at the full level of the next step, so it stays on the "
+    "schedule and keeps the variety."),
+}
+
+
+def sampler_help(sampler: str) -> str | None:
+    """The sampler menu's note on ``sampler`` (None: no note)."""
+    return SAMPLER_NOTES.get(sampler)
+
+
 ROUTING_LABELS = {
     "gated": "gated: the gating network picks",
     "sampled": "sampled: drawn from the gate's probabilities",
@@ -167,7 +182,7 @@ def model_choices(models: Mapping[str, ModelInfo]) -> list[tuple[str, str]]:
 
 
 def sampler_choices() -> list[tuple[str, str]]:
-    order = ["dpmpp_2m", "ddim", "ddpm", "euler", "heun"]
+    order = ["dpmpp_2m", "ddim", "ddpm", "ddpm_nonoise", "euler", "heun"]
     return [(SAMPLER_LABELS.get(s, s), s) for s in order if s in SAMPLERS]
 
 

@@ -11,23 +11,24 @@ import numpy as np
 
 from ..palette import expert_color
 from ..pipeline import Settings, trajectory
-from .common import (COMPARE_AXES, DEFAULT_GUIDANCES, MAX_COMPARE_ROWS, MENU_ROUTINGS, SAMPLER_LABELS, ModelInfo, _name, parse_settings,
+from .common import (COMPARE_AXES, DEFAULT_GUIDANCES, MAX_COMPARE_ROWS, MENU_ROUTINGS, SAMPLER_LABELS, SAMPLER_NOTES, ModelInfo, _name, parse_settings,
                      sampler_choices)
 from .render import initial_noise, labelled_strip, snapshot_indices, vp_frame
 from .share import share_query
 
 COMPARE_KIND = "compare"
 COMPARE_COLUMNS = 8
-DEFAULT_ETAS = "0, 0.25, 0.5, 1, ddpm"
+DEFAULT_ETAS = "0, 0.25, 0.5, 1, ddpm, ddpm_nonoise"
+ETA_AXIS_SAMPLERS = ("ddpm", "ddpm_nonoise")  # the eta axis's rows by sampler name, beside DDIM's etas
 DEFAULT_AUTOGUIDANCES = "1, 1.5, 2, 2.5, 3"
 ETA_NOTE = ("**Deterministic against stochastic.** DDIM with eta = 0 follows the probability-flow ODE: the same noise "
             "always gives the same digit. Eta > 0 adds fresh noise at every step (and removes as much signal), so "
             "trajectories from one seed drift apart and details are re-drawn; eta = 1 is DDPM's ancestral sampler "
-            "(the *DDPM* row), which gives the same image as DDIM at eta = 1.")
+            "(the *DDPM* row), which gives the same image as DDIM at eta = 1. " + SAMPLER_NOTES["ddpm_nonoise"])
 
 def default_compare_values(axis: str, info: ModelInfo | None) -> str:
     if axis == "sampler":
-        return ", ".join(s for _, s in sampler_choices())
+        return ", ".join(s for _, s in sampler_choices() if s != "ddpm_nonoise")  # the broken one is on the eta axis
     if axis == "routing":
         return ", ".join(MENU_ROUTINGS)
     if axis == "eta":
@@ -41,8 +42,8 @@ def parse_compare(models: Mapping[str, ModelInfo], base: Settings, axis, values)
     """The rows of a comparison: ``base`` with ``axis`` (sampler, routing, guidance or eta) set to each
     of ``values`` (a list, or a comma-separated text). One image per row. Raises ``ValueError``.
 
-    On the ``eta`` axis every row runs DDIM with that eta, except the value ``ddpm``: a row of
-    DDPM's ancestral sampler beside them."""
+    On the ``eta`` axis every row runs DDIM with that eta, except the values ``ddpm`` and
+    ``ddpm_nonoise``: rows of DDPM's ancestral sampler, with and without its noise, beside them."""
     axis = _name(axis, "compare axis") if axis is not None else "sampler"
     if axis not in COMPARE_AXES:
         raise ValueError(f"unknown compare axis {axis!r}; expected one of {', '.join(COMPARE_AXES)}")
@@ -70,8 +71,8 @@ def parse_compare(models: Mapping[str, ModelInfo], base: Settings, axis, values)
     for v in values:
         try:
             if axis == "eta":
-                ddpm = isinstance(v, str) and v.strip().lower() == "ddpm"
-                row = dict(fields, sampler="ddpm") if ddpm else dict(fields, sampler="ddim", eta=v)
+                named = v.strip().lower() if isinstance(v, str) and v.strip().lower() in ETA_AXIS_SAMPLERS else None
+                row = dict(fields, sampler=named) if named else dict(fields, sampler="ddim", eta=v)
             else:
                 row = dict(fields, **{axis: v})
             s = parse_settings(models, **row)
@@ -91,7 +92,7 @@ def row_value(s: Settings, axis: str) -> str:
     if axis == "routing":
         return s.routing
     if axis == "eta":
-        return "ddpm" if s.sampler == "ddpm" else repr(float(s.eta))
+        return s.sampler if s.sampler in ETA_AXIS_SAMPLERS else repr(float(s.eta))
     if axis == "autoguidance":
         return repr(float(s.autoguidance))
     return repr(float(s.guidance))
@@ -103,7 +104,7 @@ def _row_label(s: Settings, axis: str) -> str:
     if axis == "routing":
         return s.routing
     if axis == "eta":
-        return "DDPM (ancestral)" if s.sampler == "ddpm" else f"DDIM eta {s.eta:g}"
+        return SAMPLER_LABELS[s.sampler] if s.sampler in ETA_AXIS_SAMPLERS else f"DDIM eta {s.eta:g}"
     if axis == "autoguidance":
         return f"autoguidance {s.autoguidance:g}"
     return f"guidance {s.guidance:g}"
