@@ -48,6 +48,9 @@ CSS = """
 .model-card td { padding: 1px 0 !important; }
 .model-card .none { font-size: 0.88em; color: var(--body-text-color-subdued); margin: 0; }
 #ex_sketch { max-width: 320px; }
+.model-card .history { display: flex; flex-wrap: wrap; gap: 6px; align-items: flex-end; }
+.model-card .history-grid { margin: 0; text-align: center; font-size: 0.8em; color: var(--body-text-color-subdued); }
+.model-card .history-grid img { width: 140px; image-rendering: pixelated; }
 """
 
 INTRO = """

@@ -78,6 +78,16 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def hardware() -> str:
+    """The processor (from /proc/cpuinfo where there is one), threads and torch version."""
+    name = platform.processor() or platform.machine()
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="cold_blur")
@@ -99,7 +109,7 @@ def main(argv=None):
     reference = reference_features(classifiers["classifier"], args.data_dir)
     floor = real_floor(reference, args.samples)
     result["generation"] = generation(model, restorer, args.samples, classifiers, reference, floor)
-    result["hardware"] = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    result["hardware"] = hardware()
     result["seconds"] = round(time.perf_counter() - t0, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")

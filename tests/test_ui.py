@@ -354,3 +354,24 @@ def test_initial_noise_matches_pipeline(registry, models):
     expected = ((torch.randn((2, 1, 28, 28), generator=g).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0]
     assert np.array_equal(ui.initial_noise(s), expected.numpy())
     assert math.isclose(float(ui.vp_frame(torch.zeros(1, 1, 28, 28), 3.0).mean()), 127.5, abs_tol=0.6)
+
+
+def test_model_card_history_shows_the_loss_curve_and_grids_or_says_there_is_none(tmp_path):
+    import base64
+    import io
+
+    from PIL import Image
+
+    from diffusion_core.checkpoints import save_checkpoint
+    from diffusion_core.ui.models_tab import card_html, model_card
+
+    buf = io.BytesIO()
+    Image.new("L", (20, 10), 128).save(buf, format="PNG")
+    png = base64.b64encode(buf.getvalue()).decode()
+    history = {"loss": [[50, 0.9], [100, 0.5], [150, 0.3]], "grids": [{"epoch": 1, "step": 10, "png": png}, {"epoch": 5, "png": "<script>"}]}
+    path = save_checkpoint(tmp_path / "ddpm.safetensors", {"net.w": torch.zeros(3)}, {"model": "ddpm", "training": {"history": history}})
+    html = card_html(model_card("ddpm", path))
+    assert "How it learned" in html and "<polyline" in html and html.count("<img") == 1  # the non-base64 grid is left out
+    assert f"data:image/png;base64,{png}" in html and "after epoch 1" in html and "<script>" not in html
+    old = save_checkpoint(tmp_path / "cfg.safetensors", {"net.w": torch.zeros(3)}, {"model": "cfg", "training": {}})
+    assert "no training history recorded" in card_html(model_card("cfg", old))

@@ -1,5 +1,6 @@
-"""The Models tab: a card per checkpoint (parameters, objective, training, measured quality),
-read from the checkpoint's metadata without loading its weights."""
+"""The Models tab: a card per checkpoint (parameters, objective, training, measured quality, and
+how it learned: its loss curve and sample grids, when the checkpoint records them), read from the
+checkpoint's metadata without loading its weights."""
 from __future__ import annotations
 
 import html
@@ -102,7 +103,50 @@ def model_card(name: str, path) -> dict:
         if key in tr:
             quality.append((key.replace("_", " "), _fmt_value(tr[key])))
     return {"name": name, "title": CARD_TITLES.get(name, name), "blurb": MODEL_BLURBS.get(name) or MODEL_BLURBS.get(kind, ""),
-            "sections": [("Model", overview), ("Training", training), ("Measured quality", quality)]}
+            "sections": [("Model", overview), ("Training", training), ("Measured quality", quality)],
+            "history": tr.get("history") if isinstance(tr.get("history"), dict) else None}
+
+
+def loss_svg(points, width: int = 280, height: int = 90) -> str:
+    """The loss curve ``[[step, loss], ...]`` as a small inline SVG (log-scaled loss axis)."""
+    pts = [(float(a), float(b)) for a, b in points if isinstance(b, (int, float)) and b > 0 and math.isfinite(b)]
+    if len(pts) < 2:
+        return '<p class="none">too few loss records to draw</p>'
+    x0, x1 = pts[0][0], max(pts[-1][0], pts[0][0] + 1)
+    ys = [math.log10(b) for _, b in pts]
+    y0, y1 = min(ys), max(max(ys), min(ys) + 1e-6)
+    pad_l, pad_b = 34, 14
+    w, h = width - pad_l - 4, height - pad_b - 4
+    coords = " ".join(f"{pad_l + (a - x0) / (x1 - x0) * w:.1f},{4 + (y1 - y) / (y1 - y0) * h:.1f}" for (a, _), y in zip(pts, ys))
+    label = 'font-size="9" fill="currentColor"'
+    return (f'<svg class="loss-curve" role="img" aria-label="training loss" viewBox="0 0 {width} {height}" width="{width}" height="{height}">'
+            f'<polyline points="{coords}" fill="none" stroke="#0072B2" stroke-width="1.4"/>'
+            f'<line x1="{pad_l}" y1="{4 + h}" x2="{pad_l + w}" y2="{4 + h}" stroke="currentColor" stroke-width="0.5"/>'
+            f'<text x="{pad_l - 3}" y="10" text-anchor="end" {label}>{10 ** y1:.3g}</text>'
+            f'<text x="{pad_l - 3}" y="{4 + h}" text-anchor="end" {label}>{10 ** y0:.3g}</text>'
+            f'<text x="{pad_l}" y="{height - 2}" {label}>step {x0:,.0f}</text>'
+            f'<text x="{pad_l + w}" y="{height - 2}" text-anchor="end" {label}>{x1:,.0f}</text></svg>')
+
+
+def history_html(history: dict | None) -> str:
+    """The card's "How it learned" section: the loss curve and the sample grids after epochs 1, 5
+    and the last, or a note that the checkpoint records none."""
+    e = html.escape
+    if not history:
+        return '<h4>How it learned</h4><p class="none">no training history recorded (trained before histories were kept)</p>'
+    parts = ['<h4>How it learned</h4><div class="history">', f'<div class="history-loss">{loss_svg(history.get("loss") or [])}</div>']
+    for g in history.get("grids") or []:
+        png = str(g.get("png", ""))
+        if not png or not set(png) <= _BASE64:
+            continue
+        caption = f"after epoch {g.get('epoch')}"
+        parts.append(f'<figure class="history-grid"><img src="data:image/png;base64,{png}" alt="samples {e(caption)}">'
+                     f"<figcaption>{e(caption)}</figcaption></figure>")
+    parts.append("</div>")
+    return "".join(parts)
+
+
+_BASE64 = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")
 
 
 def card_html(card: dict) -> str:
@@ -119,6 +163,7 @@ def card_html(card: dict) -> str:
         for k, v in rows:
             parts.append(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>")
         parts.append("</table>")
+    parts.append(history_html(card.get("history")))
     parts.append("</div>")
     return "".join(parts)
 
