@@ -242,6 +242,8 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
                         with gr.Column(scale=2):
                             ex_level = gr.Slider(0, 1, value=0.5, step=0.01, label="Noise level t (0 clean, 1 pure noise)", elem_id="ex_level")
                             gr.Markdown("#### Forward process: the digit at noise level t under each schedule")
+                            ex_T = gr.Radio([200, 1000, 5000], value=1000, label="Linear schedule length T (betas scaled so alpha-bar_T = 1e-5)",
+                                            elem_id="ex_T")
                             ex_forward = gr.Image(show_label=False, format="png", interactive=False, elem_id="ex_forward", buttons=["download"])
                             ex_schedule = gr.Plot(show_label=False, format="png", elem_id="ex_schedule")
                     gr.Markdown("#### One-step denoising: the model's guess of the clean digit from x_t, in one network call")
@@ -302,6 +304,7 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
         a_image = gr.Image(format="png", label="image")
         a_settings = gr.Textbox(label="settings")
         a_tab = gr.Textbox(label="tab")
+        a_T = gr.Number(value=1000, label="T", precision=0)
         a_button = gr.Button()
 
     active_tab = gr.State("generate")  # the Explore view is computed only while its tab is open
@@ -423,7 +426,7 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
     # ----- Explore
 
     @ui.user_errors
-    def explore_view(active, source, index, drawing, level, model, digit, guidance, routing, seed):
+    def explore_view(active, source, index, drawing, level, model, digit, guidance, routing, seed, T=1000):
         """The forward process and one-step denoising of the chosen digit at the slider's level."""
         if active != "explore":
             return [gr.skip()] * 5
@@ -433,9 +436,9 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
             return None, None, None, None, note
         x0 = ui.input_digit(source, index, drawing)
         base = _settings(models, model, digit, guidance, D.sampler, D.steps, D.eta, routing, seed, 1)
-        fwd, _ = ui.forward_view(x0, base.seed, level)
+        fwd, _ = ui.forward_view(x0, base.seed, level, T)
         den = ui.denoise(registry, base, x0, level)
-        return ui.png_files((fwd, ui.schedule_figure(level), den["image"], den["figure"], den["text"]), files)
+        return ui.png_files((fwd, ui.schedule_figure(level, T), den["image"], den["figure"], den["text"]), files)
 
     def open_explore(*values):
         """The Explore tab opened: remember it, and show its view."""
@@ -479,12 +482,13 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
         return ("drawing", image) if image is not None else ("mnist", index)
 
     @ui.user_errors
-    def explore_forward(index, image=None, level=0.5, seed=0):
-        """The forward process: the digit (test digit `index`, or `image`: a drawn digit) at noise `level` (0..1) under the linear and
-        cosine DDPM schedules and rectified flow, from the noise of `seed`. Returns a PNG strip and JSON (signal level, log-SNR, sigma)."""
+    def explore_forward(index, image=None, level=0.5, seed=0, T=1000):
+        """The forward process: the digit (test digit `index`, or `image`: a drawn digit) at noise `level` (0..1) under the linear
+        (`T` = 200, 1000 or 5000 steps, betas scaled so the final alpha-bar is 1e-5) and cosine DDPM schedules and rectified flow,
+        from the noise of `seed`. Returns a PNG strip and JSON (signal level, log-SNR, sigma)."""
         source, drawing = _api_source(index, image)
         x0 = ui.input_digit(source, index, drawing)
-        img, info = ui.forward_view(x0, seed, level)
+        img, info = ui.forward_view(x0, seed, level, T)
         return ui.png_files(img, files), json.dumps(info, indent=2)
 
     @ui.user_errors
@@ -613,10 +617,10 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
 
     for tab, name in ((generate_tab, "generate"), (compare_tab, "compare"), (models_tab, "models"), (api_tab, "api")):
         tab.select(lambda name=name: name, None, active_tab, api_visibility="private", queue=False)
-    view_inputs = [active_tab, ex_source, ex_index, ex_drawing, ex_level, model, digit, guidance, routing, seed]
+    view_inputs = [active_tab, ex_source, ex_index, ex_drawing, ex_level, model, digit, guidance, routing, seed, ex_T]
     explore_tab.select(open_explore, view_inputs[1:], [active_tab] + view_outputs, api_visibility="private", concurrency_id="explore_view",
                        concurrency_limit=CONCURRENCY)
-    gr.on([ex_level.change, ex_index.change, ex_source.change, ex_drawing.change, model.change, digit.change,
+    gr.on([ex_level.change, ex_T.change, ex_index.change, ex_source.change, ex_drawing.change, model.change, digit.change,
            guidance.release, routing.change], explore_view, view_inputs, view_outputs, trigger_mode="always_last", api_visibility="private",
           concurrency_id="explore_view", concurrency_limit=CONCURRENCY)
     ex_sketch.change(on_drawing, ex_sketch, [ex_drawing, ex_source], trigger_mode="always_last", api_visibility="private", queue=False)
@@ -628,7 +632,7 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
     a_button.click(generate_from_settings, a_json, [a_image, a_settings], api_name="generate_from_settings", concurrency_id=SAMPLING)
     a_button.click(run_compare, [a_axis, a_values] + api_compare_controls, [a_image, a_settings], api_name="compare", concurrency_id=SAMPLING)
     a_button.click(compare_from_settings, a_json, [a_image, a_settings], api_name="compare_from_settings", concurrency_id=SAMPLING)
-    a_button.click(explore_forward, [a_index, a_drawn, a_level, a_seed], [a_image, a_settings], api_name="explore_forward")
+    a_button.click(explore_forward, [a_index, a_drawn, a_level, a_seed, a_T], [a_image, a_settings], api_name="explore_forward")
     a_button.click(explore_denoise, [a_model, a_digit, a_guidance, a_routing, a_index, a_drawn, a_level, a_seed], [a_image, a_settings],
                    api_name="explore_denoise", concurrency_id=SAMPLING)
     a_button.click(sdedit, api_edit_controls + [a_index, a_drawn, a_level, a_region], [a_image, a_settings], api_name="sdedit",

@@ -243,14 +243,38 @@ class NoiseScale:
         return {"t": t, "signal": a2, "log_snr": logsnr}
 
 
-@functools.lru_cache(maxsize=4)
-def display_scale(kind: str) -> NoiseScale:
-    """The forward process's three schedules: DDPM linear and cosine (T = 1000, our training's
-    betas) and rectified flow."""
+SCHEDULE_LENGTHS = (200, 1000, 5000)  # the linear schedule's lengths T on offer in the forward process
+FINAL_ALPHABAR = 1e-5  # ... each with its beta range scaled so that alpha-bar_T is this
+
+
+@functools.lru_cache(maxsize=8)
+def linear_schedule_for_length(T: int, final_alphabar: float = FINAL_ALPHABAR) -> ScheduleConfig:
+    """A linear schedule of ``T`` steps whose betas are ``k (1e-4 .. 0.02)``, with ``k`` found by
+    bisection so that alpha-bar at the last step is ``final_alphabar`` (the course exercise comparing
+    T = 200, 1000 and 5000; our training schedule, T = 1000 with k = 1, ends at 4e-5)."""
+    if isinstance(T, bool) or not isinstance(T, int) or T not in SCHEDULE_LENGTHS:
+        raise ValueError(f"schedule length T must be one of {', '.join(map(str, SCHEDULE_LENGTHS))}, got {T!r}")
+    target = math.log(final_alphabar)
+    lo, hi = 1e-3, 0.999 / 0.02  # beta_end below 1
+    for _ in range(80):
+        k = (lo + hi) / 2
+        betas = torch.linspace(1e-4 * k, 0.02 * k, T, dtype=torch.float64)
+        if float(torch.log1p(-betas).sum()) > target:
+            lo = k
+        else:
+            hi = k
+    k = (lo + hi) / 2
+    return ScheduleConfig(kind="linear", num_timesteps=T, beta_start=1e-4 * k, beta_end=0.02 * k)
+
+
+@functools.lru_cache(maxsize=8)
+def display_scale(kind: str, T: int = 1000) -> NoiseScale:
+    """The forward process's three schedules: DDPM linear (``T`` steps, betas scaled so that the
+    final alpha-bar is 1e-5), DDPM cosine (T = 1000, our training's) and rectified flow."""
     if kind == "flow":
         return NoiseScale("flow")
     if kind in ("linear", "cosine"):
-        sched = DiscreteSchedule(ScheduleConfig(kind=kind))
+        sched = DiscreteSchedule(linear_schedule_for_length(T) if kind == "linear" else ScheduleConfig(kind=kind))
         return NoiseScale(kind, sched, sched.sigma_min, sched.sigma_max)
     raise ValueError(f"unknown schedule {kind!r}; expected one of {', '.join(DISPLAY_SCHEDULES)}")
 

@@ -140,8 +140,9 @@ def test_links_round_trip_and_malformed_links(models):
 def test_eta_axis_puts_ddpm_beside_ddim(registry, models):
     base = ui.parse_settings(models, model="cfg", digit=5, steps=6, seed=3)
     rows = ui.parse_compare(models, base, "eta", None)
-    assert [ui.row_value(s, "eta") for s in rows] == ["0.0", "0.25", "0.5", "1.0", "ddpm"]
-    assert [s.sampler for s in rows] == ["ddim"] * 4 + ["ddpm"]
+    assert [ui.row_value(s, "eta") for s in rows] == ["0.0", "0.25", "0.5", "1.0", "ddpm", "ddpm_nonoise"]
+    assert [s.sampler for s in rows] == ["ddim"] * 4 + ["ddpm", "ddpm_nonoise"]
+    assert ui.parse_compare(models, base, "eta", rows_text := "ddpm_nonoise, 0")[0].sampler == "ddpm_nonoise", rows_text
     img, meta = ui.compare(registry, rows, "eta")
     from diffusion_core.pipeline import Settings, trajectory
 
@@ -171,3 +172,29 @@ def test_menus_list_the_checkpoints_that_exist(tiny_checkpoints, tmp_path):
     assert ui.model_cards(reg).count('class="model-card"') == 9  # ddpm_weak and mcl_shared included
     s = ui.parse_settings(models, model="flow_v2", digit=1, steps=2)
     assert ui.generate_image(reg, s, models["flow_v2"]).shape == (224, 224)
+
+
+@pytest.mark.parametrize("T", ex.SCHEDULE_LENGTHS)
+def test_linear_schedules_of_every_length_end_near_alphabar_1e5_and_are_plotted(T):
+    from diffusion_core.ui.explore_tab import forward_view, schedule_figure
+
+    sched = ex.display_scale("linear", T).schedule
+    assert len(sched.betas) == T
+    final = float(sched.alphas_cumprod[-1])
+    assert 0.5e-5 < final < 2e-5, final
+    assert float(sched.betas[-1]) / float(sched.betas[0]) == pytest.approx(200)  # linear, 1e-4 .. 0.02 scaled
+    _, info = forward_view(ex.test_digit(1), 0, 1.0, T)
+    assert info["schedules"]["linear"]["signal"] == pytest.approx(final) and info["schedules"]["linear"]["T"] == T
+    fig = schedule_figure(0.3, T)
+    beta_line = fig.axes[0].get_lines()[0]
+    assert len(beta_line.get_ydata()) == T and np.allclose(beta_line.get_ydata(), sched.betas.numpy())
+    assert "beta_t" in fig.axes[0].get_title(loc="left") and "alpha-bar" in fig.axes[1].get_title(loc="left")
+
+
+def test_schedule_length_is_checked():
+    from diffusion_core.ui.explore_tab import schedule_length
+
+    assert schedule_length(None) == 1000 and schedule_length("5000") == 5000
+    for bad in (300, 0, "many", True, 200.5, float("nan")):
+        with pytest.raises(ValueError, match="schedule length T must be one of 200, 1000, 5000"):
+            schedule_length(bad)

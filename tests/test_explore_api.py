@@ -52,6 +52,9 @@ def test_forward_and_one_step(client, registry):
     expected, exp_info = ui.forward_view(ex.test_digit(3), 5, 0.4)
     assert np.array_equal(ui.decode_png(Path(path).read_bytes()), expected)
     assert json.loads(info)["schedules"]["flow"]["sigma"] == pytest.approx(0.4 / 0.6)
+    path, info = client.predict(index=3, level=0.4, seed=5, T=200, api_name="/explore_forward")
+    assert np.array_equal(ui.decode_png(Path(path).read_bytes()), ui.forward_view(ex.test_digit(3), 5, 0.4, 200)[0])
+    assert json.loads(info)["schedules"]["linear"]["T"] == 200
     path, info = client.predict(model="flow", digit="8", guidance=2.0, routing="gated", index=3, level=0.4, seed=5, api_name="/explore_denoise")
     d = json.loads(info)
     models = ui.available_models(registry)
@@ -114,6 +117,7 @@ BAD = [
     ("/explore_forward", dict(index=3, level=1.5), "noise level must be between 0 and 1, got 1.5"),
     ("/explore_forward", dict(index=3, level=-0.1), "noise level must be between 0 and 1"),
     ("/explore_forward", dict(index=10_000, level=0.5), "digit index must be between 0 and 999"),
+    ("/explore_forward", dict(index=3, T=300), "schedule length T must be one of 200, 1000, 5000, got '300"),
     ("/explore_denoise", dict(model="cfg", digit="any", guidance=2, routing="gated", index=1, level=2), "noise level must be between 0 and 1"),
     ("/sdedit", dict(index=3, level=0), "noise level must be above 0"),
     ("/sdedit", dict(index=3, level=7), "noise level must be between 0 and 1, got 7"),

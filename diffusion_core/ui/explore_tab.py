@@ -86,34 +86,62 @@ def _level(level) -> float:
 # Forward process
 
 
-def forward_view(digit: np.ndarray, seed, level) -> tuple[np.ndarray, dict]:
-    """The clean digit and x_t under each schedule at ``level``, from one noise draw of ``seed``:
-    (labelled strip RGB, {schedule: {"signal", "log_snr", "sigma"}})."""
+def schedule_length(T) -> int:
+    """The linear schedule's length from a control or the API (``ValueError`` unless one of 200, 1000, 5000)."""
+    if T is None or (isinstance(T, str) and not T.strip()):
+        return 1000
+    try:
+        f = float(T)
+    except (TypeError, ValueError):
+        f = math.nan
+    if isinstance(T, bool) or not math.isfinite(f) or not f.is_integer() or int(f) not in ex.SCHEDULE_LENGTHS:
+        raise ValueError(f"schedule length T must be one of {', '.join(map(str, ex.SCHEDULE_LENGTHS))}, got {str(T)[:40]!r}")
+    return int(f)
+
+
+def forward_view(digit: np.ndarray, seed, level, T=1000) -> tuple[np.ndarray, dict]:
+    """The clean digit and x_t under each schedule at ``level``, from one noise draw of ``seed``
+    (the linear schedule with ``T`` steps): (labelled strip RGB, {schedule: {"signal", "log_snr", "sigma"}})."""
     t = _level(level)
+    T = schedule_length(T)
     seed = Settings(seed=seed).validate().seed
     x0 = ex.to_model_space(digit)
     eps, _ = ex.noise(seed)
     tiles, info = [np.asarray(digit, dtype=np.uint8)], {}
     for kind in ex.DISPLAY_SCHEDULES:
-        scale = ex.display_scale(kind)
+        scale = ex.display_scale(kind, T)
         tiles.append(to_uint8(ex.forward(x0, eps, t, scale))[0].numpy())
         a, b = scale.coefficients(t)
         info[kind] = {"signal": a * a, "log_snr": (2 * math.log(a / b)) if a > 0 and b > 0 else (math.inf if b == 0 else -math.inf),
                       "sigma": scale.sigma(t)}
-    labels = ["clean digit"] + [f"x_t: {SCHEDULE_LABELS[k]}" for k in ex.DISPLAY_SCHEDULES]
+    labels = ["clean digit"] + [f"x_t: {SCHEDULE_LABELS[k]}" + (f", T = {T}" if k == "linear" else "") for k in ex.DISPLAY_SCHEDULES]
+    info["linear"]["T"] = T
+    info["linear"]["final_alphabar"] = float(ex.display_scale("linear", T).schedule.alphas_cumprod[-1])
     return labelled_strip([tiles], labels, None, scale=STRIP_SCALE), {"level": t, "schedules": info}
 
 
-def schedule_figure(level):
-    """Signal level (alpha-bar; (1 - t)^2 for flow) and log-SNR against t for each schedule, with
-    a marker at ``level``."""
+def schedule_figure(level, T=1000):
+    """beta_t of the DDPM schedules, signal level (alpha-bar; (1 - t)^2 for flow) and log-SNR
+    against t for each schedule (the linear one with ``T`` steps), with a marker at ``level``."""
     from matplotlib.figure import Figure
 
     t = _level(level)
-    fig = Figure(figsize=(7.2, 2.6), dpi=90, layout="constrained")
-    ax1, ax2 = fig.subplots(1, 2)
+    T = schedule_length(T)
+    fig = Figure(figsize=(9.6, 2.6), dpi=90, layout="constrained")
+    ax0, ax1, ax2 = fig.subplots(1, 3)
+    for kind in ("linear", "cosine"):
+        sched = ex.display_scale(kind, T).schedule
+        n = sched.config.num_timesteps
+        ax0.plot(np.arange(n) / (n - 1), sched.betas.numpy(), color=SCHEDULE_COLORS[kind], lw=1.8,
+                 label=f"{SCHEDULE_LABELS[kind]}, T = {n}")
+    ax0.set_yscale("log")
+    ax0.set_title("beta_t (against t = step / (T - 1))", fontsize=9, loc="left")
+    ax0.legend(fontsize=7, frameon=False)
+    ax0.set_xlabel("noise level t")
+    ax0.spines[["top", "right"]].set_visible(False)
+    ax0.tick_params(labelsize=8)
     for kind in ex.DISPLAY_SCHEDULES:
-        scale = ex.display_scale(kind)
+        scale = ex.display_scale(kind, T)
         c = scale.curves()
         color = SCHEDULE_COLORS[kind]
         ax1.plot(c["t"], c["signal"], color=color, lw=1.8, label=SCHEDULE_LABELS[kind])
