@@ -21,6 +21,7 @@ import torch
 from diffusion_core import ui
 from diffusion_core.pipeline import DEFAULT_GUIDES, MAX_AUTOGUIDANCE, MAX_GUIDANCE, MAX_STEPS, Settings
 from diffusion_core.registry import ModelRegistry
+from diffusion_core.ui import cold_panel
 from diffusion_core.ui.common import sampler_help
 
 registry = ModelRegistry()
@@ -275,6 +276,7 @@ with gr.Blocks(title="Diffusion on MNIST", delete_cache=(3600, 3600)) as demo:
                             ex_files = gr.File(label="Downloads: PNG, settings", file_count="multiple", interactive=False, elem_id="ex_files")
                         gr.Markdown(f"Replay from the command line (the same PNG): `{ui.sdedit_cli_command()}`")
                     ex_query = gr.Textbox(visible=False)
+                    cold_panel.build(registry, files, ex_source, ex_index, ex_drawing, SAMPLING)
                 with gr.Tab("Models", id="models") as models_tab:
                     cards = gr.HTML(ui.model_cards(registry))
                 with gr.Tab("API", id="api") as api_tab:

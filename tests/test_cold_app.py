@@ -1,0 +1,98 @@
+"""Explore's cold-diffusion panel end to end: the endpoints through gradio_client (results equal the
+library's, bad input refused with a clear message while the server keeps serving), and in headless
+Chromium the panel's restoration and the Models tab's training history (the shipped cold_blur)."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("gradio_client")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from app_server import ROOT, running_app  # noqa: E402
+from browser_support import TIMEOUT_MS, browser, page, wait_image  # noqa: E402, F401, F811  (browser, page: fixtures)
+from gradio_client import Client  # noqa: E402
+
+from diffusion_core.registry import ModelRegistry  # noqa: E402
+from diffusion_core.ui import cold_panel  # noqa: E402
+from diffusion_core.ui.render import decode_png  # noqa: E402
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # as the test server computes (tests/app_server.py)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_checkpoints, tmp_path_factory):
+    d = tmp_path_factory.mktemp("with_cold")
+    for f in Path(tiny_checkpoints).glob("*.safetensors"):
+        shutil.copy2(f, d / f.name)
+    shutil.copy2(ROOT / "checkpoints" / "cold_blur.safetensors", d / "cold_blur.safetensors")
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(checkpoints, tmp_path_factory):
+    with running_app(checkpoints, tmp_path_factory.mktemp("app") / "app.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server, tmp_path_factory):
+    return Client(server, verbose=False, download_files=str(tmp_path_factory.mktemp("downloads")))
+
+
+def test_cold_endpoints_equal_the_library(client, checkpoints):
+    registry = ModelRegistry(checkpoints)
+    path, info = client.predict(index=3, level=12, degradation="blur", api_name="/cold_restore")
+    expected = cold_panel.restore_view(registry, "blur", 12, 3)
+    assert np.array_equal(decode_png(Path(path).read_bytes()), expected["image"])
+    d = json.loads(info)
+    assert d["level"] == 12 and d["mse_improved"] == pytest.approx(expected["info"]["mse_improved"])
+    path, settings = client.predict(seed=4, n=3, sampler="naive", degradation="blur", api_name="/cold_generate")
+    assert np.array_equal(decode_png(Path(path).read_bytes()), cold_panel.generate_view(registry, "blur", 4, 3, "naive")["image"])
+    assert json.loads(settings) == {"kind": "cold_generate", "degradation": "blur", "seed": 4, "n": 3, "sampler": "naive"}
+
+
+BAD = [
+    ("/cold_restore", dict(index=3, level=21), "blur level must be between 0 and 20, got 21"),
+    ("/cold_restore", dict(index=3, level=-1), "blur level must be between 0 and 20"),
+    ("/cold_restore", dict(index=3, level=20, degradation="pixelate"), "unknown degradation 'pixelate'; expected one of blur"),
+    ("/cold_restore", dict(index=5000, level=5), "digit index must be between 0 and 999"),
+    ("/cold_generate", dict(seed=0, n=17), "number of images must be between 1 and 16"),
+    ("/cold_generate", dict(seed=0, n=2, sampler="fancy"), "unknown cold-diffusion sampler 'fancy'"),
+    ("/cold_generate", dict(seed=0, n=2, degradation="noise"), "unknown degradation 'noise'"),
+]
+
+
+@pytest.mark.parametrize("endpoint, kwargs, message", BAD)
+def test_bad_cold_input_is_refused_clearly_and_the_server_keeps_serving(client, endpoint, kwargs, message):
+    with pytest.raises(Exception) as e:
+        client.predict(**kwargs, api_name=endpoint)
+    assert message in str(e.value)
+    path, _ = client.predict(index=1, level=3, api_name="/cold_restore")
+    assert Path(path).stat().st_size > 0
+
+
+def test_cold_panel_and_the_models_history_in_the_browser(server, page):
+    page.goto(server)
+    page.get_by_role("tab", name="Explore").click()
+    page.locator("#cold_run").click()
+    page.locator("#cold_text").filter(has_text="naive").wait_for(timeout=TIMEOUT_MS)
+    page.locator("#cold_strip").scroll_into_view_if_needed()
+    wait_image(page, "cold_strip")
+    page.locator("#cold_gen").click()
+    page.locator("#cold_json").filter(has_text="cold_generate").wait_for(timeout=TIMEOUT_MS)
+    page.locator("#cold_grid").scroll_into_view_if_needed()
+    wait_image(page, "cold_grid")
+    page.get_by_role("tab", name="Models").click()
+    card = page.locator(".model-card").filter(has_text="Cold diffusion (blur)")
+    card.locator(".history-grid img").first.wait_for(timeout=TIMEOUT_MS)
+    assert card.locator(".history-grid img").count() == 3
+    assert card.locator(".history-grid img").first.evaluate("img => img.complete && img.naturalWidth > 0")
+    assert card.locator("svg.loss-curve polyline").count() == 1
+    assert page.locator(".model-card").filter(has_text="no training history recorded").count() >= 1
