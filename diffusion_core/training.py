@@ -332,18 +332,19 @@ def training_history(run_dir: Path, metrics_path: Path, epochs: int) -> dict:
     of kB; it is stored in the checkpoint's training metadata."""
     import base64
 
-    steps = [r for r in read_metrics(metrics_path) if r.get("type") == "step"]
+    records = read_metrics(metrics_path)
+    steps = [r for r in records if r.get("type") == "step"]
     per = max(1, math.ceil(len(steps) / HISTORY_POINTS))
     loss = []
     for i in range(0, len(steps), per):
         chunk = steps[i:i + per]
         loss.append([chunk[-1]["step"], round(sum(r["loss"] for r in chunk) / len(chunk), 6)])
-    images = {r["epoch"]: r.get("step") for r in read_metrics(metrics_path) if r.get("type") == "epoch"}
+    epoch_steps = {r["epoch"]: r.get("step") for r in records if r.get("type") == "epoch"}
     grids = []
     for epoch in sorted({e for e in HISTORY_EPOCHS if e <= epochs} | ({epochs} if epochs else set())):
         png = run_dir / f"samples_epoch{epoch - 1:03d}.png"
         if png.is_file():
-            grids.append({"epoch": epoch, "step": images.get(epoch - 1), "png": base64.b64encode(png.read_bytes()).decode("ascii")})
+            grids.append({"epoch": epoch, "step": epoch_steps.get(epoch - 1), "png": base64.b64encode(png.read_bytes()).decode("ascii")})
     return {"loss": loss, "grids": grids}
 
 

@@ -2,8 +2,8 @@
 and improved samplers side by side, and digits generated from a fully blurred start.
 
 The numbers come from ``diffusion_core.cold`` through the checkpoint's restorer; here they become
-strips, grids and JSON. ``ColdSettings`` holds every choice, validated, so the API, the panel and
-the JSON give the same pixels.
+strips, grids and JSON. ``ColdRestore`` holds a restoration's choices, validated, so the API and
+the panel give the same pixels.
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from .. import explore as ex
-from ..cold import COLD_SAMPLERS, DEGRADATIONS, StartDistribution, restore
-from ..pipeline import MAX_SEED, to_uint8
-from .render import labelled_strip, render_grid
+from ..cold import COLD_SAMPLERS, DEGRADATIONS, BlurConfig, StartDistribution, restore
+from ..pipeline import Settings, to_uint8
+from .render import labelled_strip, png_bytes, render_grid
 
 COLD_MODELS = {"blur": "cold_blur"}  # degradation -> the checkpoint that undoes it
 MAX_COLD_IMAGES = 16
@@ -25,8 +25,6 @@ STRIP_SCALE = 6
 
 
 def _whole(value, what: str, low: int, high: int) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
-        return value
     try:
         f = float(value)
     except (TypeError, ValueError):
@@ -65,9 +63,8 @@ class ColdRestore:
     def validate(self, levels: int) -> "ColdRestore":
         if (self.index is None) == (self.drawing is None):
             raise ValueError("give either an MNIST test digit index or a drawing")
-        index = None if self.index is None else _whole(self.index, "digit index", 0, len(ex.test_digits()[0]) - 1)
-        if self.drawing is not None:
-            ex.decode_digit(self.drawing)
+        self.digit() if self.index is None else ex.test_digit(self.index)  # a clear error for a bad index or drawing
+        index = None if self.index is None else int(float(self.index))
         return ColdRestore(degradation_name(self.degradation), _whole(self.level, "blur level", 0, levels), index, self.drawing)
 
     def digit(self) -> np.ndarray:
@@ -83,11 +80,12 @@ def restore_view(registry, degradation=None, level=None, index=None, drawing=Non
     restorer = model.restorer()
     cr = ColdRestore(degradation or "blur", restorer.degradation.levels if level is None else level,
                      None if drawing is not None else (0 if index is None else index), drawing).validate(restorer.degradation.levels)
-    x0 = ex.to_model_space(cr.digit())
+    digit = cr.digit()
+    x0 = ex.to_model_space(digit)
     x_s = restorer.degradation(x0, cr.level)
     out = {name: restore(restorer, x_s, cr.level, name).clamp(-1, 1) for name in COLD_SAMPLERS}
     mse = {name: float(((x - x0) ** 2).mean()) for name, x in out.items()}
-    tiles = [cr.digit(), to_uint8(x_s)[0].numpy(), to_uint8(out["naive"])[0].numpy(), to_uint8(out["improved"])[0].numpy()]
+    tiles = [digit, to_uint8(x_s)[0].numpy(), to_uint8(out["naive"])[0].numpy(), to_uint8(out["improved"])[0].numpy()]
     sigma = float(restorer.degradation.sigmas[cr.level])
     strip = labelled_strip([tiles], ["clean digit", f"blurred, level {cr.level}", "naive (Alg. 1)", "improved (Alg. 2)"], None,
                            scale=STRIP_SCALE)
@@ -102,8 +100,9 @@ def restore_view(registry, degradation=None, level=None, index=None, drawing=Non
 
 def generate_view(registry, degradation=None, seed=0, n=8, sampler="improved") -> dict:
     """``n`` digits restored from fully degraded starts drawn with ``seed``: a grid and the settings."""
+    degradation = degradation_name(degradation)
     model = cold_model(registry, degradation)
-    seed = _whole(seed, "seed", 0, MAX_SEED)
+    seed = Settings(seed=seed).validate().seed
     n = _whole(n, "number of images", 1, MAX_COLD_IMAGES)
     if not isinstance(sampler, str) or sampler.strip().lower() not in COLD_SAMPLERS:
         raise ValueError(f"unknown cold-diffusion sampler {str(sampler)[:40]!r}; expected one of {', '.join(COLD_SAMPLERS)}")
@@ -111,7 +110,7 @@ def generate_view(registry, degradation=None, seed=0, n=8, sampler="improved") -
     restorer = model.restorer()
     start = StartDistribution.from_dict(model.config["generation"]).sample(n, torch.Generator().manual_seed(seed))
     x = restore(restorer, start, restorer.degradation.levels, sampler)
-    settings = {"kind": "cold_generate", "degradation": degradation_name(degradation), "seed": seed, "n": n, "sampler": sampler}
+    settings = {"kind": "cold_generate", "degradation": degradation, "seed": seed, "n": n, "sampler": sampler}
     return {"image": render_grid(to_uint8(x).numpy()), "start": render_grid(to_uint8(start).numpy()),
             "settings_json": json.dumps(settings, indent=2)}
 
@@ -122,12 +121,14 @@ def build(registry, files, source, index, drawing, concurrency_id: str):
     import gradio as gr
 
     from .common import user_errors
-    from .explore_tab import input_digit
+    from .explore_tab import drawing_code
     from .render import png_files
 
     gr.Markdown("#### Cold diffusion: blur the digit and let `cold_blur` undo it (Bansal et al. 2023)")
     with gr.Row(equal_height=True):
-        level = gr.Slider(0, 20, value=20, step=1, label="Blur level (0 clean, 20: σ = 10 px)", scale=3, elem_id="cold_level")
+        c = BlurConfig()
+        level = gr.Slider(0, c.levels, value=c.levels, step=1, label=f"Blur level (0 clean, {c.levels}: σ = {c.sigma_max:g} px)", scale=3,
+                          elem_id="cold_level")
         run = gr.Button("Restore", variant="primary", scale=1, min_width=120, elem_id="cold_run")
     text = gr.Markdown("", elem_id="cold_text")
     strip = gr.Image(show_label=False, format="png", interactive=False, elem_id="cold_strip", buttons=["download"])
@@ -142,7 +143,7 @@ def build(registry, files, source, index, drawing, concurrency_id: str):
     settings = gr.Code(label="Settings JSON", language="json", interactive=False, max_lines=12, elem_id="cold_json")
     with gr.Row(visible=False):
         a_index, a_image = gr.Number(value=0, precision=0), gr.Image(type="numpy", image_mode="RGBA")
-        a_level, a_degradation = gr.Number(value=20, precision=0), gr.Textbox(value="blur")
+        a_level, a_degradation = gr.Number(value=BlurConfig.levels, precision=0), gr.Textbox(value="blur")
         a_seed, a_n, a_sampler, a_deg2 = gr.Number(value=0, precision=0), gr.Number(value=8, precision=0), gr.Textbox(value="improved"), gr.Textbox(value="blur")
         a_png, a_json = gr.Image(format="png"), gr.Textbox()
 
@@ -150,10 +151,7 @@ def build(registry, files, source, index, drawing, concurrency_id: str):
     def panel_restore(src, idx, drawn, lvl):
         if src == "drawing" and not drawn:
             raise ValueError("draw a digit on the sketchpad (or pick an MNIST test digit)")
-        from .explore_tab import drawing_code
-
         code = drawing_code(drawn) if src == "drawing" else None
-        input_digit(src, idx, drawn)
         v = restore_view(registry, "blur", lvl, None if code else idx, code)
         return png_files((v["image"], v["text"], v["settings_json"]), files)
 
@@ -167,18 +165,16 @@ def build(registry, files, source, index, drawing, concurrency_id: str):
         """Cold diffusion: blur the digit (test digit `index`, or `image`: a drawn digit) to `level` (0..20) with `degradation`
         ("blur") and restore it with the naive and the improved sampler of Bansal et al. Returns the PNG strip (clean, blurred,
         naive, improved) and JSON (mean squared errors)."""
-        from .explore_tab import drawing_code
-
         code = drawing_code(image) if image is not None else None
         v = restore_view(registry, degradation, level, None if code else index, code)
-        return files.write("cold.png", _png(v["image"])), json.dumps(v["info"], indent=2)
+        return files.write("cold.png", png_bytes(v["image"])), json.dumps(v["info"], indent=2)
 
     @user_errors
     def cold_generate(seed=0, n=8, sampler="improved", degradation="blur"):
         """Cold diffusion: `n` (1..16) digits restored by `sampler` (naive or improved) from fully degraded starts drawn with `seed`.
         Returns the grid PNG and its settings JSON."""
         v = generate_view(registry, degradation, seed, n, sampler)
-        return files.write("cold_generate.png", _png(v["image"])), v["settings_json"]
+        return files.write("cold_generate.png", png_bytes(v["image"])), v["settings_json"]
 
     run.click(panel_restore, [source, index, drawing, level], [strip, text, settings], concurrency_id=concurrency_id, api_visibility="private")
     gen.click(panel_generate, [seed, count, sampler], [start, grid, settings], concurrency_id=concurrency_id, api_visibility="private")
@@ -188,8 +184,3 @@ def build(registry, files, source, index, drawing, concurrency_id: str):
                  concurrency_id=concurrency_id)
     return {"level": level, "run": run, "strip": strip, "text": text, "grid": grid, "start": start, "settings": settings}
 
-
-def _png(image: np.ndarray) -> bytes:
-    from .render import png_bytes
-
-    return png_bytes(image)
