@@ -24,7 +24,7 @@ import torch
 from diffusion_core import metrics
 from diffusion_core.cold import COLD_SAMPLERS, StartDistribution, restore
 from diffusion_core.data import load_mnist
-from diffusion_core.evaluate import real_floor, reference_features
+from diffusion_core.evaluate.reference import real_floor, reference_features
 from diffusion_core.models import load_model
 
 OUT = Path(__file__).resolve().parent.parent / "assets" / "eval_cold"

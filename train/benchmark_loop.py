@@ -29,24 +29,29 @@ import argparse
 import copy
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(1, str(Path(__file__).resolve().parent))
-
-import torch  # noqa: E402
-
-from cfg import RECIPES as CFG_RECIPES  # noqa: E402  (train/cfg.py, beside this file)
+import torch
+from cfg import (
+    RECIPES as CFG_RECIPES,  # train/cfg.py, beside this file (a script's folder is on sys.path)
+)
 
 SHARED = {"wta": "hard", "wta_scope": "example", "head_blocks": 1}  # mcl_shared's command: train/mcl.py --mcl-arch shared --wta-scope example --wta hard
 
-from diffusion_core.data import MNISTNotFound, data_root, load_mnist  # noqa: E402
-from diffusion_core.mcl_training import MCLTask  # noqa: E402
-from diffusion_core.tasks import DiffusionTask  # noqa: E402
-from diffusion_core.training import PRECISIONS, channels_last_for, device_name, ema_update, lr_factor, resolve_precision, shard_indices  # noqa: E402
+from diffusion_core.data import MNISTNotFound, data_root, load_mnist
+from diffusion_core.mcl_training import MCLTask
+from diffusion_core.tasks import DiffusionTask
+from diffusion_core.training import (
+    PRECISIONS,
+    channels_last_for,
+    device_name,
+    ema_update,
+    lr_factor,
+    resolve_precision,
+    shard_indices,
+)
 
 
 def parse_args(argv=None):

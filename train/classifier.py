@@ -13,14 +13,11 @@ Outputs: <run-dir>/metrics.jsonl, loss.png, samples_epochNNN.png and state.pt (r
 both default under runs/classifier-quick/, so a smoke run never overwrites the shipped checkpoint.
 See diffusion_core/training.py for the loop and every shared flag (python train/classifier.py -h).
 """
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffusion_core.nets import CLASSIFIER_ARCHS  # noqa: E402
-from diffusion_core.tasks import ClassifierTask  # noqa: E402
-from diffusion_core.training import common_parser, parse_args, train  # noqa: E402
+from diffusion_core.nets import CLASSIFIER_ARCHS
+from diffusion_core.tasks import ClassifierTask
+from diffusion_core.training import common_parser, parse_args, train
 
 # A small network: the same recipe on either device (a few minutes on a 2-core CPU).
 RECIPES = {"cpu": {}, "gpu": {}}

@@ -17,14 +17,10 @@ start with the improved sampler) and state.pt, and the EMA weights in --out (kin
 training history). See diffusion_core/training.py for the loop and every shared flag.
 """
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from diffusion_core.cold import BlurConfig  # noqa: E402
-from diffusion_core.tasks import ColdTask  # noqa: E402
-from diffusion_core.training import common_parser, parse_args, train  # noqa: E402
+from diffusion_core.cold import BlurConfig
+from diffusion_core.tasks import ColdTask
+from diffusion_core.training import common_parser, parse_args, train
 
 # The defaults per device (--recipe).
 RECIPES = {

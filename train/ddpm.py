@@ -20,11 +20,9 @@ See diffusion_core/training.py for the loop and every shared flag (python train/
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from diffusion_core.objectives import TEACHER_WEIGHTS  # noqa: E402
-from diffusion_core.tasks import DiffusionTask, add_diffusion_args  # noqa: E402
-from diffusion_core.training import common_parser, parse_args, train  # noqa: E402
+from diffusion_core.objectives import TEACHER_WEIGHTS
+from diffusion_core.tasks import DiffusionTask, add_diffusion_args
+from diffusion_core.training import common_parser, parse_args, train
 
 STAGE1_OUT = "runs/ddpm-stage1/ddpm.safetensors"
 # The CPU recipe's first stage (the ddpm shipped before the teacher): the flow model's network

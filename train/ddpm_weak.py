@@ -13,14 +13,11 @@ images, with an EMA sized to its short run. Its errors are those of the DDPM, la
 
 Outputs as train/ddpm.py (see diffusion_core/training.py for every shared flag).
 """
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffusion_core.objectives import TEACHER_WEIGHTS  # noqa: E402
-from diffusion_core.tasks import DiffusionTask, add_diffusion_args  # noqa: E402
-from diffusion_core.training import common_parser, parse_args, train  # noqa: E402
+from diffusion_core.objectives import TEACHER_WEIGHTS
+from diffusion_core.tasks import DiffusionTask, add_diffusion_args
+from diffusion_core.training import common_parser, parse_args, train
 
 # One recipe on either device: minutes on a 2-core CPU (3 epochs = 1,404 steps of 128).
 RECIPE = {"epochs": 3, "batch_size": 128, "channels": 16, "blocks": 1, "min_snr_gamma": 5.0, "lr": 2e-3,

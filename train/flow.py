@@ -14,13 +14,10 @@ it runs with every sampler (see diffusion_core/objectives.py).
 Outputs: <run-dir>/metrics.jsonl, loss.png, samples_epochNNN.png and state.pt, and the EMA weights
 in --out (kind "flow"). See diffusion_core/training.py for the loop and every shared flag.
 """
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffusion_core.tasks import DiffusionTask, add_diffusion_args  # noqa: E402
-from diffusion_core.training import common_parser, parse_args, train  # noqa: E402
+from diffusion_core.tasks import DiffusionTask, add_diffusion_args
+from diffusion_core.training import common_parser, parse_args, train
 
 # The defaults per device (--recipe): the CPU one fits an hour on a 2-core CPU.
 RECIPES = {

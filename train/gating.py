@@ -13,13 +13,10 @@ Outputs: <run-dir>/metrics.jsonl, loss.png, samples_epochNNN.png and state.pt (r
 both default under runs/gating-quick/, so a smoke run never overwrites the shipped checkpoint.
 See diffusion_core/training.py for the loop and every shared flag (python train/gating.py -h).
 """
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffusion_core.mcl_training import GatingTask  # noqa: E402
-from diffusion_core.training import common_parser, parse_args, train  # noqa: E402
+from diffusion_core.mcl_training import GatingTask
+from diffusion_core.training import common_parser, parse_args, train
 
 # The defaults per device (--recipe): the CPU one made the shipped checkpoint on a 2-core CPU.
 RECIPES = {

@@ -19,15 +19,12 @@ Outputs: <run-dir>/metrics.jsonl, loss.png, samples_epochNNN.png and state.pt (r
 both default under runs/mcl-quick/, so a smoke run never overwrites the shipped checkpoint.
 See diffusion_core/training.py for the loop and every shared flag (python train/mcl.py -h).
 """
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffusion_core.mcl import WTA_MODES  # noqa: E402
-from diffusion_core.mcl_training import MCL_ARCHS, WTA_SCOPES, MCLTask  # noqa: E402
-from diffusion_core.tasks import add_diffusion_args  # noqa: E402
-from diffusion_core.training import common_parser, parse_args, train  # noqa: E402
+from diffusion_core.mcl import WTA_MODES
+from diffusion_core.mcl_training import MCL_ARCHS, WTA_SCOPES, MCLTask
+from diffusion_core.tasks import add_diffusion_args
+from diffusion_core.training import common_parser, parse_args, train
 
 # The defaults per device (--recipe): the CPU one made the shipped checkpoint on a 2-core CPU,
 # starting the experts from the shipped DDPM (so they inherit its objective: epsilon, Min-SNR-5).

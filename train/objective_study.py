@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 # name -> (label in the figure, extra flags for train/cfg.py)
 VARIANTS = {
@@ -52,7 +51,9 @@ def train_variant(name: str, args) -> Path:
 
 def score_snapshots(run_dir: Path, args, reference, floor, classifier) -> list[dict]:
     from diffusion_core import metrics
-    from diffusion_core.evaluate import Row, row_metrics, sample_row
+    from diffusion_core.evaluate.config import Row
+    from diffusion_core.evaluate.sampling import sample_row
+    from diffusion_core.evaluate.scores import row_metrics
     from diffusion_core.models import load_model
     from diffusion_core.pipeline import Settings
 
@@ -123,7 +124,7 @@ def main(argv=None):
 
     import torch
 
-    from diffusion_core.evaluate import real_floor, reference_features
+    from diffusion_core.evaluate.reference import real_floor, reference_features
     from diffusion_core.models import load_model
 
     run_dirs = {name: train_variant(name, args) for name in names}

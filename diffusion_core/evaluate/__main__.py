@@ -1,0 +1,4 @@
+"""``python -m diffusion_core.evaluate``."""
+from .cli import main
+
+main()
