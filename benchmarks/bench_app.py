@@ -9,7 +9,7 @@
 Cases (models loaded and warmed up first; the median of ``--repeats`` runs):
 
 * one CFG digit: time to the first streamed frame (the starting noise), to the first denoising
-  step's frame, and to the final image, through ``ui.stream`` (the app's code path with its frame
+  step's frame, and to the final image, through ``stream`` (the app's code path with its frame
   throttle, PNG encoding excluded: Gradio does that);
 * ten digits, one per class (n=10, digit cycling 0-9): time to the final image;
 * the same two through ``pipeline.generate`` alone (no frames rendered).
@@ -34,7 +34,8 @@ import time
 
 import torch
 
-from diffusion_core import ui
+from diffusion_core.ui.common import available_models, default_autoguidance, parse_settings
+from diffusion_core.ui.generate_tab import stream
 from diffusion_core.pipeline import Settings, generate
 from diffusion_core.registry import ModelRegistry
 
@@ -46,7 +47,7 @@ TARGETS = {"first_frame_s": 0.15, "final_image_s": 0.5, "ten_digits_s": 1.2}
 def _stream_times(registry, settings, info) -> dict:
     t0 = time.perf_counter()
     first = first_step = final = None
-    for update in ui.stream(registry, settings, info, extras=False):  # frames throttled as in the app
+    for update in stream(registry, settings, info, extras=False):  # frames throttled as in the app
         now = time.perf_counter() - t0
         if first is None:
             first = now
@@ -62,14 +63,14 @@ def _median(runs: list[dict], key: str) -> float:
 
 
 def bench(registry, repeats: int = 5, model: str = "cfg") -> dict:
-    models = ui.available_models(registry)
+    models = available_models(registry)
     if model not in models:
         raise SystemExit(f"model {model!r} not found in {registry.directory} (found: {', '.join(models) or 'none'})")
     info = models[model]
-    ag = ui.default_autoguidance(info)  # the app's autoguidance for an unconditional model (two networks a step)
-    one = ui.parse_settings(models, model=model, autoguidance=ag)  # the app's defaults: one image
-    ten = ui.parse_settings(models, model=model, n=10, autoguidance=ag)  # digits 0..9 when the model is conditional
-    sixteen = ui.parse_settings(models, model=model, n=16, autoguidance=ag)  # the Generate tab's largest grid people compare models on
+    ag = default_autoguidance(info)  # the app's autoguidance for an unconditional model (two networks a step)
+    one = parse_settings(models, model=model, autoguidance=ag)  # the app's defaults: one image
+    ten = parse_settings(models, model=model, n=10, autoguidance=ag)  # digits 0..9 when the model is conditional
+    sixteen = parse_settings(models, model=model, n=16, autoguidance=ag)  # the Generate tab's largest grid people compare models on
     m, gate = registry.for_settings(one)
     guide = registry.guide_for(one, m)
     for s in (one, ten, sixteen):  # warm up (first calls allocate)
@@ -109,8 +110,8 @@ def bench_http(url: str, repeats: int = 5, model: str = "cfg") -> dict:
         out[name] = {"http_generate_s": statistics.median(times)}
     # what the page sees: the streaming event, first update (the noise frame) and the final image
     d = Settings()
-    info = ui.available_models(ModelRegistry()).get(model)
-    args = (model, "any", d.guidance, d.sampler, d.steps, d.eta, d.routing, str(d.seed), d.n, ui.default_autoguidance(info), "")
+    info = available_models(ModelRegistry()).get(model)
+    args = (model, "any", d.guidance, d.sampler, d.steps, d.eta, d.routing, str(d.seed), d.n, default_autoguidance(info), "")
     firsts, finals = [], []
     for i in range(repeats + 1):
         t0 = time.perf_counter()

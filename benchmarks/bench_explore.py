@@ -7,8 +7,8 @@ Cases (CFG at guidance 2, so one network call is a batch of 2; model loaded and 
 medians of ``--repeats``, with the minimum beside them):
 
 * one-step denoising at t = 0.5: ``explore.one_step`` alone (the network call and its error), and
-  the app's whole ``ui.denoise`` without the error curve (the strip of x_t, prediction and error);
-* SDEdit from half the noise range (t = 0.5) at 16 steps: ``ui.sdedit_image`` (DPM-Solver++ 2M,
+  the app's whole ``denoise`` without the error curve (the strip of x_t, prediction and error);
+* SDEdit from half the noise range (t = 0.5) at 16 steps: ``sdedit_image`` (DPM-Solver++ 2M,
   the grid's levels from the one closest to t = 0.5 down to 0);
 * the error curve over 49 noise levels (one batched call), computed once per digit and model.
 
@@ -25,7 +25,8 @@ import time
 import torch
 
 from diffusion_core import explore as ex
-from diffusion_core import ui
+from diffusion_core.ui.common import available_models, parse_settings
+from diffusion_core.ui.explore_tab import denoise, parse_edit, sdedit_image
 from diffusion_core.pipeline import build_denoiser
 from diffusion_core.registry import ModelRegistry
 
@@ -45,18 +46,18 @@ def _time(fn, repeats: int) -> dict:
 
 
 def bench(registry, repeats: int = 10, model: str = "cfg", index: int = 3, digit: int = 8) -> dict:
-    models = ui.available_models(registry)
+    models = available_models(registry)
     if model not in models:
         raise SystemExit(f"model {model!r} not found in {registry.directory} (found: {', '.join(models) or 'none'})")
     info = models[model]
-    base = ui.parse_settings(models, model=model, digit=digit if info.conditional else None)
+    base = parse_settings(models, model=model, digit=digit if info.conditional else None)
     m, gate = registry.for_settings(base)
     den = build_denoiser(base, m, gate)
     scale = ex.model_scale(m)
     x0 = ex.to_model_space(ex.test_digit(index))
     eps, g = ex.noise(base.seed)
     label = ex.label_tensor(m, base.digit)
-    es = ui.parse_edit(models, model=model, digit=base.digit, index=index, level=0.5, steps=16)
+    es = parse_edit(models, model=model, digit=base.digit, index=index, level=0.5, steps=16)
     start, _ = ex.sdedit_start(es, m, build_denoiser(es.base(), m, gate))
 
     def one_step():
@@ -73,8 +74,8 @@ def bench(registry, repeats: int = 10, model: str = "cfg", index: int = 3, digit
         "settings": es.to_dict(),
         "sdedit_steps_run": len(start.sigmas) - 1,
         "one_step": _time(one_step, repeats),
-        "one_step_app": _time(lambda: ui.denoise(registry, base, ex.test_digit(index), 0.5, curve=False), repeats),
-        "sdedit_half_16": _time(lambda: ui.sdedit_image(registry, es, info), repeats),
+        "one_step_app": _time(lambda: denoise(registry, base, ex.test_digit(index), 0.5, curve=False), repeats),
+        "sdedit_half_16": _time(lambda: sdedit_image(registry, es, info), repeats),
         "error_curve_49_levels": _time(curve, max(1, repeats // 4)),
     }
 
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
     registry = ModelRegistry(args.checkpoint_dir)
     r = bench(registry, args.repeats, args.model)
     checks = [("one-step denoising (explore.one_step)", r["one_step"], TARGETS["one_step_s"]),
-              ("one-step denoising (app strip, ui.denoise)", r["one_step_app"], TARGETS["one_step_s"]),
+              ("one-step denoising (app strip, denoise)", r["one_step_app"], TARGETS["one_step_s"]),
               (f"SDEdit from t=0.5, 16 steps ({r['sdedit_steps_run']} run)", r["sdedit_half_16"], TARGETS["sdedit_half_16_s"]),
               ("error curve, 49 levels (once per digit)", r["error_curve_49_levels"], None)]
     print(f"model {args.model} ({registry.directory}); torch {torch.__version__}, {torch.get_num_threads()} threads, "

@@ -144,6 +144,7 @@ def restore_improved(restorer: Restorer, x: torch.Tensor, level: int) -> Iterato
 
 
 COLD_SAMPLERS = {"naive": restore_naive, "improved": restore_improved}
+COLD_SAMPLER_NAMES = tuple(COLD_SAMPLERS)
 
 
 def restore(restorer: Restorer, x: torch.Tensor, level: int, sampler: str = "improved") -> torch.Tensor:
@@ -155,50 +156,99 @@ def restore(restorer: Restorer, x: torch.Tensor, level: int, sampler: str = "imp
     return x
 
 
+def degrade_and_restore(restorer: Restorer, x0: torch.Tensor, level: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``x0`` degraded to ``level`` and restored from there by each sampler: (the degraded image,
+    {sampler name: the restored image, clamped to [-1, 1]})."""
+    x_s = restorer.degradation(x0, level)
+    return x_s, {name: restore(restorer, x_s, level, name).clamp(-1, 1) for name in COLD_SAMPLERS}
+
+
+def generate(restorer: Restorer, start: "StartDistribution", n: int, seed: int, sampler: str = "improved",
+             device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` digits that nobody drew: starts drawn from ``start`` with a CPU generator seeded with
+    ``seed`` (the one place a cold-diffusion seed becomes noise), restored from the last level by
+    ``sampler``. Returns (the starts, the restored images), both on the CPU."""
+    x = start.sample(n, torch.Generator(device="cpu").manual_seed(int(seed)))
+    out = restore(restorer, x.to(device), restorer.degradation.levels, sampler)
+    return x, out.cpu()
+
+
 class StartDistribution:
     """Where generation starts: the fully degraded image ``D(x0, levels)`` of a digit ``x0`` that
     nobody drew. The last level keeps only the cosine modes whose gain is above ``threshold``
-    (``modes``); their coefficients are drawn from a Gaussian (``mean``, lower Cholesky factor
-    ``scale_tril``) fitted to the fully blurred training images, and ``noise`` (a standard deviation)
-    is added to every pixel. Stored as the checkpoint's ``generation`` (``to_dict``)."""
+    (``modes``); their coefficients are drawn from a mixture of Gaussians (``weights``, ``means``,
+    lower Cholesky factors ``scale_trils``) fitted to the fully blurred training images, one
+    component per digit class when the labels are given (the blurred digits form clusters that one
+    Gaussian blurs together), and ``noise`` (a standard deviation) is added to every pixel. Stored as
+    the checkpoint's ``generation`` (``to_dict``); a single Gaussian (``mean``, ``scale_tril``) is
+    the one-component case."""
 
-    def __init__(self, modes, mean, scale_tril, noise: float, size: int = 28):
+    def __init__(self, modes, means, scale_trils, noise: float, size: int = 28, weights=None):
         self.modes = torch.as_tensor(modes, dtype=torch.long).reshape(-1, 2)
-        self.mean = torch.as_tensor(mean, dtype=torch.float64).reshape(-1)
-        self.scale_tril = torch.as_tensor(scale_tril, dtype=torch.float64).reshape(len(self.mean), len(self.mean))
-        if len(self.modes) != len(self.mean) or len(self.modes) == 0 or float(noise) < 0:
-            raise ValueError("a start distribution needs as many modes as means, at least one, and noise >= 0")
+        m = len(self.modes)
+        self.means = torch.atleast_2d(torch.as_tensor(means, dtype=torch.float64))
+        k = len(self.means)
+        self.scale_trils = torch.as_tensor(scale_trils, dtype=torch.float64)
+        if self.scale_trils.ndim == 2:
+            self.scale_trils = self.scale_trils[None]
+        self.weights = torch.full((k,), 1.0 / max(k, 1), dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
+        if m == 0 or k == 0 or float(noise) < 0:
+            raise ValueError("a start distribution needs at least one mode, one component and noise >= 0")
+        if self.means.shape != (k, m) or self.scale_trils.shape != (k, m, m) or len(self.weights) != k:
+            raise ValueError(f"a start distribution of {k} components over {m} modes needs means ({k}, {m}), scale_trils ({k}, {m}, {m}) "
+                             f"and {k} weights (got {tuple(self.means.shape)}, {tuple(self.scale_trils.shape)}, {len(self.weights)})")
+        if not torch.all(self.weights >= 0) or float(self.weights.sum()) <= 0:
+            raise ValueError("start distribution weights must be non-negative and not all zero")
         if int(self.modes.min()) < 0 or int(self.modes.max()) >= size:
             raise ValueError(f"start modes must lie in 0..{size - 1}")
+        self.weights = self.weights / self.weights.sum()
         self.noise = float(noise)
         self.size = size
         self._dct = dct_matrix(size)
 
+    @staticmethod
+    def _gaussian(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cov = torch.atleast_2d(torch.cov(z.T)) + 1e-9 * torch.eye(z.shape[1], dtype=torch.float64)
+        return z.mean(0), torch.linalg.cholesky(cov)
+
     @classmethod
-    def fit(cls, images: torch.Tensor, degradation: BlurDegradation, noise: float, threshold: float = 1e-3) -> "StartDistribution":
-        """Fit to ``images`` (N, 1, H, W) blurred to the last level of ``degradation``."""
+    def fit(cls, images: torch.Tensor, degradation: BlurDegradation, noise: float, threshold: float = 1e-3,
+            labels: torch.Tensor | None = None) -> "StartDistribution":
+        """Fit to ``images`` (N, 1, H, W) blurred to the last level of ``degradation``: one Gaussian,
+        or with ``labels`` one per class weighted by the class's share of the images."""
         gains = degradation._gains[-1].double()
         modes = (gains > threshold).nonzero()
         c = dct_matrix(degradation.config.size)
         coeffs = c @ degradation(images.float(), degradation.levels).double()[:, 0] @ c.T
         z = coeffs[:, modes[:, 0], modes[:, 1]]  # (N, M)
-        mean = z.mean(0)
-        cov = torch.atleast_2d(torch.cov(z.T)) + 1e-9 * torch.eye(len(modes), dtype=torch.float64)
-        return cls(modes, mean, torch.linalg.cholesky(cov), noise, degradation.config.size)
+        if labels is None:
+            mean, tril = cls._gaussian(z)
+            return cls(modes, mean[None], tril[None], noise, degradation.config.size)
+        classes = torch.unique(labels)
+        fits = [cls._gaussian(z[labels == k]) for k in classes]
+        weights = torch.stack([(labels == k).double().mean() for k in classes])
+        return cls(modes, torch.stack([f[0] for f in fits]), torch.stack([f[1] for f in fits]), noise, degradation.config.size, weights)
 
     def to_dict(self) -> dict:
-        return {"modes": self.modes.tolist(), "mean": [round(float(v), 6) for v in self.mean],
-                "scale_tril": [[round(float(v), 6) for v in row] for row in self.scale_tril], "noise": self.noise}
+        r = lambda t: [round(float(v), 6) for v in t]  # noqa: E731
+        return {"modes": self.modes.tolist(), "weights": r(self.weights), "means": [r(m) for m in self.means],
+                "scale_trils": [[r(row) for row in L] for L in self.scale_trils], "noise": self.noise}
 
     @classmethod
     def from_dict(cls, d: dict, size: int = 28) -> "StartDistribution":
-        return cls(d["modes"], d["mean"], d["scale_tril"], d["noise"], size)
+        if "means" in d:
+            return cls(d["modes"], d["means"], d["scale_trils"], d["noise"], size, d.get("weights"))
+        return cls(d["modes"], [d["mean"]], [d["scale_tril"]], d["noise"], size)  # one Gaussian (the first cold_blur)
 
     def sample(self, n: int, generator: torch.Generator, noise: float | None = None) -> torch.Tensor:
         """``n`` starts (n, 1, size, size), float32; every random number comes from ``generator``
-        (the modes' coefficients first, then the pixel noise)."""
+        (each start's component when there are several, then the modes' coefficients, then the pixel
+        noise)."""
         noise = self.noise if noise is None else float(noise)
-        z = self.mean + torch.randn((n, len(self.mean)), generator=generator, dtype=torch.float64) @ self.scale_tril.T
+        k = len(self.weights)
+        comp = torch.multinomial(self.weights, n, replacement=True, generator=generator) if k > 1 else torch.zeros(n, dtype=torch.long)
+        white = torch.randn((n, self.means.shape[1]), generator=generator, dtype=torch.float64)
+        z = self.means[comp] + torch.einsum("nij,nj->ni", self.scale_trils[comp], white)
         coeffs = torch.zeros((n, self.size, self.size), dtype=torch.float64)
         coeffs[:, self.modes[:, 0], self.modes[:, 1]] = z
         x = (self._dct.T @ coeffs @ self._dct).float()[:, None]

@@ -30,7 +30,7 @@ import functools
 import json
 import math
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -39,7 +39,7 @@ import torch
 
 from .denoisers import Denoiser
 from .objectives import DiscreteSchedule, EDMObjective, EpsilonObjective, FlowObjective, ScheduleConfig
-from .pipeline import Settings, build_denoiser, known_fields, parse_json
+from .pipeline import Settings, build_denoiser, parse_json
 from .samplers import Step, get_sampler, get_sigmas
 
 TEST_DIGITS_FILE = Path(__file__).with_name("mnist_test_1000.npz")  # the first 1000 MNIST test digits
@@ -350,6 +350,28 @@ def error_curve(denoiser: Denoiser, x0: torch.Tensor, eps: torch.Tensor, label: 
     return (pred - x0).square().flatten(1).mean(dim=1).double().numpy()
 
 
+def denoise_digit(base: Settings, model, gate, digit: np.ndarray, level) -> tuple[OneStep, NoiseScale]:
+    """One-step denoising of ``digit`` (uint8, 28x28) at ``level`` with the model of validated
+    ``base``, from the noise of ``base.seed`` (guided towards ``base.digit`` for a
+    class-conditional model; unconditional when no digit is chosen)."""
+    den = build_denoiser(base, model, gate)
+    scale = model_scale(model)
+    eps, g = noise(base.seed)
+    den.reset(1, g)
+    with torch.inference_mode():
+        return one_step(den, scale, to_model_space(digit), eps, level, label_tensor(model, base.digit)), scale
+
+
+def digit_error_curve(base: Settings, model, gate, digit: np.ndarray, sigmas=ERROR_SIGMAS) -> np.ndarray:
+    """``error_curve`` of ``digit`` under the denoiser of ``base``, from the noise of ``base.seed``
+    (the router, if any, seeded with it as well)."""
+    den = build_denoiser(base, model, gate)
+    eps, _ = noise(base.seed)
+    den.reset(len(sigmas), torch.Generator(device="cpu").manual_seed(int(base.seed)))
+    with torch.inference_mode():
+        return error_curve(den, to_model_space(digit), eps, label_tensor(model, base.digit), sigmas)
+
+
 # ---------------------------------------------------------------------------------------------
 # SDEdit and inpainting
 
@@ -399,18 +421,17 @@ class InpaintDenoiser(Denoiser):
         return super().__getattr__(name)
 
 
+BASE_FIELDS = ("model", "sampler", "steps", "seed", "digit", "guidance", "routing", "eta")  # what SDEdit takes of Settings
+
+
 @dataclass
 class EditSettings:
-    """Every choice of an SDEdit (or inpainting) result; ``index`` or ``drawing`` is the input digit."""
+    """Every choice of an SDEdit (or inpainting) result: the sampling ``settings`` (one image, the
+    model alone: no autoguidance) and the input digit, ``index`` or ``drawing``, the ``level`` to
+    noise it to and the ``region`` to repaint. Its JSON is flat: ``kind``, the settings' fields of
+    ``BASE_FIELDS``, and the edit's own."""
 
-    model: str = "cfg"
-    sampler: str = "dpmpp_2m"
-    steps: int = 16
-    seed: int = 0
-    digit: int | None = None  # the target digit under CFG; None: the unconditional branch
-    guidance: float = 2.0
-    routing: str = "sampled"
-    eta: float = 0.0
+    settings: Settings = field(default_factory=Settings)
     index: int | None = 0  # an MNIST test digit
     drawing: str | None = None  # or a drawn digit, ``encode_digit``'s text
     level: float = 0.5  # how far to noise, 0..1 in the model's own convention
@@ -418,15 +439,17 @@ class EditSettings:
 
     KIND = "sdedit"
 
+    def __getattr__(self, name):  # es.model, es.seed, ...: the settings' fields
+        if name in BASE_FIELDS:
+            return getattr(self.settings, name)
+        raise AttributeError(name)
+
     def base(self) -> Settings:
-        """The sampling settings (one image)."""
-        return Settings(model=self.model, sampler=self.sampler, steps=self.steps, seed=self.seed, n=1, digit=self.digit,
-                        guidance=self.guidance, routing=self.routing, eta=self.eta)
+        """The sampling settings (one image, no autoguidance)."""
+        return Settings(**{k: getattr(self.settings, k) for k in BASE_FIELDS}, n=1)
 
     def validate(self, num_experts: int | None = None) -> "EditSettings":
-        s = self.base().validate(max_n=1, num_experts=num_experts)
-        self.model, self.sampler, self.steps, self.seed = s.model, s.sampler, s.steps, s.seed
-        self.digit, self.guidance, self.routing, self.eta = s.digit, s.guidance, s.routing, s.eta
+        self.settings = self.base().validate(max_n=1, num_experts=num_experts)
         if (self.index is None) == (self.drawing is None):
             raise ValueError("give either an MNIST test digit index or a drawing")
         if self.drawing is not None:
@@ -445,7 +468,8 @@ class EditSettings:
         return decode_digit(self.drawing) if self.drawing is not None else test_digit(self.index)
 
     def to_dict(self) -> dict:
-        return dict(kind=self.KIND, **asdict(self))
+        return {"kind": self.KIND, **{k: getattr(self.settings, k) for k in BASE_FIELDS},
+                "index": self.index, "drawing": self.drawing, "level": self.level, "region": self.region}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -457,7 +481,13 @@ class EditSettings:
         d = dict(d)
         if d.pop("kind", cls.KIND) != cls.KIND:
             raise ValueError(f"these settings are not an SDEdit result (kind must be {cls.KIND!r})")
-        return cls(**known_fields(cls, d))
+        own_fields = ("index", "drawing", "level", "region")
+        unknown = sorted(set(d) - set(BASE_FIELDS) - set(own_fields))
+        if unknown:
+            raise ValueError(f"unknown settings {unknown}; expected some of {sorted(BASE_FIELDS + own_fields)}")
+        base = Settings(**{k: d[k] for k in BASE_FIELDS if k in d})
+        own = {k: d[k] for k in own_fields if k in d}
+        return cls(base, **own)
 
     @classmethod
     def from_json(cls, text: str) -> "EditSettings":

@@ -18,6 +18,8 @@ import torch
 from .mcl import make_router, routing_needs_gate
 from .samplers import SAMPLERS, Step, get_sampler, get_sigmas
 
+SAMPLER_NAMES = tuple(SAMPLERS)  # what a Settings may name (the UI lists them without importing a sampler)
+
 MAX_SEED = 2**63 - 1
 MAX_STEPS = 1000
 MAX_GUIDANCE = 20.0
@@ -143,12 +145,15 @@ def known_fields(cls, d) -> dict:
     return d
 
 
-def parse_json(text: str):
-    """``json.loads`` with a message a person can act on."""
+def parse_json(text: str, what: str = "settings"):
+    """``json.loads`` with a message a person can act on, also for a text nested too deeply to
+    parse (thousands of ``[``: Python's parser gives up with a RecursionError)."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"settings are not valid JSON: {e}") from None
+        raise ValueError(f"{what} are not valid JSON: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{what} are nested too deeply to be settings (a JSON object of plain values is expected)") from None
 
 
 def labels_for(settings: Settings, conditional: bool) -> torch.Tensor | None:
@@ -182,24 +187,48 @@ def build_denoiser(settings: Settings, model, gate=None, guide=None):
                           autoguidance=settings.autoguidance, guide=guide)
 
 
-def trajectory(settings: Settings, model, gate=None, device="cpu", watch_gate: bool = False, guide=None) -> Iterator[Step]:
-    """Yield one ``Step`` per sampler step for these settings (validated first). ``watch_gate``:
-    MCL steps carry the gating network's probabilities even under a routing that does not use
-    them (``MCLDenoiser.watch_gate``; the images do not change). ``guide``: the bad model of
+def initial_noise(settings: Settings) -> tuple[torch.Tensor, torch.Generator]:
+    """The noise every trajectory of these settings starts from, (n, 1, 28, 28) at unit variance,
+    and the generator (seeded with ``settings.seed``, on the CPU) that every later draw of the
+    sampler and the router comes from: the one place a seed becomes noise."""
+    g = torch.Generator(device="cpu").manual_seed(settings.seed)
+    return torch.randn((settings.n, 1, 28, 28), generator=g, dtype=torch.float32), g
+
+
+@dataclass
+class Run:
+    """A trajectory about to run: its starting ``noise`` (unit variance, what the app shows first),
+    the state ``x`` it starts from (the noise at the first sigma), the ``sigmas`` and the ``steps``,
+    a generator of one ``Step`` per sampler step."""
+
+    noise: torch.Tensor
+    x: torch.Tensor
+    sigmas: torch.Tensor
+    steps: Iterator[Step]
+
+
+def start(settings: Settings, model, gate=None, device="cpu", watch_gate: bool = False, guide=None) -> Run:
+    """Validate ``settings`` and set up their trajectory. ``watch_gate``: MCL steps carry the
+    gating network's probabilities even under a routing that does not use them
+    (``MCLDenoiser.watch_gate``; the images do not change). ``guide``: the bad model of
     autoguidance (``registry.guide_for``)."""
     settings.validate(num_experts=model.num_experts if model.kind == "mcl" else None)
     denoiser = build_denoiser(settings, model, gate, guide)
     if watch_gate and hasattr(denoiser, "watch_gate"):
         denoiser.watch_gate = True
     sigmas = get_sigmas(settings.sampler, denoiser, settings.steps)
-    g = torch.Generator(device="cpu").manual_seed(settings.seed)
-    noise = torch.randn((settings.n, 1, 28, 28), generator=g, dtype=torch.float32)
+    noise, g = initial_noise(settings)
     x = (noise * math.sqrt(float(sigmas[0]) ** 2 + 1)).to(device)
     label = labels_for(settings, bool(model.num_classes))
     label = None if label is None else label.to(device)
     denoiser.reset(settings.n, g)
     kwargs = {"eta": settings.eta} if settings.sampler == "ddim" else {}
-    yield from get_sampler(settings.sampler)(denoiser, x, sigmas, label, g, **kwargs)
+    return Run(noise, x, sigmas, get_sampler(settings.sampler)(denoiser, x, sigmas, label, g, **kwargs))
+
+
+def trajectory(settings: Settings, model, gate=None, device="cpu", watch_gate: bool = False, guide=None) -> Iterator[Step]:
+    """Yield one ``Step`` per sampler step for these settings (``start(...).steps``)."""
+    yield from start(settings, model, gate, device, watch_gate, guide).steps
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

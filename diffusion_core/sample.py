@@ -152,7 +152,7 @@ def save_grid(path: Path, images: np.ndarray) -> None:
 
 def list_models(args: argparse.Namespace) -> None:
     from .registry import ModelRegistry
-    from .ui import available_models, model_label
+    from .ui.common import available_models, model_label
 
     registry = ModelRegistry(args.checkpoint_dir)
     models = available_models(registry)
@@ -169,7 +169,7 @@ def _settings_kind(path: str | None) -> tuple[str, dict | None]:
     p = Path(path).expanduser()
     try:
         d = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return "sample", None  # read_settings_file reports the problem
     if isinstance(d, dict) and d.get("kind") in ("compare", "sdedit"):
         return d["kind"], d
@@ -195,7 +195,10 @@ def run_app_settings(args: argparse.Namespace, kind: str, d: dict, out: Path | N
     """Replay a comparison or an SDEdit result exactly as the app renders it."""
     import torch
 
-    from . import ui
+    from .ui.common import available_models
+    from .ui.compare_tab import compare, compare_from_dict, compare_json
+    from .ui.explore_tab import edit_from_json, sdedit_image
+    from .ui.render import png_bytes, split_grid
     from .registry import ModelRegistry
 
     if args.device != "cpu":
@@ -203,27 +206,27 @@ def run_app_settings(args: argparse.Namespace, kind: str, d: dict, out: Path | N
     if args.n is not None:
         raise UsageError(f"--n does not apply to {kind} settings (one image per row)")
     registry = ModelRegistry(args.checkpoint_dir)
-    models = ui.available_models(registry)
+    models = available_models(registry)
     overrides = {name: getattr(args, name) for name in SETTING_FLAGS if name != "n" and getattr(args, name) is not None}
     with torch.inference_mode():
         if kind == "compare":
             d = dict(d, base=dict(d.get("base") or {}, **overrides)) if overrides else d
-            base, axis, rows, columns = ui.compare_from_dict(models, d)
-            img, meta = ui.compare(registry, rows, axis, columns=columns, base=base)
-            text = ui.compare_json(meta)
+            base, axis, rows, columns = compare_from_dict(models, d)
+            img, meta = compare(registry, rows, axis, columns=columns, base=base)
+            text = compare_json(meta)
             arrays = {"grid": img, "settings": np.array(text)}
             what = f"a comparison of {len(rows)} {axis} values ({base.model}, seed {base.seed})"
         else:
             d = dict(d, **overrides)
-            es = ui.edit_from_json(models, json.dumps(d))
-            img = ui.sdedit_image(registry, es, models[es.model])
+            es = edit_from_json(models, json.dumps(d))
+            img = sdedit_image(registry, es, models[es.model])
             text = es.to_json()
-            arrays = {"images": ui.split_grid(img, 1), "settings": np.array(text)}
+            arrays = {"images": split_grid(img, 1), "settings": np.array(text)}
             what = f"an SDEdit result ({es.model}, {es.sampler}, level {es.level:g}, seed {es.seed})"
     if out is not None:
         _save_npz(out, **arrays)
     if grid is not None:
-        _atomic_write(grid, ui.png_bytes(img))
+        _atomic_write(grid, png_bytes(img))
     print(f"wrote {what} to " + " and ".join(str(p) for p in (out, grid) if p is not None))
 
 

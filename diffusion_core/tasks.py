@@ -11,11 +11,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoints import CheckpointError
-from .cold import BlurConfig, BlurDegradation, Restorer, StartDistribution, restore
+from .cold import BlurConfig, BlurDegradation, Restorer, StartDistribution
+from .cold import generate as generate_cold
 from .guidance import CFGDenoiser
 from .models import load_model, save_model
 from .nets import Classifier, ClassifierConfig, UNet, UNetConfig
-from .objectives import EPS_T_SAMPLING, FLOW_T_SAMPLING, TEACHER_WEIGHTS, EDMObjective, EpsilonObjective, FlowObjective, ScheduleConfig, teacher_target
+from .objectives import (
+    EPS_T_SAMPLING,
+    FLOW_T_SAMPLING,
+    TEACHER_WEIGHTS,
+    EDMObjective,
+    EpsilonObjective,
+    FlowObjective,
+    ScheduleConfig,
+    teacher_target,
+)
+from .pipeline import Settings, initial_noise
 from .samplers import get_sigmas, sample_dpmpp_2m
 from .training import Task, fail
 
@@ -35,8 +46,8 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:
 def sample_fixed(denoiser, n: int, label=None, steps: int = 16, seed: int = 0, device="cpu", on_step=None) -> torch.Tensor:
     """``n`` samples with DPM++ 2M from a fixed seed (the same noise every epoch)."""
     sigmas = get_sigmas("dpmpp_2m", denoiser, steps)
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn((n, 1, 28, 28), generator=g) * math.sqrt(float(sigmas[0]) ** 2 + 1)).to(device)
+    noise, g = initial_noise(Settings(seed=seed, n=n))
+    x = (noise * math.sqrt(float(sigmas[0]) ** 2 + 1)).to(device)
     denoiser.reset(n, g)
     for step in sample_dpmpp_2m(denoiser, x, sigmas, label, g):
         x = step.x
@@ -262,10 +273,13 @@ class ColdTask(Task):
         if args.train_noise < 0 or args.start_noise < 0:
             fail("--train-noise and --start-noise must be at least 0", status=2)
         self.init_net = unet_from_checkpoint(args.init, conditional=False)[0] if getattr(args, "init", None) else None
-        from .data import load_mnist  # generation's start: the fully blurred training images' surviving modes
+        from .data import (
+            load_mnist,  # generation's start: the fully blurred training images' surviving modes
+        )
 
-        images = load_mnist(args.data_dir, train=True)[0][: args.limit or None]
-        self.start = StartDistribution.fit(images, self.degradation, args.start_noise)
+        images, labels = load_mnist(args.data_dir, train=True)
+        n = args.limit or None
+        self.start = StartDistribution.fit(images[:n], self.degradation, args.start_noise, labels=labels[:n])  # one Gaussian per digit
 
     def unet_config(self) -> UNetConfig:
         if self.init_net is not None:
@@ -285,10 +299,8 @@ class ColdTask(Task):
         return (pred.float() - x0).abs().mean(), {}
 
     def generate(self, model, n: int, seed: int = 0, sampler: str = "improved") -> torch.Tensor:
-        g = torch.Generator().manual_seed(seed)
         device = next(model.parameters()).device
-        x = self.start.sample(n, g).to(device)
-        return restore(Restorer(model, self.degradation), x, self.degradation.levels, sampler)
+        return generate_cold(Restorer(model, self.degradation), self.start, n, seed, sampler, device)[1]
 
     def sample_grid(self, model, path):
         save_grid(self.generate(model, 20), path, nrow=10)

@@ -82,10 +82,10 @@ def registry(tiny_checkpoints):
 
 @pytest.fixture(scope="module")
 def models(registry):
-    """The app's model menu (``ui.available_models``) of ``registry``."""
-    from diffusion_core import ui
+    """The app's model menu (``available_models``) of ``registry``."""
+    from diffusion_core.ui.common import available_models
 
-    return ui.available_models(registry)
+    return available_models(registry)
 
 
 @pytest.fixture(scope="session")

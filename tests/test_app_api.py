@@ -15,7 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from app_server import running_app  # noqa: E402
 from gradio_client import Client  # noqa: E402
 
-from diffusion_core import ui  # noqa: E402
+from diffusion_core.pipeline import APP_AUTOGUIDANCE  # noqa: E402
+from diffusion_core.ui.common import MENU_ROUTINGS  # noqa: E402
+from diffusion_core.ui.render import decode_png, split_grid  # noqa: E402
 from diffusion_core.pipeline import Settings, generate  # noqa: E402
 from diffusion_core.registry import ModelRegistry  # noqa: E402
 
@@ -59,24 +61,24 @@ def test_generate_defaults_are_deterministic_and_exact(client, registry):
     assert b1[:8] == b"\x89PNG\r\n\x1a\n" and b1 == b2 and js1 == js2
     s = Settings.from_json(js1)
     assert s == Settings().validate()
-    assert np.array_equal(ui.split_grid(ui.decode_png(b1), 1), _expected(registry, s))
+    assert np.array_equal(split_grid(decode_png(b1), 1), _expected(registry, s))
 
 
 def test_generate_settings_and_replay(client, registry):
     path, js = client.predict(model="mcl", routing="soft", sampler="heun", steps=3, seed=2**63 - 1, n=3, api_name="/generate")
     s = Settings.from_json(js)
     assert (s.model, s.routing, s.sampler, s.steps, s.seed, s.n) == ("mcl", "soft", "heun", 3, 2**63 - 1, 3)
-    assert np.array_equal(ui.split_grid(ui.decode_png(Path(path).read_bytes()), 3), _expected(registry, s))
+    assert np.array_equal(split_grid(decode_png(Path(path).read_bytes()), 3), _expected(registry, s))
     path2, js2 = client.predict(settings_json=js, api_name="/generate_from_settings")
     assert Path(path2).read_bytes() == Path(path).read_bytes() and js2 == js
     path3, js3 = client.predict(model="cfg", digit="7", guidance=3, sampler="ddim", eta=0.5, steps=4, seed=9, n=2, api_name="/generate")
     assert json.loads(js3)["digit"] == 7 and json.loads(js3)["eta"] == 0.5
-    assert np.array_equal(ui.split_grid(ui.decode_png(Path(path3).read_bytes()), 2), _expected(registry, Settings.from_json(js3)))
+    assert np.array_equal(split_grid(decode_png(Path(path3).read_bytes()), 2), _expected(registry, Settings.from_json(js3)))
 
 
 @pytest.mark.parametrize("kwargs, rows", [
     (dict(axis="sampler", values="euler, dpmpp_2m", model="cfg", digit=3, steps=3), 2),
-    (dict(axis="routing", values="", model="mcl", steps=3), len(ui.MENU_ROUTINGS)),  # the menu's routings
+    (dict(axis="routing", values="", model="mcl", steps=3), len(MENU_ROUTINGS)),  # the menu's routings
     (dict(axis="routing", values="expert:0, expert:2, gated", model="mcl", steps=3), 3),  # others by name
     (dict(axis="guidance", values="0, 4", model="cfg", steps=3), 2),
 ])
@@ -84,7 +86,7 @@ def test_compare(client, kwargs, rows):
     path, js = client.predict(**kwargs, api_name="/compare")
     meta = json.loads(js)
     assert meta["axis"] == kwargs["axis"] and len(meta["rows"]) == rows
-    img = ui.decode_png(Path(path).read_bytes())
+    img = decode_png(Path(path).read_bytes())
     assert img.ndim == 3 and img.shape[0] > 28 * rows
     again, _ = client.predict(**kwargs, api_name="/compare")
     assert Path(again).read_bytes() == Path(path).read_bytes()
@@ -143,10 +145,10 @@ def test_autoguidance_through_the_api(client, registry):
     """The API's default for an unconditional model is the app's autoguidance; the settings JSON says so and replays it."""
     path, js = client.predict(model="ddpm", steps=3, seed=8, n=2, api_name="/generate")
     s = Settings.from_json(js)
-    assert (s.autoguidance, s.guide) == (ui.APP_AUTOGUIDANCE["ddpm"], "ddpm_weak")
+    assert (s.autoguidance, s.guide) == (APP_AUTOGUIDANCE["ddpm"], "ddpm_weak")
     model, guide = registry.get("ddpm"), registry.get("ddpm_weak")
     expected = generate(Settings(**s.to_dict()), model, guide=guide).images.numpy()
-    assert np.array_equal(ui.split_grid(ui.decode_png(Path(path).read_bytes()), 2), expected)
+    assert np.array_equal(split_grid(decode_png(Path(path).read_bytes()), 2), expected)
     path1, js1 = client.predict(model="ddpm", steps=3, seed=8, n=2, autoguidance=1, api_name="/generate")
     assert Settings.from_json(js1).autoguidance == 1.0 and Path(path1).read_bytes() != Path(path).read_bytes()
     path2, _ = client.predict(settings_json=js, api_name="/generate_from_settings")
@@ -163,4 +165,4 @@ def test_settings_json_replays_with_the_sampling_cli(client, tiny_checkpoints, t
     out = tmp_path / "replay.npz"
     assert sample.main(["--settings", str(tmp_path / "settings.json"), "--out", str(out), "--checkpoint-dir", str(tiny_checkpoints)]) == 0
     with np.load(out) as z:
-        assert np.array_equal(z["images"], ui.split_grid(ui.decode_png(Path(path).read_bytes()), 2))
+        assert np.array_equal(z["images"], split_grid(decode_png(Path(path).read_bytes()), 2))

@@ -15,7 +15,9 @@ from app_server import ROOT, running_app  # noqa: E402
 from browser_support import (  # noqa: E402, F401  (browser, page: fixtures)
     TIMEOUT_MS, UPDATE_ASSETS, browser, filled_textbox, image_bytes, page, set_number, shipped_checkpoints, sync_api)
 
-from diffusion_core import ui  # noqa: E402
+from diffusion_core.pipeline import APP_AUTOGUIDANCE  # noqa: E402
+from diffusion_core.ui.common import AUTOGUIDANCE_HELP, MENU_ROUTINGS, MODEL_LABELS, routing_help, routing_label  # noqa: E402
+from diffusion_core.ui.render import decode_png, split_grid  # noqa: E402
 from diffusion_core.pipeline import Settings, generate  # noqa: E402
 from diffusion_core.registry import ModelRegistry  # noqa: E402
 
@@ -70,7 +72,7 @@ def test_generate_stream_share_link(server, page, checkpoints, tmp_path):
     assert frames >= 3, f"saw {frames} distinct streamed frames"  # noise, live steps, final
     settings = Settings(model="cfg", digit=7, steps=300, seed=4242, sampler="euler", n=2)
     final = image_bytes(page, "#final img")
-    assert np.array_equal(ui.split_grid(ui.decode_png(final), 2), expected_images(checkpoints, settings))
+    assert np.array_equal(split_grid(decode_png(final), 2), expected_images(checkpoints, settings))
     page.locator("#filmstrip img").wait_for()
 
     link = filled_textbox(page, "share_link")
@@ -98,8 +100,8 @@ def test_mcl_controls_chart_and_compare(server, page, checkpoints, tmp_path):
     wait_done(page, "8 steps")
     assert page.locator("#routing").is_visible() and not page.locator("#digit").is_visible()
     default = Settings().routing
-    assert page.locator("#routing input").input_value() == ui.routing_label(default)
-    assert ui.routing_help(default)[:40] in page.locator("#routing").inner_text()  # the sentence under the menu
+    assert page.locator("#routing input").input_value() == routing_label(default)
+    assert routing_help(default)[:40] in page.locator("#routing").inner_text()  # the sentence under the menu
     assert f"routing={default}" in filled_textbox(page, "share_link")
     page.locator("#chart").wait_for(state="visible")
     page.locator("#chart img").wait_for()  # experts per step, and the gate's probabilities
@@ -107,7 +109,7 @@ def test_mcl_controls_chart_and_compare(server, page, checkpoints, tmp_path):
         assert "Gating network" in page.locator("#chart_caption").inner_text()
     page.locator("#routing input").click()
     offered = [t.replace("✓", "").strip() for t in page.get_by_role("option").all_inner_texts()]  # the selected one is ticked
-    assert offered == [ui.routing_label(r) for r in ui.MENU_ROUTINGS]
+    assert offered == [routing_label(r) for r in MENU_ROUTINGS]
     page.keyboard.press("Escape")
 
     other = page.context.new_page()  # a link with a routing outside the menu keeps it, and reproduces
@@ -149,12 +151,12 @@ def test_autoguidance_control_and_its_share_link(server, page, checkpoints):
     page.goto(server + "?v=1&model=cfg&digit=any&guidance=1.2&sampler=dpmpp_2m&steps=3&seed=1&n=1")
     wait_done(page, "3 steps")
     assert not page.locator("#autoguidance").is_visible() and page.locator("#guidance").is_visible()
-    page.locator("#model label", has_text=ui.MODEL_LABELS["ddpm"]).click()
+    page.locator("#model label", has_text=MODEL_LABELS["ddpm"]).click()
     page.locator("#autoguidance").wait_for(state="visible")
     assert not page.locator("#guidance").is_visible()
-    w = ui.APP_AUTOGUIDANCE["ddpm"]
+    w = APP_AUTOGUIDANCE["ddpm"]
     sync_api.expect(page.locator("#autoguidance input[type=number]")).to_have_value(f"{w:g}")
-    assert ui.AUTOGUIDANCE_HELP[:40] in page.locator("#autoguidance").inner_text()  # the sentence under the control
+    assert AUTOGUIDANCE_HELP[:40] in page.locator("#autoguidance").inner_text()  # the sentence under the control
     set_number(page, "autoguidance", 2.5)
     set_number(page, "n", 2)
     set_number(page, "steps", 4)  # another step count than the page's first image, so the status tells the two runs apart
@@ -162,7 +164,7 @@ def test_autoguidance_control_and_its_share_link(server, page, checkpoints):
     wait_done(page, "4 steps")
     final = image_bytes(page, "#final img")
     expected = expected_images(checkpoints, Settings(model="ddpm", steps=4, seed=1, n=2, autoguidance=2.5, guide="ddpm_weak"))
-    assert np.array_equal(ui.split_grid(ui.decode_png(final), 2), expected)
+    assert np.array_equal(split_grid(decode_png(final), 2), expected)
     link = filled_textbox(page, "share_link", "autoguidance=2.5")
     assert "guide=ddpm_weak" in link
     other = page.context.new_page()

@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_core import ui
+from diffusion_core.ui.common import parse_settings
+from diffusion_core.ui.compare_tab import compare, compare_from_json, compare_json, parse_compare
+from diffusion_core.ui.generate_tab import generate_image, stream
+from diffusion_core.ui.render import png_bytes
+from diffusion_core.ui.share import settings_from_query
 from diffusion_core.denoisers import Denoiser
 from diffusion_core.guidance import AutoguidanceDenoiser
-from diffusion_core.models import load_model
 from diffusion_core.pipeline import APP_AUTOGUIDANCE, MAX_AUTOGUIDANCE, Settings, build_denoiser, generate, trajectory
 from diffusion_core.registry import ModelRegistry
 from diffusion_core.sample import main as sample_main
@@ -85,52 +88,52 @@ def test_the_denoiser_refuses_what_it_cannot_do(registry):
 ])
 def test_bad_weights_are_refused_with_a_message(models, value, message):
     with pytest.raises(ValueError, match=message):
-        ui.parse_settings(models, model="ddpm", autoguidance=value)
+        parse_settings(models, model="ddpm", autoguidance=value)
 
 
 def test_unknown_guides_are_refused_and_defaults_are_canonical(models):
     with pytest.raises(ValueError, match="unknown guide model 'nosuch'"):
-        ui.parse_settings(models, model="ddpm", autoguidance=2, guide="nosuch")
+        parse_settings(models, model="ddpm", autoguidance=2, guide="nosuch")
     with pytest.raises(ValueError, match="unknown guide model"):
-        ui.parse_settings(models, model="ddpm", autoguidance=2, guide="/etc/passwd")  # no paths from the web
+        parse_settings(models, model="ddpm", autoguidance=2, guide="/etc/passwd")  # no paths from the web
     with pytest.raises(ValueError, match="unknown guide model 'mcl'"):
-        ui.parse_settings(models, model="ddpm", autoguidance=2, guide="mcl")  # an ensemble is no guide
-    s = ui.parse_settings(models, model="ddpm", autoguidance=2)
+        parse_settings(models, model="ddpm", autoguidance=2, guide="mcl")  # an ensemble is no guide
+    s = parse_settings(models, model="ddpm", autoguidance=2)
     assert (s.autoguidance, s.guide) == (2.0, "ddpm_weak")  # the default guide, written out
-    s = ui.parse_settings(models, model="ddpm", autoguidance=1, guide="cfg")
+    s = parse_settings(models, model="ddpm", autoguidance=1, guide="cfg")
     assert (s.autoguidance, s.guide) == (1.0, "")  # off: no guide
-    s = ui.parse_settings(models, model="cfg", autoguidance=3, guide="ddpm_weak")
+    s = parse_settings(models, model="cfg", autoguidance=3, guide="ddpm_weak")
     assert (s.autoguidance, s.guide) == (1.0, "")  # does not apply to a class-conditional model
 
 
 def test_share_links_with_autoguidance_reproduce_the_image_byte_for_byte(registry, models):
-    s = ui.parse_settings(models, model="ddpm", autoguidance=APP_AUTOGUIDANCE["ddpm"], guide="ddpm_weak", steps=4, n=3, seed=11)
+    s = parse_settings(models, model="ddpm", autoguidance=APP_AUTOGUIDANCE["ddpm"], guide="ddpm_weak", steps=4, n=3, seed=11)
     info = models["ddpm"]
-    updates = list(ui.stream(registry, s, info, min_interval=0.0))
+    updates = list(stream(registry, s, info, min_interval=0.0))
     final = next(u for u in updates if "final" in u)
     query = final["share_query"]
     assert f"autoguidance={APP_AUTOGUIDANCE['ddpm']!r}" in query and "guide=ddpm_weak" in query
-    back, notes = ui.settings_from_query(models, query)
+    back, notes = settings_from_query(models, query)
     assert back == s and not notes
-    assert ui.png_bytes(ui.generate_image(registry, back, info)) == ui.png_bytes(final["final"])
+    assert png_bytes(generate_image(registry, back, info)) == png_bytes(final["final"])
     # and autoguidance changes the image (the weak model is another network)
-    off = ui.parse_settings(models, model="ddpm", steps=4, n=3, seed=11)
-    assert not np.array_equal(ui.generate_image(registry, off, info), final["final"])
+    off = parse_settings(models, model="ddpm", steps=4, n=3, seed=11)
+    assert not np.array_equal(generate_image(registry, off, info), final["final"])
     # a link made before autoguidance existed (no such field) is the model alone, as it was
-    old, _ = ui.settings_from_query(models, "?v=1&model=ddpm&sampler=dpmpp_2m&steps=4&seed=11&n=3")
-    assert old.autoguidance == 1.0 and np.array_equal(ui.generate_image(registry, old, info), ui.generate_image(registry, off, info))
+    old, _ = settings_from_query(models, "?v=1&model=ddpm&sampler=dpmpp_2m&steps=4&seed=11&n=3")
+    assert old.autoguidance == 1.0 and np.array_equal(generate_image(registry, old, info), generate_image(registry, off, info))
 
 
 def test_compare_axis_autoguidance(registry, models):
-    base = ui.parse_settings(models, model="ddpm", steps=4, seed=3, n=1)
-    rows = ui.parse_compare(models, base, "autoguidance", "1, 2, 0")
+    base = parse_settings(models, model="ddpm", steps=4, seed=3, n=1)
+    rows = parse_compare(models, base, "autoguidance", "1, 2, 0")
     assert [r.autoguidance for r in rows] == [1.0, 2.0, 0.0] and [r.guide for r in rows] == ["", "ddpm_weak", "ddpm_weak"]
-    img, meta = ui.compare(registry, rows, "autoguidance", base=base)
+    img, meta = compare(registry, rows, "autoguidance", base=base)
     assert meta["values"] == ["1.0", "2.0", "0.0"]
-    again = ui.compare(registry, *ui.compare_from_json(models, ui.compare_json(meta))[2:3], "autoguidance", base=base)[0]
+    again = compare(registry, *compare_from_json(models, compare_json(meta))[2:3], "autoguidance", base=base)[0]
     assert np.array_equal(img, again)
     with pytest.raises(ValueError, match="needs an unconditional model"):
-        ui.parse_compare(models, ui.parse_settings(models, model="cfg"), "autoguidance", "1, 2")
+        parse_compare(models, parse_settings(models, model="cfg"), "autoguidance", "1, 2")
 
 
 def test_trajectory_with_autoguidance_is_deterministic(registry):
@@ -174,4 +177,4 @@ def test_cli_autoguidance_and_its_bad_values(tiny_checkpoints, tmp_path, capsys)
 ])
 def test_malformed_autoguidance_links_say_why(models, query, message):
     with pytest.raises(ValueError, match=f"this share link is malformed: {message}"):
-        ui.settings_from_query(models, query)
+        settings_from_query(models, query)

@@ -125,8 +125,33 @@ def test_start_distribution_matches_the_fully_blurred_images():
                                atol=1e-5, rtol=0)
     flat = StartDistribution.fit(x, BlurDegradation(BlurConfig(sigma_max=30.0)), noise=0.0, threshold=1e-2)
     assert flat.modes.tolist() == [[0, 0]]  # the paper's flat start: the mean, drawn from the data's
-    with pytest.raises(ValueError, match="as many modes as means"):
+    with pytest.raises(ValueError, match="needs means"):
         StartDistribution([[0, 0]], [1.0, 2.0], [[1.0, 0], [0, 1.0]], 0.0)
+
+
+def test_a_start_fitted_per_class_keeps_the_clusters_that_one_gaussian_merges():
+    """Two classes of blurred images far apart in brightness (30% and 70% of them): one Gaussian
+    puts its mass between them, the per-class mixture puts each start near a class, in proportion."""
+    x = _digits(400, seed=4)
+    labels = (torch.arange(400) >= 120).long()
+    x = x.clamp(-1, 1) * 0.2 + torch.where(labels == 1, 0.5, -0.5)[:, None, None, None]
+    brightness = lambda imgs: imgs.mean((1, 2, 3))  # noqa: E731  (the DC mode)
+    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    single = brightness(StartDistribution.fit(x, DEG, noise=0.0).sample(2000, g()))
+    mixed = brightness(StartDistribution.fit(x, DEG, noise=0.0, labels=labels).sample(2000, g()))
+    between = lambda b: float((b.abs() < 0.25).double().mean())  # noqa: E731
+    assert between(single) > 0.3 and between(mixed) < 0.01
+    assert abs(float((mixed > 0).double().mean()) - 0.7) < 0.03
+    start = StartDistribution.fit(x, DEG, noise=0.0, labels=labels)
+    again = StartDistribution.from_dict(json.loads(json.dumps(start.to_dict())))
+    torch.testing.assert_close(again.weights, torch.tensor([0.3, 0.7], dtype=torch.float64))
+    torch.testing.assert_close(again.sample(5, g()), start.sample(5, g()), atol=1e-5, rtol=0)
+
+
+def test_a_single_gaussian_start_in_the_first_format_still_loads():
+    one = StartDistribution.from_dict({"modes": [[0, 0], [0, 1]], "mean": [-20.0, 0.5], "scale_tril": [[2.0, 0.0], [0.1, 1.0]], "noise": 0.02})
+    assert one.means.shape == (1, 2) and one.weights.tolist() == [1.0]
+    assert one.sample(4, torch.Generator().manual_seed(0)).shape == (4, 1, 28, 28)
 
 
 def test_shipped_cold_blur_loads_and_a_corrupted_degradation_is_a_checkpoint_error(tmp_path):

@@ -80,7 +80,9 @@ def test_bad_cold_input_is_refused_clearly_and_the_server_keeps_serving(client, 
 
 def test_cold_panel_and_the_models_history_in_the_browser(server, page):
     page.goto(server)
-    page.get_by_role("tab", name="Explore").click()
+    page.get_by_role("tab", name="Explore").click()  # at once, before the page's own load has finished
+    page.locator("#status").filter(has_text="Done").wait_for(state="attached", timeout=TIMEOUT_MS)  # Generate's first images
+    assert page.get_by_role("tab", name="Explore").get_attribute("aria-selected") == "true"  # the load did not switch back
     page.locator("#cold_run").click()
     page.locator("#cold_text").filter(has_text="naive").wait_for(timeout=TIMEOUT_MS)
     page.locator("#cold_strip").scroll_into_view_if_needed()
@@ -96,3 +98,4 @@ def test_cold_panel_and_the_models_history_in_the_browser(server, page):
     assert card.locator(".history-grid img").first.evaluate("img => img.complete && img.naturalWidth > 0")
     assert card.locator("svg.loss-curve polyline").count() == 1
     assert page.locator(".model-card").filter(has_text="no training history recorded").count() >= 1
+

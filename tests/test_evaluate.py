@@ -338,7 +338,7 @@ def test_small_run_rows_metrics_and_figures(small_run, capsys):
 
 
 def test_record_quality_reaches_the_model_cards(small_run, tiny_checkpoints, tmp_path):
-    from diffusion_core import ui
+    from diffusion_core.ui.models_tab import model_card
     from diffusion_core.checkpoints import load_checkpoint
 
     results, out, _ = small_run
@@ -359,7 +359,7 @@ def test_record_quality_reaches_the_model_cards(small_run, tiny_checkpoints, tmp
         original = add_tiny_flow(tmp_path) if model == "flow" else tiny_checkpoints / f"{model}.safetensors"  # the same seeded weights
         new, old = load_checkpoint(path)[0], load_checkpoint(original)[0]
         assert new.keys() == old.keys() and all(torch.equal(new[k], old[k]) for k in old)
-        card = dict(ui.model_card(model, path)["sections"])["Measured quality"]
+        card = dict(model_card(model, path)["sections"])["Measured quality"]
         assert ("Frechet distance", f"{q['Frechet distance']:.4g}") in card
     assert "quality" not in load_checkpoint(tiny_checkpoints / "cfg.safetensors")[1]  # the originals are untouched
 

@@ -18,7 +18,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from explore_fixtures import add_tiny_flow, checkpoints_with_flow  # noqa: E402
 
 from diffusion_core import explore as ex  # noqa: E402
-from diffusion_core import ui  # noqa: E402
+from diffusion_core.ui.common import available_models, model_choices, parse_settings  # noqa: E402
+from diffusion_core.ui.compare_tab import compare, compare_from_json, compare_json, compare_share_query, parse_compare, row_value  # noqa: E402
+from diffusion_core.ui.explore_tab import edit_share_query, parse_edit, sdedit_image  # noqa: E402
+from diffusion_core.ui.generate_tab import generate_image  # noqa: E402
+from diffusion_core.ui.links import parse_link  # noqa: E402
+from diffusion_core.ui.models_tab import model_cards  # noqa: E402
+from diffusion_core.ui.render import split_grid  # noqa: E402
 from diffusion_core.models import load_model  # noqa: E402
 from diffusion_core.pipeline import build_denoiser  # noqa: E402
 from diffusion_core.registry import ModelRegistry  # noqa: E402
@@ -83,7 +89,7 @@ def test_velocity_from_the_denoiser_is_the_flow_networks_velocity(ckpts):
 
 
 def test_sdedit_starts_at_the_closest_grid_level_and_inpainting_keeps_the_rest(registry, models):
-    es = ui.parse_edit(models, model="cfg", digit=8, index=4, level=0.5, steps=10, sampler="euler")
+    es = parse_edit(models, model="cfg", digit=8, index=4, level=0.5, steps=10, sampler="euler")
     model, gate = registry.for_settings(es.base())
     den = build_denoiser(es.base(), model, gate)
     start, _ = ex.sdedit_start(es, model, den)
@@ -93,8 +99,8 @@ def test_sdedit_starts_at_the_closest_grid_level_and_inpainting_keeps_the_rest(r
     assert torch.equal(start.sigmas, full[i:]) and 0 < i < 10
     eps, _ = ex.noise(es.seed)
     assert torch.allclose(start.x, ex.to_model_space(ex.test_digit(4)) + float(full[i]) * eps)
-    painted = ui.parse_edit(models, model="cfg", digit=8, index=4, level=1.0, steps=6, region="top")
-    out = ui.split_grid(ui.sdedit_image(registry, painted, models["cfg"]), 1)[0]
+    painted = parse_edit(models, model="cfg", digit=8, index=4, level=1.0, steps=6, region="top")
+    out = split_grid(sdedit_image(registry, painted, models["cfg"]), 1)[0]
     assert np.abs(out[14:].astype(int) - ex.test_digit(4)[14:].astype(int)).max() <= 1  # the bottom half is kept
     assert np.abs(out[:14].astype(int) - ex.test_digit(4)[:14].astype(int)).max() > 10  # the top half is repainted
 
@@ -119,31 +125,31 @@ def test_drawings_become_mnist_style_digits():
 
 
 def test_links_round_trip_and_malformed_links(models):
-    es = ui.parse_edit(models, model="flow", digit=2, guidance=3.5, index=None, source="drawing",
+    es = parse_edit(models, model="flow", digit=2, guidance=3.5, index=None, source="drawing",
                        drawing=ex.encode_digit(ex.test_digit(9)), level=0.35, region="left", steps=7, seed=123)
-    link = ui.parse_link(models, "http://host/app" + ui.edit_share_query(es, models["flow"]))
+    link = parse_link(models, "http://host/app" + edit_share_query(es, models["flow"]))
     assert link.tab == "explore" and link.edit == es
-    base = ui.parse_settings(models, model="mcl", routing="pooled", steps=5, seed=4, n=1)
-    rows = ui.parse_compare(models, base, "routing", "heuristic, expert:1, pooled")
-    link = ui.parse_link(models, ui.compare_share_query(base, models["mcl"], "routing", rows))
+    base = parse_settings(models, model="mcl", routing="pooled", steps=5, seed=4, n=1)
+    rows = parse_compare(models, base, "routing", "heuristic, expert:1, pooled")
+    link = parse_link(models, compare_share_query(base, models["mcl"], "routing", rows))
     assert link.tab == "compare" and link.rows == rows and link.settings == base
-    assert ui.parse_link(models, "").is_plain and ui.parse_link(models, "?__theme=dark").is_plain
+    assert parse_link(models, "").is_plain and parse_link(models, "?__theme=dark").is_plain
     for query, message in [("?v=1&tab=compare&model=cfg", "needs its values"), ("?v=1&tab=explore&model=cfg&level=0.5", "either index or drawing"),
                            ("?v=1&tab=explore&model=cfg&index=1&drawing=x", "either index or drawing"),
                            ("?v=1&tab=compare&model=cfg&axis=colour&values=1", "unknown compare axis"),
                            ("?v=1&tab=explore&index=1&index=2", "given more than once")]:
         with pytest.raises(ValueError, match="this share link is malformed") as e:
-            ui.parse_link(models, query)
+            parse_link(models, query)
         assert message in str(e.value), query
 
 
 def test_eta_axis_puts_ddpm_beside_ddim(registry, models):
-    base = ui.parse_settings(models, model="cfg", digit=5, steps=6, seed=3)
-    rows = ui.parse_compare(models, base, "eta", None)
-    assert [ui.row_value(s, "eta") for s in rows] == ["0.0", "0.25", "0.5", "1.0", "ddpm", "ddpm_nonoise"]
+    base = parse_settings(models, model="cfg", digit=5, steps=6, seed=3)
+    rows = parse_compare(models, base, "eta", None)
+    assert [row_value(s, "eta") for s in rows] == ["0.0", "0.25", "0.5", "1.0", "ddpm", "ddpm_nonoise"]
     assert [s.sampler for s in rows] == ["ddim"] * 4 + ["ddpm", "ddpm_nonoise"]
-    assert ui.parse_compare(models, base, "eta", rows_text := "ddpm_nonoise, 0")[0].sampler == "ddpm_nonoise", rows_text
-    img, meta = ui.compare(registry, rows, "eta")
+    assert parse_compare(models, base, "eta", rows_text := "ddpm_nonoise, 0")[0].sampler == "ddpm_nonoise", rows_text
+    img, meta = compare(registry, rows, "eta")
     from diffusion_core.pipeline import Settings, trajectory
 
     def states(s):  # every state of the row's trajectory
@@ -153,7 +159,7 @@ def test_eta_axis_puts_ddpm_beside_ddim(registry, models):
     eta0, eta1, ddpm = states(rows[0]), states(rows[3]), states(rows[4])
     assert all(torch.equal(a, b) for a, b in zip(eta1, ddpm))  # DDIM at eta 1 is DDPM's sampler, step for step
     assert not torch.equal(eta0[-1], eta1[-1])  # the added noise changes the result from one seed
-    again, _, rows2, _ = ui.compare_from_json(models, ui.compare_json(meta))
+    again, _, rows2, _ = compare_from_json(models, compare_json(meta))
     assert rows2 == rows
 
 
@@ -161,17 +167,17 @@ def test_menus_list_the_checkpoints_that_exist(tiny_checkpoints, tmp_path):
     d = tmp_path / "ck"
     shutil.copytree(tiny_checkpoints, d)
     reg = ModelRegistry(d)
-    assert list(ui.available_models(reg)) == ["ddpm", "cfg", "mcl", "mcl_shared"]
+    assert list(available_models(reg)) == ["ddpm", "cfg", "mcl", "mcl_shared"]
     add_tiny_flow(d)  # the flow model lands: it appears, in its place in the menu
     add_tiny_flow(d, name="flow_v2")
-    models = ui.available_models(reg)
+    models = available_models(reg)
     assert list(models) == ["ddpm", "cfg", "flow", "mcl", "mcl_shared", "flow_v2"]
     assert models["flow"].is_flow and models["flow"].conditional
-    assert dict(ui.model_choices(models))["Flow matching (choose a digit)"] == "flow"
-    assert ("flow_v2 (flow matching, choose a digit)", "flow_v2") in ui.model_choices(models)
-    assert ui.model_cards(reg).count('class="model-card"') == 9  # ddpm_weak and mcl_shared included
-    s = ui.parse_settings(models, model="flow_v2", digit=1, steps=2)
-    assert ui.generate_image(reg, s, models["flow_v2"]).shape == (224, 224)
+    assert dict(model_choices(models))["Flow matching (choose a digit)"] == "flow"
+    assert ("flow_v2 (flow matching, choose a digit)", "flow_v2") in model_choices(models)
+    assert model_cards(reg).count('class="model-card"') == 9  # ddpm_weak and mcl_shared included
+    s = parse_settings(models, model="flow_v2", digit=1, steps=2)
+    assert generate_image(reg, s, models["flow_v2"]).shape == (224, 224)
 
 
 @pytest.mark.parametrize("T", ex.SCHEDULE_LENGTHS)

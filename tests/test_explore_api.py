@@ -20,7 +20,10 @@ from gradio_client import Client, handle_file  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from diffusion_core import explore as ex  # noqa: E402
-from diffusion_core import sample, ui  # noqa: E402
+from diffusion_core import sample  # noqa: E402
+from diffusion_core.ui.common import available_models, parse_settings  # noqa: E402
+from diffusion_core.ui.explore_tab import denoise, edit_from_json, edit_share_query, forward_view, sdedit_image  # noqa: E402
+from diffusion_core.ui.render import decode_png, png_bytes, split_grid  # noqa: E402
 from diffusion_core.registry import ModelRegistry  # noqa: E402
 
 
@@ -49,18 +52,18 @@ def test_endpoints_are_named(client):
 
 def test_forward_and_one_step(client, registry):
     path, info = client.predict(index=3, level=0.4, seed=5, api_name="/explore_forward")
-    expected, exp_info = ui.forward_view(ex.test_digit(3), 5, 0.4)
-    assert np.array_equal(ui.decode_png(Path(path).read_bytes()), expected)
+    expected, exp_info = forward_view(ex.test_digit(3), 5, 0.4)
+    assert np.array_equal(decode_png(Path(path).read_bytes()), expected)
     assert json.loads(info)["schedules"]["flow"]["sigma"] == pytest.approx(0.4 / 0.6)
     path, info = client.predict(index=3, level=0.4, seed=5, T=200, api_name="/explore_forward")
-    assert np.array_equal(ui.decode_png(Path(path).read_bytes()), ui.forward_view(ex.test_digit(3), 5, 0.4, 200)[0])
+    assert np.array_equal(decode_png(Path(path).read_bytes()), forward_view(ex.test_digit(3), 5, 0.4, 200)[0])
     assert json.loads(info)["schedules"]["linear"]["T"] == 200
     path, info = client.predict(model="flow", digit="8", guidance=2.0, routing="gated", index=3, level=0.4, seed=5, api_name="/explore_denoise")
     d = json.loads(info)
-    models = ui.available_models(registry)
-    out = ui.denoise(registry, ui.parse_settings(models, model="flow", digit=8, guidance=2.0, seed=5), ex.test_digit(3), 0.4, curve=False)
+    models = available_models(registry)
+    out = denoise(registry, parse_settings(models, model="flow", digit=8, guidance=2.0, seed=5), ex.test_digit(3), 0.4, curve=False)
     assert d["mse"] == pytest.approx(out["info"]["mse"]) and d["schedule"] == "flow" and d["in_training_range"]
-    assert np.array_equal(ui.decode_png(Path(path).read_bytes()), out["image"])
+    assert np.array_equal(decode_png(Path(path).read_bytes()), out["image"])
     _, info = client.predict(model="cfg", digit="any", guidance=2.0, routing="gated", index=3, level=1.0, seed=5, api_name="/explore_denoise")
     assert json.loads(info)["in_training_range"] is True  # t = 1 is the schedule's last level
     _, info = client.predict(model="flow", digit="any", guidance=2.0, routing="gated", index=3, level=1.0, seed=5, api_name="/explore_denoise")
@@ -73,14 +76,14 @@ def test_sdedit_replays_in_the_app_and_on_the_cli(client, registry, checkpoints,
     es = ex.EditSettings.from_json(js)
     assert (es.model, es.digit, es.index, es.level, es.steps) == ("cfg", 8, 18, 0.5, 8)
     png = Path(path).read_bytes()
-    models = ui.available_models(registry)
-    assert png == ui.png_bytes(ui.sdedit_image(registry, ui.edit_from_json(models, js), models["cfg"]))
+    models = available_models(registry)
+    assert png == png_bytes(sdedit_image(registry, edit_from_json(models, js), models["cfg"]))
     again, js2 = client.predict(js, api_name="/sdedit_from_settings")
     assert Path(again).read_bytes() == png and js2 == js
     (tmp_path / "sdedit.json").write_text(js)
     assert sample.main(["--settings", str(tmp_path / "sdedit.json"), "--grid", str(tmp_path / "cli.png"), "--checkpoint-dir", str(checkpoints)]) == 0
     assert (tmp_path / "cli.png").read_bytes() == png
-    tab, text = client.predict("?" + ui.edit_share_query(es, models["cfg"]).lstrip("?"), api_name="/open_link")
+    tab, text = client.predict("?" + edit_share_query(es, models["cfg"]).lstrip("?"), api_name="/open_link")
     assert tab == "explore" and ex.EditSettings.from_json(text) == es
 
 
@@ -94,7 +97,7 @@ def test_sdedit_of_an_image_inpainting_and_flow(client, tmp_path):
                               region="bottom", api_name="/sdedit")
     es = ex.EditSettings.from_json(js)
     assert es.drawing is not None and es.index is None and es.region == "bottom"
-    result = ui.split_grid(ui.decode_png(Path(path).read_bytes()), 1)[0]
+    result = split_grid(decode_png(Path(path).read_bytes()), 1)[0]
     # Inpainting keeps the digit outside the region: the top half is the drawn digit (up to rounding).
     assert np.abs(result[:14].astype(int) - ex.decode_digit(es.drawing)[:14].astype(int)).max() <= 1
     again, _ = client.predict(js, api_name="/sdedit_from_settings")
@@ -124,6 +127,10 @@ BAD = [
     ("/sdedit", dict(index=3, region="middle"), "unknown region 'middle'"),
     ("/sdedit", dict(index=3, steps=0), "steps must be between 1 and 1000"),
     ("/sdedit_from_settings", dict(settings_json="{"), "not valid JSON"),
+    ("/sdedit_from_settings", dict(settings_json="{}"), "not an SDEdit result"),  # not silently the defaults
+    ("/sdedit_from_settings", dict(settings_json="[" * 5000), "nested too deeply"),
+    ("/compare_from_settings", dict(settings_json="[" * 5000), "nested too deeply"),  # was an internal RecursionError
+    ("/generate_from_settings", dict(settings_json="[" * 5000), "nested too deeply"),
     ("/sdedit_from_settings", dict(settings_json='{"kind": "sdedit", "index": 2, "drawing": "eJw"}'), "either an MNIST test digit index or a drawing"),
     ("/compare_from_settings", dict(settings_json='{"axis": "eta"}'), "not a comparison"),
     ("/compare", dict(axis="eta", values="0, 1.5"), "eta must be between 0 and 1"),

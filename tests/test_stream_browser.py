@@ -1,4 +1,4 @@
-"""``ui.carry_forward`` against the Gradio browser client, in headless Chromium.
+"""``carry_forward`` against the Gradio browser client, in headless Chromium.
 
 Gradio's client applies each streamed chunk as a diff, in place, to the objects of the chunk before.
 A component not mounted yet (in a tab that has not opened) holds a reference to its pending value;
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from browser_support import browser, new_page  # noqa: E402, F401  (browser: a fixture)
 
-from diffusion_core import ui  # noqa: E402
+from diffusion_core.ui.glue import carry_forward  # noqa: E402
 
 gr = pytest.importorskip("gradio")
 
@@ -42,7 +42,7 @@ def server():
         def run():
             digit = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
             chunks = [{image: None, status: "starting"}, {image: digit, status: "Done"}, {files: None}]
-            yield from ui.carry_forward(chunks)
+            yield from carry_forward(chunks)
 
         demo.load(run, None, [image, status, files])
     demo.queue()

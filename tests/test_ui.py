@@ -12,9 +12,40 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_core import ui
-from diffusion_core.pipeline import Settings, generate
-from diffusion_core.registry import ModelRegistry
+from diffusion_core.pipeline import Settings, generate, to_uint8
+from diffusion_core.pipeline import initial_noise as pipeline_initial_noise
+from diffusion_core.ui.common import (
+    GAP,
+    MENU_ROUTINGS,
+    parse_settings,
+    routing_choices,
+    routing_help,
+    settings_from_json,
+    visibility,
+)
+from diffusion_core.ui.compare_tab import compare, parse_compare
+from diffusion_core.ui.files import OutputFiles, png_files
+from diffusion_core.ui.generate_tab import Throttle, generate_image, stream
+from diffusion_core.ui.glue import carry_forward, user_errors
+from diffusion_core.ui.models_tab import model_card, model_cards
+from diffusion_core.ui.render import (
+    Recording,
+    decode_png,
+    expert_usage,
+    filmstrip,
+    frame_scale,
+    gif_frames,
+    grid_shape,
+    mean_gate_probs,
+    png_bytes,
+    render_grid,
+    snapshot_indices,
+    split_grid,
+    upscale,
+    vp_frame,
+    write_gif,
+)
+from diffusion_core.ui.share import settings_from_query, share_query
 
 
 def test_available_models_and_visibility(models):
@@ -22,35 +53,35 @@ def test_available_models_and_visibility(models):
     assert models["cfg"].conditional and not models["ddpm"].conditional
     assert models["mcl"].is_mcl and models["mcl"].num_experts == 3 and not models["mcl"].shared
     assert models["mcl_shared"].is_mcl and models["mcl_shared"].num_experts == 3 and models["mcl_shared"].shared
-    v = ui.visibility(models["cfg"], "dpmpp_2m")
+    v = visibility(models["cfg"], "dpmpp_2m")
     assert (v.digit, v.guidance, v.routing, v.eta) == (True, True, False, False)
-    v = ui.visibility(models["mcl"], "ddim")
+    v = visibility(models["mcl"], "ddim")
     assert (v.digit, v.guidance, v.routing, v.eta, v.num_experts) == (False, False, True, True, 3)
-    assert [c[1] for c in ui.routing_choices(3)] == list(ui.MENU_ROUTINGS)
+    assert [c[1] for c in routing_choices(3)] == list(MENU_ROUTINGS)
 
 
 def test_routing_menu_offers_the_menu_routings_with_a_sentence_and_its_cost():
     from diffusion_core.mcl import ROUTING_HELP, ROUTINGS
 
-    offered = [value for _, value in ui.routing_choices(2)]
-    assert offered == list(ui.MENU_ROUTINGS) and set(offered) <= set(ROUTINGS)
+    offered = [value for _, value in routing_choices(2)]
+    assert offered == list(MENU_ROUTINGS) and set(offered) <= set(ROUTINGS)
     assert Settings().routing in offered and not any(v.startswith("expert:") for v in offered)
     # a share link's routing outside the menu joins it, so that the link still reproduces
-    assert ui.routing_choices(2, keep="expert:1")[-1] == ("expert 1 only", "expert:1")
-    assert ui.routing_choices(2, keep="sticky:0.5")[-1][1] == "sticky:0.5"
-    assert [v for _, v in ui.routing_choices(2, keep="expert:5")] == offered  # no expert 5 among two
-    assert [v for _, v in ui.routing_choices(2, keep=offered[0])] == offered
+    assert routing_choices(2, keep="expert:1")[-1] == ("expert 1 only", "expert:1")
+    assert routing_choices(2, keep="sticky:0.5")[-1][1] == "sticky:0.5"
+    assert [v for _, v in routing_choices(2, keep="expert:5")] == offered  # no expert 5 among two
+    assert [v for _, v in routing_choices(2, keep=offered[0])] == offered
     for value in offered:
         key = "expert:K" if value.startswith("expert:") else value
-        text = ui.routing_help(value)
+        text = routing_help(value)
         assert text.startswith(ROUTING_HELP[key]) and "per image per step" in text
-    assert "K expert evaluations" in ui.routing_help("soft") and "Cost: 1 expert evaluation per" in ui.routing_help("gated")
-    assert ui.routing_help("sticky:0.5") == ui.routing_help("sticky")
-    assert ui.routing_help("nonsense") == "Which expert denoises each image at each step."
+    assert "K expert evaluations" in routing_help("soft") and "Cost: 1 expert evaluation per" in routing_help("gated")
+    assert routing_help("sticky:0.5") == routing_help("sticky")
+    assert routing_help("nonsense") == "Which expert denoises each image at each step."
 
 
 def test_defaults_are_pipeline_defaults(models):
-    assert ui.parse_settings(models) == Settings().validate()
+    assert parse_settings(models) == Settings().validate()
 
 
 @pytest.mark.parametrize("fields", [
@@ -61,19 +92,19 @@ def test_defaults_are_pipeline_defaults(models):
     dict(model="ddpm", sampler="euler", steps=33, seed=99, n=5),
 ])
 def test_share_link_round_trip(models, fields):
-    s = ui.parse_settings(models, **fields)
-    query = ui.share_query(s, models[s.model])
+    s = parse_settings(models, **fields)
+    query = share_query(s, models[s.model])
     assert query.startswith("?v=1&model=")
-    back, notes = ui.settings_from_query(models, query)
+    back, notes = settings_from_query(models, query)
     assert back == s and notes == []
     # also as the mapping / pairs Gradio's Request gives
-    assert ui.settings_from_query(models, "http://host/space" + query + "#frag")[0] == s
+    assert settings_from_query(models, "http://host/space" + query + "#frag")[0] == s
 
 
 def test_share_link_ignores_foreign_parameters(models):
-    assert ui.settings_from_query(models, "") == (None, [])
-    assert ui.settings_from_query(models, "?__theme=dark&view=api") == (None, [])
-    s, notes = ui.settings_from_query(models, {"model": "ddpm", "steps": "5", "__sign": "jwt", "utm_source": "x"})
+    assert settings_from_query(models, "") == (None, [])
+    assert settings_from_query(models, "?__theme=dark&view=api") == (None, [])
+    s, notes = settings_from_query(models, {"model": "ddpm", "steps": "5", "__sign": "jwt", "utm_source": "x"})
     assert s.model == "ddpm" and s.steps == 5
     assert len(notes) == 1 and "utm_source" in notes[0]
 
@@ -97,7 +128,7 @@ def test_share_link_ignores_foreign_parameters(models):
 ])
 def test_malformed_share_links(models, query, words):
     with pytest.raises(ValueError) as e:
-        ui.settings_from_query(models, query)
+        settings_from_query(models, query)
     assert "share link is malformed" in str(e.value) and words in str(e.value)
 
 
@@ -123,28 +154,28 @@ def test_malformed_share_links(models, query, words):
 ])
 def test_validation_messages(models, fields, words):
     with pytest.raises(ValueError, match=None) as e:
-        ui.parse_settings(models, **fields)
+        parse_settings(models, **fields)
     assert words in str(e.value)
 
 
 def test_settings_are_canonical(models):
-    s = ui.parse_settings(models, model="ddpm", digit=3, guidance=5, routing="soft", eta=0.5, sampler="euler")
+    s = parse_settings(models, model="ddpm", digit=3, guidance=5, routing="soft", eta=0.5, sampler="euler")
     assert (s.digit, s.guidance, s.routing, s.eta) == (None, Settings().guidance, Settings().routing, 0.0)
-    s = ui.parse_settings(models, model="cfg", digit="4", seed="  17 ", steps="8", n=2.0, sampler="DDIM", eta="0.25")
+    s = parse_settings(models, model="cfg", digit="4", seed="  17 ", steps="8", n=2.0, sampler="DDIM", eta="0.25")
     assert (s.digit, s.seed, s.steps, s.n, s.sampler, s.eta) == (4, 17, 8, 2, "ddim", 0.25)
-    assert ui.settings_from_json(models, s.to_json()) == s
+    assert settings_from_json(models, s.to_json()) == s
     with pytest.raises(ValueError, match="not valid JSON"):
-        ui.settings_from_json(models, "{")
+        settings_from_json(models, "{")
 
 
 def test_user_errors_wraps_functions_and_generators():
     import gradio as gr
 
-    @ui.user_errors
+    @user_errors
     def bad(x):
         raise ValueError(f"bad {x}")
 
-    @ui.user_errors
+    @user_errors
     def bad_gen():
         yield 1
         raise RuntimeError("boom")
@@ -159,21 +190,21 @@ def test_user_errors_wraps_functions_and_generators():
 
 def test_carry_forward_repeats_every_output_set_so_far():
     chunks = [{"a": None, "b": 1}, {"c": "x"}, {"b": 2}, {}]
-    out = list(ui.carry_forward(iter(chunks)))
+    out = list(carry_forward(iter(chunks)))
     assert out == [{"a": None, "b": 1}, {"a": None, "b": 1, "c": "x"}, {"a": None, "b": 2, "c": "x"}, {"a": None, "b": 2, "c": "x"}]
     assert chunks[0] == {"a": None, "b": 1}  # the inputs are not changed
     assert out[0] is not out[1]  # each chunk is a dict of its own
 
 
 def test_png_files_writes_uint8_images_and_leaves_the_rest(tmp_path):
-    files = ui.OutputFiles(tmp_path)
+    files = OutputFiles(tmp_path)
     img = np.arange(28 * 28, dtype=np.uint8).reshape(28, 28)
     rgb = np.zeros((4, 6, 3), np.uint8)
-    out = ui.png_files({"a": img, "b": [rgb, "keep.gif"], "c": None, "d": np.zeros(3, np.float32)}, files)
-    assert np.array_equal(ui.decode_png(out["a"]), img) and np.array_equal(ui.decode_png(out["b"][0]), rgb)
-    assert Path(out["a"]).read_bytes() == ui.png_bytes(img)  # the bytes the CLI writes
+    out = png_files({"a": img, "b": [rgb, "keep.gif"], "c": None, "d": np.zeros(3, np.float32)}, files)
+    assert np.array_equal(decode_png(out["a"]), img) and np.array_equal(decode_png(out["b"][0]), rgb)
+    assert Path(out["a"]).read_bytes() == png_bytes(img)  # the bytes the CLI writes
     assert out["b"][1] == "keep.gif" and out["c"] is None and out["d"].dtype == np.float32
-    again = ui.png_files((img,), files)
+    again = png_files((img,), files)
     assert isinstance(again, tuple) and again[0] == out["a"]  # the same image, the same file
 
 
@@ -181,22 +212,22 @@ def test_grid_upscale_and_split_round_trip():
     rng = np.random.default_rng(0)
     for n in (1, 2, 4, 5, 16):
         imgs = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-        rows, cols = ui.grid_shape(n)
+        rows, cols = grid_shape(n)
         assert rows * cols >= n and cols - rows in (0, 1)
-        grid = ui.render_grid(imgs)
-        assert grid.shape == (rows * 224 + (rows - 1) * ui.GAP, cols * 224 + (cols - 1) * ui.GAP)
-        assert np.array_equal(ui.split_grid(grid, n), imgs)
-        assert np.array_equal(ui.split_grid(ui.decode_png(ui.png_bytes(grid)), n), imgs)
-    up = ui.upscale(imgs[0], 3)
+        grid = render_grid(imgs)
+        assert grid.shape == (rows * 224 + (rows - 1) * GAP, cols * 224 + (cols - 1) * GAP)
+        assert np.array_equal(split_grid(grid, n), imgs)
+        assert np.array_equal(split_grid(decode_png(png_bytes(grid)), n), imgs)
+    up = upscale(imgs[0], 3)
     assert up.shape == (84, 84) and np.array_equal(up[::3, ::3], imgs[0]) and np.array_equal(up[2::3, 1::3], imgs[0])
-    framed = ui.render_grid(imgs[:2], 2, border=["#0072B2", None], border_width=3)
-    assert framed.shape == (56 + 6, 2 * 56 + ui.GAP + 6, 3)
+    framed = render_grid(imgs[:2], 2, border=["#0072B2", None], border_width=3)
+    assert framed.shape == (56 + 6, 2 * 56 + GAP + 6, 3)
     assert tuple(framed[0, 0]) == (0, 0x72, 0xB2)
 
 
 def test_throttle():
     t = [0.0]
-    th = ui.Throttle(0.1, clock=lambda: t[0])
+    th = Throttle(0.1, clock=lambda: t[0])
     passed = []
     for i in range(20):
         passed.append(th.ready())
@@ -206,8 +237,8 @@ def test_throttle():
 
 
 def _run(registry, models, **fields):
-    s = ui.parse_settings(models, **fields)
-    updates = list(ui.stream(registry, s, models[s.model], min_interval=0.0))
+    s = parse_settings(models, **fields)
+    updates = list(stream(registry, s, models[s.model], min_interval=0.0))
     return s, updates
 
 
@@ -225,16 +256,16 @@ def test_stream_final_image_is_pipeline_output(registry, models, fields):
     final = updates[-2]
     model, gate = registry.for_settings(s)
     expected = generate(Settings(**s.to_dict()), model, gate).images.numpy()
-    assert np.array_equal(ui.split_grid(final["final"], s.n), expected)
-    assert ui.Settings.from_json(final["settings_json"]) == s
-    assert ui.settings_from_query(models, final["share_query"])[0] == s
+    assert np.array_equal(split_grid(final["final"], s.n), expected)
+    assert Settings.from_json(final["settings_json"]) == s
+    assert settings_from_query(models, final["share_query"])[0] == s
     extras = updates[-1]
     assert extras["filmstrip"].ndim == 3 and extras["filmstrip"].shape[2] == 3
     with Image.open(extras["gif"]) as gif:
         frames = gif.n_frames
     assert 2 <= frames <= 1 + s.steps  # noise + every step (PIL merges identical consecutive frames)
     assert [p.rsplit("/", 1)[-1] for p in extras["downloads"]] == ["samples.png", "trajectory.gif", "settings.json"]
-    assert np.array_equal(ui.split_grid(ui.decode_png(open(extras["downloads"][0], "rb").read()), s.n), expected)
+    assert np.array_equal(split_grid(decode_png(open(extras["downloads"][0], "rb").read()), s.n), expected)
     if s.model == "mcl":
         fig = extras["chart"]  # the gate's panel under every routing (the gating checkpoint is there)
         assert len(fig.axes) == 2
@@ -245,69 +276,69 @@ def test_stream_final_image_is_pipeline_output(registry, models, fields):
 
 
 def test_generate_image_is_deterministic(registry, models):
-    s = ui.parse_settings(models, model="cfg", digit=5, n=2, steps=3, seed=11)
-    a = ui.png_bytes(ui.generate_image(registry, s, models["cfg"]))
-    b = ui.png_bytes(ui.generate_image(registry, s, models["cfg"]))
+    s = parse_settings(models, model="cfg", digit=5, n=2, steps=3, seed=11)
+    a = png_bytes(generate_image(registry, s, models["cfg"]))
+    b = png_bytes(generate_image(registry, s, models["cfg"]))
     assert a == b
 
 
 def test_expert_chart_data():
     experts = np.array([[0, 0, 1, 2], [1, 1, 1, 1], [2, 0, 2, 2]])
-    shares = ui.expert_usage(experts, 3)
+    shares = expert_usage(experts, 3)
     assert np.allclose(shares, [[0.5, 0.25, 0.25], [0, 1, 0], [0.25, 0, 0.75]])
     assert np.allclose(shares.sum(1), 1)
     probs = np.zeros((2, 2, 3))
     probs[0, 0] = [1, 0, 0]
     probs[0, 1] = [0, 1, 0]
     probs[1, :] = [0.2, 0.3, 0.5]
-    assert np.allclose(ui.mean_gate_probs(probs), [[0.5, 0.5, 0], [0.2, 0.3, 0.5]])
+    assert np.allclose(mean_gate_probs(probs), [[0.5, 0.5, 0], [0.2, 0.3, 0.5]])
 
 
 def test_filmstrip_and_gif_shapes():
     rng = np.random.default_rng(1)
     S, n = 20, 3
-    rec = ui.Recording(noise=rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
+    rec = Recording(noise=rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
                        x=[rng.integers(0, 256, (n, 28, 28), dtype=np.uint8) for _ in range(S)],
                        denoised=[rng.integers(0, 256, (n, 28, 28), dtype=np.uint8) for _ in range(S)],
                        sigmas=list(np.linspace(10, 0, S)), experts=rng.integers(0, 3, (S, n)), gate_probs=None, num_experts=3)
-    strip = ui.filmstrip(rec, columns=8)
+    strip = filmstrip(rec, columns=8)
     assert strip.shape[2] == 3 and strip.shape[1] > strip.shape[0]  # 8 columns, 3 rows
-    assert ui.snapshot_indices(S, 7) == [0, 3, 6, 10, 13, 16, 19]
-    frames = ui.gif_frames(rec, max_frames=10)
+    assert snapshot_indices(S, 7) == [0, 3, 6, 10, 13, 16, 19]
+    frames = gif_frames(rec, max_frames=10)
     assert len(frames) == 11 and frames[0].shape == frames[-1].shape and frames[0].ndim == 3
-    data = ui.write_gif(frames)
+    data = write_gif(frames)
     with Image.open(io.BytesIO(data)) as gif:
         assert gif.n_frames == 11 and gif.info.get("loop") == 0
 
 
 def test_compare(registry, models):
-    base = ui.parse_settings(models, model="mcl", steps=4, seed=3)
-    rows = ui.parse_compare(models, base, "routing", "expert:0, gated, gated, pooled")
+    base = parse_settings(models, model="mcl", steps=4, seed=3)
+    rows = parse_compare(models, base, "routing", "expert:0, gated, gated, pooled")
     assert [r.routing for r in rows] == ["expert:0", "gated", "pooled"] and all(r.n == 1 for r in rows)
-    img, meta = ui.compare(registry, rows, "routing", columns=5)
+    img, meta = compare(registry, rows, "routing", columns=5)
     assert img.ndim == 3 and img.shape[0] > img.shape[1] / 3 and meta["axis"] == "routing" and len(meta["rows"]) == 3
-    img2, _ = ui.compare(registry, rows, "routing", columns=5)
+    img2, _ = compare(registry, rows, "routing", columns=5)
     assert np.array_equal(img, img2)
-    cfg = ui.parse_settings(models, model="cfg", steps=3, digit=2)
-    assert [r.guidance for r in ui.parse_compare(models, cfg, "guidance", None)] == [0, 1, 2, 4, 8]
-    assert [r.sampler for r in ui.parse_compare(models, cfg, "sampler", ["euler", "heun"])] == ["euler", "heun"]
+    cfg = parse_settings(models, model="cfg", steps=3, digit=2)
+    assert [r.guidance for r in parse_compare(models, cfg, "guidance", None)] == [0, 1, 2, 4, 8]
+    assert [r.sampler for r in parse_compare(models, cfg, "sampler", ["euler", "heun"])] == ["euler", "heun"]
     with pytest.raises(ValueError, match="needs the MCL model"):
-        ui.parse_compare(models, cfg, "routing", "gated")
+        parse_compare(models, cfg, "routing", "gated")
     with pytest.raises(ValueError, match="class-conditional"):
-        ui.parse_compare(models, ui.parse_settings(models, model="ddpm"), "guidance", "1, 2")
+        parse_compare(models, parse_settings(models, model="ddpm"), "guidance", "1, 2")
     with pytest.raises(ValueError, match="compare value 'nan'.*finite"):
-        ui.parse_compare(models, cfg, "guidance", "1, nan")
+        parse_compare(models, cfg, "guidance", "1, nan")
     with pytest.raises(ValueError, match="at most 12"):
-        ui.parse_compare(models, cfg, "guidance", ",".join(str(g) for g in range(13)))
+        parse_compare(models, cfg, "guidance", ",".join(str(g) for g in range(13)))
     with pytest.raises(ValueError, match="unknown compare axis"):
-        ui.parse_compare(models, cfg, "colour", "red")
+        parse_compare(models, cfg, "colour", "red")
 
 
 def test_model_cards(registry):
-    html = ui.model_cards(registry)
+    html = model_cards(registry)
     for name in ("DDPM", "CFG", "MCL", "Gating network", "Classifier"):
         assert name in html
-    card = ui.model_card("mcl", registry.available()["mcl"])
+    card = model_card("mcl", registry.available()["mcl"])
     overview = dict(card["sections"][0][1])
     assert int(overview["parameters"].replace(",", "")) == registry.get("mcl").num_parameters
     assert overview["experts"] == "3" and "ddpm_eps" in overview["objective"]
@@ -321,13 +352,13 @@ def test_model_card_training_rows(tmp_path):
     training = {"wall_time_s": 437.1, "device": "CPU", "init": "checkpoints/cfg.safetensors", "epochs": 1, "steps": 400,
                 "images": 60000, "images_seen": 51200, "batch_size": 128, "lr": 5e-4}
     path = save_checkpoint(tmp_path / "ddpm.safetensors", {"net.w": torch.zeros(3)}, {"model": "ddpm", "training": training})
-    rows = dict(dict(ui.model_card("ddpm", path)["sections"])["Training"])
+    rows = dict(dict(model_card("ddpm", path)["sections"])["Training"])
     assert rows["training time"] == "7.3 min" and rows["started from"] == "cfg.safetensors"
     assert rows["optimizer steps"] == "400" and rows["images seen"] == "51,200" and rows["learning rate"] == "0.0005"
 
 
 def test_output_files(tmp_path):
-    files = ui.OutputFiles(tmp_path)
+    files = OutputFiles(tmp_path)
     a = files.write("x.json", b"{}")
     assert files.write("x.json", b"{}") == a and open(a, "rb").read() == b"{}"
     assert files.write("x.json", b"[]") != a
@@ -336,7 +367,7 @@ def test_output_files(tmp_path):
 def test_output_files_sweep_old_folders_but_not_one_just_handed_out(tmp_path):
     """A file written an hour ago (say by an earlier run of the app) and asked for again must
     survive the next sweep; one nobody asked for again is removed."""
-    files = ui.OutputFiles(tmp_path, max_age_s=60)
+    files = OutputFiles(tmp_path, max_age_s=60)
     again, stale = Path(files.write("compare.png", b"grid")), Path(files.write("old.png", b"old"))
     old = time.time() - 3600
     for p in (again, again.parent, stale, stale.parent):
@@ -348,12 +379,14 @@ def test_output_files_sweep_old_folders_but_not_one_just_handed_out(tmp_path):
     assert not stale.exists() and not stale.parent.exists()
 
 
-def test_initial_noise_matches_pipeline(registry, models):
-    s = ui.parse_settings(models, model="ddpm", steps=2, seed=42, n=2)
-    g = torch.Generator().manual_seed(42)
-    expected = ((torch.randn((2, 1, 28, 28), generator=g).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0]
-    assert np.array_equal(ui.initial_noise(s), expected.numpy())
-    assert math.isclose(float(ui.vp_frame(torch.zeros(1, 1, 28, 28), 3.0).mean()), 127.5, abs_tol=0.6)
+def test_the_first_frame_is_the_pipelines_starting_noise(registry, models):
+    s = parse_settings(models, model="ddpm", steps=2, seed=42, n=2)
+    expected = torch.randn((2, 1, 28, 28), generator=torch.Generator().manual_seed(42))
+    noise, _ = pipeline_initial_noise(s)
+    assert torch.equal(noise, expected)
+    first = next(stream(registry, s, models["ddpm"], extras=False))
+    assert np.array_equal(first["noisy"], render_grid(to_uint8(expected).numpy(), frame_scale(2)))
+    assert math.isclose(float(vp_frame(torch.zeros(1, 1, 28, 28), 3.0).mean()), 127.5, abs_tol=0.6)
 
 
 def test_model_card_history_shows_the_loss_curve_and_grids_or_says_there_is_none(tmp_path):

@@ -35,7 +35,7 @@ from types import SimpleNamespace
 
 import torch
 from cfg import (
-    RECIPES as CFG_RECIPES,  # train/cfg.py, beside this file (a script's folder is on sys.path)
+    RECIPES as CFG_RECIPES,  # train/cfg.py, beside this file (Python puts a script's folder on its path)
 )
 
 SHARED = {"wta": "hard", "wta_scope": "example", "head_blocks": 1}  # mcl_shared's command: train/mcl.py --mcl-arch shared --wta-scope example --wta hard

@@ -11,11 +11,18 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
+import gradio as gr
 import numpy as np
-import torch
 
 from .. import explore as ex
-from ..cold import COLD_SAMPLERS, DEGRADATIONS, BlurConfig, StartDistribution, restore
+from ..cold import (
+    COLD_SAMPLER_NAMES,
+    DEGRADATIONS,
+    BlurConfig,
+    StartDistribution,
+    degrade_and_restore,
+)
+from ..cold import generate as generate_cold
 from ..pipeline import Settings, to_uint8
 from .render import labelled_strip, png_bytes, render_grid
 
@@ -82,8 +89,7 @@ def restore_view(registry, degradation=None, level=None, index=None, drawing=Non
                      None if drawing is not None else (0 if index is None else index), drawing).validate(restorer.degradation.levels)
     digit = cr.digit()
     x0 = ex.to_model_space(digit)
-    x_s = restorer.degradation(x0, cr.level)
-    out = {name: restore(restorer, x_s, cr.level, name).clamp(-1, 1) for name in COLD_SAMPLERS}
+    x_s, out = degrade_and_restore(restorer, x0, cr.level)
     mse = {name: float(((x - x0) ** 2).mean()) for name, x in out.items()}
     tiles = [digit, to_uint8(x_s)[0].numpy(), to_uint8(out["naive"])[0].numpy(), to_uint8(out["improved"])[0].numpy()]
     sigma = float(restorer.degradation.sigmas[cr.level])
@@ -104,12 +110,10 @@ def generate_view(registry, degradation=None, seed=0, n=8, sampler="improved") -
     model = cold_model(registry, degradation)
     seed = Settings(seed=seed).validate().seed
     n = _whole(n, "number of images", 1, MAX_COLD_IMAGES)
-    if not isinstance(sampler, str) or sampler.strip().lower() not in COLD_SAMPLERS:
-        raise ValueError(f"unknown cold-diffusion sampler {str(sampler)[:40]!r}; expected one of {', '.join(COLD_SAMPLERS)}")
+    if not isinstance(sampler, str) or sampler.strip().lower() not in COLD_SAMPLER_NAMES:
+        raise ValueError(f"unknown cold-diffusion sampler {str(sampler)[:40]!r}; expected one of {', '.join(COLD_SAMPLER_NAMES)}")
     sampler = sampler.strip().lower()
-    restorer = model.restorer()
-    start = StartDistribution.from_dict(model.config["generation"]).sample(n, torch.Generator().manual_seed(seed))
-    x = restore(restorer, start, restorer.degradation.levels, sampler)
+    start, x = generate_cold(model.restorer(), StartDistribution.from_dict(model.config["generation"]), n, seed, sampler)
     settings = {"kind": "cold_generate", "degradation": degradation, "seed": seed, "n": n, "sampler": sampler}
     return {"image": render_grid(to_uint8(x).numpy()), "start": render_grid(to_uint8(start).numpy()),
             "settings_json": json.dumps(settings, indent=2)}
@@ -118,11 +122,9 @@ def generate_view(registry, degradation=None, seed=0, n=8, sampler="improved") -
 def build(registry, files, source, index, drawing, concurrency_id: str):
     """The panel inside the Explore tab: its components and events (the digit comes from the tab's
     ``source``, ``index`` and ``drawing``), and the endpoints ``/cold_restore`` and ``/cold_generate``."""
-    import gradio as gr
-
-    from .common import user_errors
     from .explore_tab import drawing_code
-    from .render import png_files
+    from .files import png_files
+    from .glue import user_errors
 
     gr.Markdown("#### Cold diffusion: blur the digit and let `cold_blur` undo it (Bansal et al. 2023)")
     with gr.Row(equal_height=True):
@@ -135,7 +137,7 @@ def build(registry, files, source, index, drawing, concurrency_id: str):
     with gr.Row(equal_height=True):
         seed = gr.Number(value=0, precision=0, minimum=0, label="Seed", scale=2, elem_id="cold_seed")
         count = gr.Slider(1, MAX_COLD_IMAGES, value=8, step=1, label="Images", scale=2, elem_id="cold_n")
-        sampler = gr.Radio(list(COLD_SAMPLERS), value="improved", label="Sampler", scale=2, elem_id="cold_sampler")
+        sampler = gr.Radio(list(COLD_SAMPLER_NAMES), value="improved", label="Sampler", scale=2, elem_id="cold_sampler")
         gen = gr.Button("Generate from a full blur", scale=1, min_width=140, elem_id="cold_gen")
     with gr.Row():
         start = gr.Image(label="Fully blurred starts", format="png", interactive=False, elem_id="cold_start", elem_classes="pixelated")

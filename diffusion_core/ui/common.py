@@ -3,21 +3,18 @@
 or API values (``parse_settings``) and ``user_errors``, which turns bad input into ``gr.Error``."""
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 import math
 import secrets
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Mapping
 
 from ..checkpoints import CheckpointError, read_config
 from ..mcl import ROUTING_COST, ROUTING_HELP, make_router
 from ..models import GUIDE_KINDS
-from ..pipeline import APP_AUTOGUIDANCE, DEFAULT_GUIDES, MAX_AUTOGUIDANCE, Settings, app_defaults  # noqa: F401 (APP_AUTOGUIDANCE: re-exported)
-from ..samplers import SAMPLERS
+from ..pipeline import DEFAULT_GUIDES, SAMPLER_NAMES, Settings, app_defaults
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +182,7 @@ def model_choices(models: Mapping[str, ModelInfo]) -> list[tuple[str, str]]:
 
 def sampler_choices() -> list[tuple[str, str]]:
     order = ["dpmpp_2m", "ddim", "ddpm", "ddpm_nonoise", "euler", "heun"]
-    return [(SAMPLER_LABELS.get(s, s), s) for s in order if s in SAMPLERS]
+    return [(SAMPLER_LABELS.get(s, s), s) for s in order if s in SAMPLER_NAMES]
 
 
 def routing_label(routing: str) -> str:
@@ -243,31 +240,6 @@ def visibility(info: ModelInfo | None, sampler: str | None) -> Visibility:
     cond = bool(info and info.conditional)
     mcl = bool(info and info.is_mcl)
     return Visibility(digit=cond, guidance=cond, autoguidance=bool(info) and not cond, routing=mcl, eta=sampler == "ddim", num_experts=info.num_experts if mcl else 0)
-
-
-def final_image(updates, what: str):
-    """The ``final`` image (a numpy array) among a tab's stream of updates, run to its end."""
-    for update in updates:
-        if "final" in update:
-            return update["final"]
-    raise RuntimeError(f"{what} ended without a final image")
-
-
-def carry_forward(updates: Iterable[dict]) -> Iterator[dict]:
-    """Yield each update of a streaming handler together with the latest value of every output an
-    earlier update set, so no chunk leaves out an output that already has a value.
-
-    Why: Gradio's browser client (6.x) sends each streamed chunk as a diff against the previous
-    chunk and applies it in place, to the very objects it handed to the components. A component
-    that is not mounted yet (its tab is still opening) keeps a reference to its pending value, and
-    a later chunk that skips that output rewrites the object into a skip marker before the
-    component reads it: the image comes up empty although the status says Done. A value repeated
-    unchanged diffs to nothing and is left alone (tests/test_stream_browser.py shows both).
-    """
-    held: dict = {}
-    for update in updates:
-        held.update(update)
-        yield dict(held)
 
 
 def random_seed() -> int:
@@ -376,35 +348,3 @@ def settings_from_json(models: Mapping[str, ModelInfo], text: str) -> Settings:
         raise ValueError("settings must be a JSON text of at most 10000 characters")
     s = Settings.from_json(text)
     return parse_settings(models, **s.to_dict())
-
-
-def user_errors(fn):
-    """Decorate a Gradio handler (function or generator): ``ValueError`` (bad input, bad or
-    missing checkpoint) becomes ``gr.Error`` with its message; anything else is logged and
-    reported as an internal error, so the request fails cleanly and the queue moves on."""
-    import gradio as gr
-
-    def convert(e: Exception) -> Exception:
-        if isinstance(e, gr.Error):
-            return e
-        if isinstance(e, (ValueError, TypeError, OverflowError)):
-            return gr.Error(str(e), print_exception=False)
-        log.exception("internal error in %s", fn.__name__)
-        return gr.Error(f"internal error ({type(e).__name__}: {e})", print_exception=False)
-
-    if inspect.isgeneratorfunction(fn):
-        @functools.wraps(fn)
-        def gen_wrapper(*args, **kwargs):
-            try:
-                yield from fn(*args, **kwargs)
-            except Exception as e:  # noqa: BLE001
-                raise convert(e) from None
-        return gen_wrapper
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as e:  # noqa: BLE001
-            raise convert(e) from None
-    return wrapper

@@ -7,13 +7,26 @@ import json
 from typing import Mapping
 from urllib.parse import urlencode
 
+import gradio as gr
 import numpy as np
 
 from ..palette import expert_color
-from ..pipeline import Settings, trajectory
-from .common import (COMPARE_AXES, DEFAULT_GUIDANCES, MAX_COMPARE_ROWS, MENU_ROUTINGS, SAMPLER_LABELS, SAMPLER_NOTES, ModelInfo, _name, parse_settings,
-                     sampler_choices)
-from .render import initial_noise, labelled_strip, snapshot_indices, vp_frame
+from ..pipeline import Settings, parse_json, start, to_uint8
+from .common import (
+    COMPARE_AXES,
+    DEFAULT_GUIDANCES,
+    MAX_COMPARE_ROWS,
+    MENU_ROUTINGS,
+    SAMPLER_LABELS,
+    SAMPLER_NOTES,
+    ModelInfo,
+    _name,
+    parse_settings,
+    sampler_choices,
+)
+from .files import OutputFiles
+from .glue import user_errors
+from .render import labelled_strip, png_bytes, snapshot_indices, vp_frame
 from .share import share_query
 
 COMPARE_KIND = "compare"
@@ -121,10 +134,10 @@ def compare(registry, rows: list[Settings], axis: str, columns: int = COMPARE_CO
     for s in rows:
         model, gate = registry.for_settings(s)
         guide = registry.guide_for(s, model)
-        noise = initial_noise(s)[0]
-        row, brow = [noise], [None]
+        run = start(s, model, gate, guide=guide)
+        row, brow = [to_uint8(run.noise).numpy()[0]], [None]
         states = {}
-        for step in trajectory(s, model, gate, guide=guide):
+        for step in run.steps:
             if step.index in idx:
                 states[step.index] = (vp_frame(step.x, step.sigma_next)[0], None if step.expert is None else int(step.expert[0]))
         for i in idx:
@@ -157,11 +170,7 @@ def compare_from_json(models: Mapping[str, ModelInfo], text: str) -> tuple[Setti
     as the app does; ``ValueError`` with a clear message otherwise."""
     if not isinstance(text, str) or len(text) > 50_000:
         raise ValueError("comparison settings must be a JSON text of at most 50000 characters")
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"comparison settings are not valid JSON: {e}") from None
-    return compare_from_dict(models, d)
+    return compare_from_dict(models, parse_json(text, "comparison settings"))
 
 
 def compare_from_dict(models: Mapping[str, ModelInfo], d) -> tuple[Settings, str, list[Settings], int]:
@@ -189,3 +198,92 @@ def compare_share_query(base: Settings, info: ModelInfo, axis: str, rows: list[S
     q = share_query(b, info)
     extra = urlencode([("tab", "compare"), ("axis", axis), ("values", ",".join(row_value(s, axis) for s in rows))], safe=":,")
     return q + "&" + extra
+
+
+def compare_files(registry, files: OutputFiles, models, base: Settings, axis: str, rows: list[Settings], columns: int = COMPARE_COLUMNS):
+    """The comparison as the app hands it out: (PNG path, settings JSON, JSON path, share query);
+    the PNG is the one the CLI writes, byte for byte."""
+    img, meta = compare(registry, rows, axis, columns=columns, base=base)
+    text = compare_json(meta)
+    png = files.write("compare.png", png_bytes(img))
+    js = files.write("compare.json", (text + "\n").encode())
+    return png, text, js, compare_share_query(base, models[base.model], axis, rows)
+
+
+AXIS_LABELS = {"sampler": "samplers", "eta": "DDIM eta (and DDPM)", "routing": "routing strategies", "guidance": "guidance scales",
+               "autoguidance": "autoguidance weights"}
+
+
+def axis_choices(info: ModelInfo | None) -> list[tuple[str, str]]:
+    """The axes that apply to a model: samplers and etas always, routings for MCL, guidance for a
+    class-conditional model, autoguidance for an unconditional one."""
+    axes = ["sampler", "eta"]
+    if info and info.is_mcl:
+        axes.append("routing")
+    if info and info.conditional:
+        axes.append("guidance")
+    if info and not info.conditional:
+        axes.append("autoguidance")
+    return [(AXIS_LABELS[a], a) for a in axes]
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout and events
+
+
+def build(shared, tab) -> dict:
+    """The Compare tab's components (inside ``tab``) and events; a compare link fills it on page load."""
+    from .controls import SAMPLING, SHARE_JS
+
+    s = shared
+    gr.Markdown("One seed, several strategies side by side. Rows: strategy; columns: denoising steps from the same "
+                "initial noise. The other settings (model, seed, steps, digit...) come from the controls on the left.")
+    with gr.Row(equal_height=False):
+        axis = gr.Radio(axis_choices(None), value="sampler", label="Compare", scale=2, elem_id="axis")
+        values = gr.Textbox(value=default_compare_values("sampler", None), label="Values (comma-separated)", scale=3, elem_id="values")
+        button = gr.Button("Compare", variant="primary", scale=1, min_width=120, elem_id="compare_btn")
+    image = gr.Image(label="Trajectories", show_label=False, format="png", interactive=False, elem_id="compare_img", buttons=["download", "fullscreen"])
+    gr.Markdown(ETA_NOTE)
+    with gr.Accordion("Share and reproduce", open=True):
+        link = gr.Textbox(label="Share link (opens this exact comparison)", buttons=["copy"], max_lines=2, elem_id="compare_link", interactive=False)
+        with gr.Row():
+            settings_json = gr.Code(label="Settings JSON", language="json", interactive=False, max_lines=14, elem_id="compare_json")
+            downloads = gr.File(label="Downloads: PNG, settings", file_count="multiple", interactive=False, elem_id="compare_files")
+        gr.Markdown("Replay from the command line (the same PNG): `python -m diffusion_core.sample --settings compare.json --grid grid.png`")
+    query = gr.Textbox(visible=False)
+    outputs = [image, settings_json, downloads, query]
+
+    @user_errors
+    def run(axis_value, values_text, *controls):
+        models = s.models()
+        base = s.settings(models, *controls[:8], 1, *controls[9:])
+        rows = parse_compare(models, base, axis_value, values_text)
+        png, text, js, q = compare_files(s.registry, s.files, models, base, axis_value, rows)
+        return png, text, [png, js], q
+
+    @user_errors
+    def load(request: gr.Request):
+        """On page load with a compare link: the comparison it holds."""
+        link_ = s.link(request)
+        if link_ is None or link_.tab != "compare":
+            return [gr.skip()] * 4
+        png, text, js, q = compare_files(s.registry, s.files, s.models(), link_.settings, link_.axis, link_.rows)
+        return png, text, [png, js], q
+
+    def axis_updates(model_name, axis_value):
+        info = s.models().get(model_name)
+        choices = axis_choices(info)
+        axis_value = axis_value if axis_value in [c[1] for c in choices] else "sampler"
+        return gr.update(choices=choices, value=axis_value), default_compare_values(axis_value, info)
+
+    s.model.change(axis_updates, [s.model, axis], [axis, values], api_visibility="private", queue=False)
+    axis.input(lambda m, a: default_compare_values(a, s.models().get(m)), [s.model, axis], values, api_visibility="private", queue=False)
+    button.click(run, [axis, values] + s.controls, outputs, api_visibility="private", concurrency_id=SAMPLING).then(
+        None, query, link, js=SHARE_JS, api_visibility="private")
+    tab.select(lambda: "compare", None, s.active_tab, api_visibility="private", queue=False)
+
+    def on_page_load(loaded):
+        loaded.success(load, None, outputs, concurrency_id=SAMPLING, api_visibility="private").then(
+            None, query, link, js=SHARE_JS, api_visibility="private")
+
+    return {"axis": axis, "values": values, "axis_updates": axis_updates, "on_page_load": on_page_load}

@@ -10,20 +10,31 @@ from __future__ import annotations
 
 import hashlib
 import math
+import secrets
 import threading
 import time
 from collections import OrderedDict
 from typing import Any, Iterator, Mapping
 from urllib.parse import urlencode
 
+import gradio as gr
 import numpy as np
 import torch
 
 from .. import explore as ex
-from ..pipeline import Settings, build_denoiser, to_uint8
-from .common import ModelInfo, _check_length, final_image, parse_settings
+from ..pipeline import Settings, parse_json, to_uint8
+from .common import ModelInfo, _check_length, parse_settings
+from .files import OutputFiles, png_files
 from .generate_tab import Throttle
-from .render import OutputFiles, labelled_strip, png_bytes, render_grid, render_rgb_grid, velocity_tiles, vp_frame
+from .glue import final_image, streamed, user_errors
+from .render import (
+    labelled_strip,
+    png_bytes,
+    render_grid,
+    render_rgb_grid,
+    velocity_tiles,
+    vp_frame,
+)
 from .share import share_query
 
 STRIP_SCALE = 6  # 28x28 tiles become 168x168 in the Explore strips
@@ -192,14 +203,8 @@ def denoise(registry, base: Settings, digit: np.ndarray, level, curve: bool = Tr
     "info": numbers, "text": a Markdown summary}."""
     t = _level(level)
     model, gate = registry.for_settings(base)
-    den = build_denoiser(base, model, gate)
-    scale = ex.model_scale(model)
+    r, scale = ex.denoise_digit(base, model, gate, digit, t)
     x0 = ex.to_model_space(digit)
-    eps, g = ex.noise(base.seed)
-    den.reset(1, g)
-    label = ex.label_tensor(model, base.digit)
-    with torch.inference_mode():
-        r = ex.one_step(den, scale, x0, eps, t, label)
     err = (r.prediction - x0).abs()[0, 0].clamp(0, 2).div(2).mul(255).round().to(torch.uint8).numpy()
     tiles = [to_uint8(r.x_t)[0].numpy(), to_uint8(r.prediction)[0].numpy(), err]
     image = labelled_strip([tiles], ["x_t (the model's schedule)", "predicted clean image", "|error|"], None, scale=STRIP_SCALE)
@@ -209,13 +214,8 @@ def denoise(registry, base: Settings, digit: np.ndarray, level, curve: bool = Tr
     if curve:
         key = (str(getattr(model, "path", base.model)), id(model), base.guidance, base.digit, base.routing, base.seed,
                hashlib.sha1(np.ascontiguousarray(digit).tobytes()).hexdigest())
-
-        def compute():
-            den.reset(len(ex.ERROR_SIGMAS), torch.Generator().manual_seed(base.seed))
-            with torch.inference_mode():
-                return ex.error_curve(den, x0, eps, label)
-
-        out["figure"] = error_figure(_cached_curve(key, compute), scale, r.sigma, r.mse, base.model)
+        mse = _cached_curve(key, lambda: ex.digit_error_curve(base, model, gate, digit))
+        out["figure"] = error_figure(mse, scale, r.sigma, r.mse, base.model)
     where = "inside" if r.in_training_range else "**outside**"
     out["text"] = (f"One network call at t = {t:.2f} (σ = {r.sigma:.3g}, {where} the training range "
                    f"σ ∈ [{scale.sigma_min:.3g}, {scale.sigma_max:.3g}] of `{base.model}`): mean squared error "
@@ -271,9 +271,7 @@ def parse_edit(models: Mapping[str, ModelInfo], *, model=None, sampler=None, ste
     else:
         _check_length("index", index)
         idx, code = (d.index if index is None else index), None
-    es = ex.EditSettings(model=base.model, sampler=base.sampler, steps=base.steps, seed=base.seed, digit=base.digit,
-                         guidance=base.guidance, routing=base.routing, eta=base.eta, index=idx, drawing=code,
-                         level=d.level if level is None else level, region=d.region if region is None else region)
+    es = ex.EditSettings(base, index=idx, drawing=code, level=d.level if level is None else level, region=d.region if region is None else region)
     info = models[base.model]
     return es.validate(num_experts=info.num_experts if info.is_mcl else None)
 
@@ -282,7 +280,11 @@ def edit_from_json(models: Mapping[str, ModelInfo], text: str) -> ex.EditSetting
     """An SDEdit result's settings JSON -> validated ``EditSettings``."""
     if not isinstance(text, str) or len(text) > 10_000:
         raise ValueError("settings must be a JSON text of at most 10000 characters")
-    es = ex.EditSettings.from_json(text)
+    raw = parse_json(text)
+    if not isinstance(raw, dict) or raw.get("kind") != ex.EditSettings.KIND:
+        raise ValueError(f"these settings are not an SDEdit result (expected a JSON object with kind {ex.EditSettings.KIND!r}, "
+                         "as /sdedit and the Explore tab write it)")
+    es = ex.EditSettings.from_dict(raw)
     d = es.to_dict()
     d.pop("kind")
     if (d.get("index") is None) == (d.get("drawing") is None):
@@ -375,3 +377,137 @@ def sdedit_image(registry, es: ex.EditSettings, info: ModelInfo) -> np.ndarray:
 
 def sdedit_cli_command() -> str:
     return "python -m diffusion_core.sample --settings sdedit.json --grid sdedit.png"
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout and events
+
+EXPLORE_INTRO = """
+**Noise level t**: 0 is the clean digit, 1 pure noise, each schedule in its own convention (DDPM: the
+fraction of the 1000 training steps; rectified flow: x_t = (1 - t) x0 + t noise). Every image here uses
+the noise of the seed on the left, so the same t under the three schedules shows the same noise at
+different strengths. *One-step denoising* and *SDEdit* use the model, digit, guidance and routing on
+the left (the digit is the one guidance steers towards: pick 8 and turn a 3 into an 8); they run the
+model without autoguidance.
+"""
+
+
+def build(shared, tab) -> dict:
+    """The Explore tab's components (inside ``tab``) and events: the forward process and one-step
+    denoising follow every control while the tab is open; SDEdit streams on its button and on an
+    Explore link; the cold-diffusion panel sits below."""
+    from . import cold_panel
+    from .controls import CONCURRENCY, DEFAULTS, SAMPLING, SHARE_JS
+
+    s = shared
+    info0 = s.models().get(s.model.value)
+    gr.Markdown(EXPLORE_INTRO)
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=1, min_width=300):
+            source = gr.Radio([("MNIST test digit", "mnist"), ("my drawing", "drawing")], value="mnist", label="Digit to explore", elem_id="ex_source")
+            with gr.Row(equal_height=True):
+                index = gr.Number(value=0, precision=0, minimum=0, maximum=999, label="Test digit index (0-999)", scale=3, elem_id="ex_index")
+                random_digit = gr.Button("Random digit", scale=1, min_width=90, elem_id="ex_random")
+            sketch = gr.Sketchpad(label="Draw a digit: pick the brush, then draw", type="numpy", image_mode="RGBA", canvas_size=(280, 280),
+                                  fixed_canvas=True, layers=False, transforms=(), elem_id="ex_sketch", format="png",
+                                  brush=gr.Brush(colors=["#000000"], default_color="#000000", default_size=22, color_mode="fixed"))
+            drawing = gr.Textbox(visible=False, elem_id="ex_drawing")
+        with gr.Column(scale=2):
+            level = gr.Slider(0, 1, value=0.5, step=0.01, label="Noise level t (0 clean, 1 pure noise)", elem_id="ex_level")
+            gr.Markdown("#### Forward process: the digit at noise level t under each schedule")
+            T = gr.Radio(list(ex.SCHEDULE_LENGTHS), value=1000, label="Linear schedule length T (betas scaled so alpha-bar_T = 1e-5)", elem_id="ex_T")
+            forward_img = gr.Image(show_label=False, format="png", interactive=False, elem_id="ex_forward", buttons=["download"])
+            schedule_plot = gr.Plot(show_label=False, format="png", elem_id="ex_schedule")
+    gr.Markdown("#### One-step denoising: the model's guess of the clean digit from x_t, in one network call")
+    denoise_text = gr.Markdown("", elem_id="ex_denoise_text")
+    with gr.Row(equal_height=False):
+        denoise_img = gr.Image(show_label=False, format="png", interactive=False, elem_id="ex_denoise", buttons=["download"])
+        error_plot = gr.Plot(show_label=False, format="png", elem_id="ex_error")
+    gr.Markdown("#### Your own digit: noise it to level t and let the model carry it back (SDEdit)")
+    with gr.Row(equal_height=True):
+        region = gr.Dropdown(region_choices(), value="none", label="Repaint only (inpainting)", scale=2, elem_id="ex_region")
+        run = gr.Button("Carry it back", variant="primary", scale=1, min_width=140, elem_id="ex_run")
+    status = gr.Markdown("", elem_id="ex_status")
+    with gr.Row():
+        noisy = gr.Image(label="Current x_t", format="png", interactive=False, height=240, elem_id="ex_noisy", elem_classes="pixelated", buttons=[])
+        velocity_img = gr.Image(label="Predicted velocity (blue < 0 < red)", format="png", interactive=False, height=240, elem_id="ex_velocity",
+                                elem_classes="pixelated", buttons=[], visible=bool(info0 and info0.is_flow))
+        denoised = gr.Image(label="Predicted clean image", format="png", interactive=False, height=240, elem_id="ex_denoised",
+                            elem_classes="pixelated", buttons=[])
+        final = gr.Image(label="Result", format="png", interactive=False, height=240, elem_id="ex_final", elem_classes="pixelated",
+                         buttons=["download", "fullscreen"])
+    strip = gr.Image(show_label=False, format="png", interactive=False, elem_id="ex_strip", buttons=["download"])
+    with gr.Accordion("Share and reproduce", open=True):
+        link = gr.Textbox(label="Share link (opens this exact result)", buttons=["copy"], max_lines=2, elem_id="ex_link", interactive=False)
+        with gr.Row():
+            settings_json = gr.Code(label="Settings JSON", language="json", interactive=False, max_lines=16, elem_id="ex_json")
+            downloads = gr.File(label="Downloads: PNG, settings", file_count="multiple", interactive=False, elem_id="ex_files")
+        gr.Markdown(f"Replay from the command line (the same PNG): `{sdedit_cli_command()}`")
+    query = gr.Textbox(visible=False)
+    cold_panel.build(s.registry, s.files, source, index, drawing, SAMPLING)
+
+    outputs = {"noisy": noisy, "denoised": denoised, "velocity": velocity_img, "status": status, "final": final,
+               "strip": strip, "settings_json": settings_json, "share_query": query, "downloads": downloads}
+    view_outputs = [forward_img, schedule_plot, denoise_img, error_plot, denoise_text]
+    inputs = [source, index, drawing, level, region]
+
+    @user_errors
+    def view(active, src, idx, drawn, lvl, model, digit, guidance, routing, seed, length=1000):
+        """The forward process and one-step denoising of the chosen digit at the slider's level."""
+        if active != "explore":
+            return [gr.skip()] * 5
+        models = s.models()
+        if src == "drawing" and not drawn:
+            return None, None, None, None, "Draw a digit on the sketchpad (or pick an MNIST test digit)."
+        x0 = input_digit(src, idx, drawn)
+        base = s.settings(models, model, digit, guidance, DEFAULTS.sampler, DEFAULTS.steps, DEFAULTS.eta, routing, seed, 1)
+        fwd, _ = forward_view(x0, base.seed, lvl, length)
+        den = denoise(s.registry, base, x0, lvl)
+        return png_files((fwd, schedule_figure(lvl, length), den["image"], den["figure"], den["text"]), s.files)
+
+    def on_drawing(value):
+        """A stroke on the sketchpad: the MNIST-style digit it makes (encoded), and the source set to the drawing."""
+        try:
+            return drawing_code(value), "drawing"
+        except ValueError:  # an empty or cleared canvas
+            return "", gr.skip()
+
+    def updates(es, info):
+        first = True
+        for update in sdedit_stream(s.registry, es, info, s.files):
+            out = {outputs[k]: v for k, v in update.items() if k in outputs}
+            if first:  # clear the previous result while the new one streams in
+                out.update({final: None, strip: None, downloads: None, query: ""})
+                first = False
+            yield out
+
+    @user_errors
+    def carry_back(model, digit, guidance, sampler, steps, eta, routing, seed, n, src, idx, drawn, lvl, reg):
+        models = s.models()
+        es = parse_edit(models, model=model, digit=digit, guidance=guidance, sampler=sampler, steps=steps, eta=eta, routing=routing,
+                        seed=seed, source=src, index=idx, drawing=drawn, level=lvl, region=reg)
+        yield from streamed(updates(es, models[es.model]), s.files)
+
+    def load(model, digit, guidance, sampler, steps, eta, routing, seed, n, src, idx, drawn, lvl, reg, request: gr.Request):
+        link_ = s.link(request)
+        if link_ is None or link_.tab != "explore":
+            yield {status: gr.skip()}
+            return
+        yield from carry_back(model, digit, guidance, sampler, steps, eta, routing, seed, n, src, idx, drawn, lvl, reg)
+
+    view_inputs = [s.active_tab, source, index, drawing, level, s.model, s.digit, s.guidance, s.routing, s.seed, T]
+    tab.select(lambda *v: ["explore"] + list(view("explore", *v)), view_inputs[1:], [s.active_tab] + view_outputs, api_visibility="private",
+               concurrency_id="explore_view", concurrency_limit=CONCURRENCY)
+    gr.on([level.change, T.change, index.change, source.change, drawing.change, s.model.change, s.digit.change, s.guidance.release,
+           s.routing.change], view, view_inputs, view_outputs, trigger_mode="always_last", api_visibility="private",
+          concurrency_id="explore_view", concurrency_limit=CONCURRENCY)
+    sketch.change(on_drawing, sketch, [drawing, source], trigger_mode="always_last", api_visibility="private", queue=False)
+    random_digit.click(lambda: (secrets.randbelow(1000), "mnist"), None, [index, source], api_visibility="private", queue=False)
+    run.click(carry_back, s.edit_controls + inputs, list(outputs.values()), concurrency_id=SAMPLING, api_visibility="private",
+              show_progress="minimal", show_progress_on=[status]).then(None, query, link, js=SHARE_JS, api_visibility="private")
+
+    def on_page_load(loaded):
+        loaded.success(load, s.edit_controls + inputs, list(outputs.values()), concurrency_id=SAMPLING, api_visibility="private",
+                       show_progress="minimal", show_progress_on=[status]).then(None, query, link, js=SHARE_JS, api_visibility="private")
+
+    return {"inputs": inputs, "velocity": velocity_img, "on_page_load": on_page_load}

@@ -1,19 +1,35 @@
-"""The Generate tab: run a trajectory and stream throttled frames, then the final results."""
+"""The Generate tab: render a trajectory of the pipeline as throttled live frames, then the final
+results (``stream``), and the tab's layout and events (``build``)."""
 from __future__ import annotations
 
 import math
 import time
 from typing import Any, Iterator
 
+import gradio as gr
 import numpy as np
-import torch
 
 from ..explore import velocity
 from ..palette import expert_color
-from ..pipeline import Settings, to_uint8, trajectory
-from .common import ModelInfo, final_image
-from .render import (SCORE_HEAD_SENTENCE, OutputFiles, Recording, expert_borders, expert_chart, filmstrip, frame_scale, gif_frames, initial_noise,
-                     png_bytes, render_grid, render_rgb_grid, velocity_tiles, vp_frame, write_gif)
+from ..pipeline import Settings, start, to_uint8
+from .common import ModelInfo
+from .files import OutputFiles
+from .glue import final_image, streamed, user_errors
+from .render import (
+    SCORE_HEAD_SENTENCE,
+    Recording,
+    expert_borders,
+    expert_chart,
+    filmstrip,
+    frame_scale,
+    gif_frames,
+    png_bytes,
+    render_grid,
+    render_rgb_grid,
+    velocity_tiles,
+    vp_frame,
+    write_gif,
+)
 from .share import share_query
 
 
@@ -61,18 +77,14 @@ def stream(registry, settings: Settings, info: ModelInfo, files: OutputFiles | N
     n = settings.n
     fs = frame_scale(n)
     throttle = Throttle(min_interval)
-    noise = initial_noise(settings)
+    run = start(settings, model, gate, watch_gate=True, guide=guide)
+    noise = to_uint8(run.noise).numpy()
     throttle.ready(force=True)
     yield {"noisy": render_grid(noise, fs), "denoised": None, "status": _status(0, settings.steps, None, 0.0)}
     xs, dens, sigmas, experts, probs = [], [], [], [], []
     last = None
-    prev = None  # the state before the step (flow models: for the velocity)
-    if info.is_flow:
-        g = torch.Generator(device="cpu").manual_seed(settings.seed)
-        prev = torch.randn((n, 1, 28, 28), generator=g, dtype=torch.float32)
-    for step in trajectory(settings, model, gate, watch_gate=True, guide=guide):
-        if prev is not None and step.index == 0:
-            prev = prev * math.sqrt(step.sigma**2 + 1)
+    prev = run.x if info.is_flow else None  # the state before the step (flow models: for the velocity)
+    for step in run.steps:
         last = step
         x8 = vp_frame(step.x, step.sigma_next)
         d8 = to_uint8(step.denoised).numpy()
@@ -141,3 +153,76 @@ def generate_image(registry, settings: Settings, info: ModelInfo) -> np.ndarray:
 def cli_command() -> str:
     """How to replay the settings JSON (saved as settings.json) from the command line."""
     return "python -m diffusion_core.sample --settings settings.json --out samples.npz --grid samples.png"
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout and events
+
+
+def build(shared, tab) -> dict:
+    """The Generate tab's components (inside ``tab``) and its events: the Generate button streams
+    the trajectory; a share link of this tab generates on page load (``on_page_load``)."""
+    from .controls import SAMPLING, SHARE_JS
+
+    s = shared
+    status = gr.Markdown("", elem_id="status")
+    info0 = s.models().get(s.model.value)
+    with gr.Row():
+        noisy = gr.Image(label="Current noisy image x_t", format="png", interactive=False, height=260,
+                         elem_id="noisy", elem_classes="pixelated", buttons=[])
+        velocity_img = gr.Image(label="Predicted velocity v = noise - x0 (blue < 0 < red)", format="png", interactive=False,
+                                height=260, elem_id="velocity", elem_classes="pixelated", buttons=[], visible=bool(info0 and info0.is_flow))
+        denoised = gr.Image(label="Predicted clean image", format="png", interactive=False, height=260,
+                            elem_id="denoised", elem_classes="pixelated", buttons=[])
+        final = gr.Image(label="Final image", format="png", interactive=False, height=260,
+                         elem_id="final", elem_classes="pixelated", buttons=["download", "fullscreen"])
+    gr.Markdown("**Filmstrip:** from noise to digit", elem_classes="caption")
+    strip = gr.Image(label="Filmstrip", show_label=False, format="png", interactive=False, elem_id="filmstrip", buttons=["download"])
+    chart = gr.Plot(label="Experts at each step", show_label=False, format="png", visible=False, elem_id="chart")
+    chart_text = gr.Markdown("", elem_id="chart_caption", elem_classes="caption")
+    with gr.Accordion("Share and reproduce", open=True):
+        link = gr.Textbox(label="Share link (opens this exact image)", buttons=["copy"], max_lines=2, elem_id="share_link", interactive=False)
+        with gr.Row():
+            settings_json = gr.Code(label="Settings JSON", language="json", interactive=False, elem_id="settings_json", max_lines=14)
+            downloads = gr.File(label="Downloads: PNG, GIF, settings", file_count="multiple", interactive=False)
+        gr.Markdown(f"Replay from the command line: `{cli_command()}`")
+    query = gr.Textbox(visible=False)
+    outputs = {"noisy": noisy, "denoised": denoised, "status": status, "final": final, "settings_json": settings_json,
+               "share_query": query, "filmstrip": strip, "downloads": downloads, "velocity": velocity_img, "chart_caption": chart_text}
+
+    def updates(settings, info):
+        first = True
+        for update in stream(s.registry, settings, info, s.files):
+            out = {outputs[k]: v for k, v in update.items() if k in outputs}
+            if "chart" in update:
+                out[chart] = gr.Plot(value=update["chart"], visible=update["chart"] is not None)
+            if first:  # clear the previous results while the new ones stream in
+                out.update({final: None, strip: None, downloads: None, query: "", chart: gr.Plot(visible=False), velocity_img: None,
+                            chart_text: ""})
+                first = False
+            yield out
+
+    @user_errors
+    def generate_stream(*values):
+        models = s.models()
+        settings = s.settings(models, *values)
+        yield from streamed(updates(settings, models[settings.model]), s.files)
+
+    def load_generate(model, digit, guidance, sampler, steps, eta, routing, seed, n, autoguidance, guide, request: gr.Request):
+        """On page load: generate, unless the link opens another tab."""
+        link_ = s.link(request)
+        if link_ is None or link_.tab != "generate":
+            yield {status: gr.skip()}
+            return
+        yield from generate_stream(model, digit, guidance, sampler, steps, eta, routing, seed, n, autoguidance, guide)
+
+    all_outputs = list(outputs.values()) + [chart]
+    s.run.click(generate_stream, s.controls, all_outputs, concurrency_id=SAMPLING, show_progress="minimal", show_progress_on=[status],
+                api_name="generate_stream", api_visibility="undocumented").then(None, query, link, js=SHARE_JS, api_visibility="private")
+    tab.select(lambda: "generate", None, s.active_tab, api_visibility="private", queue=False)
+
+    def on_page_load(loaded):
+        loaded.success(load_generate, s.controls, all_outputs, concurrency_id=SAMPLING, api_visibility="private",
+                       show_progress="minimal", show_progress_on=[status]).then(None, query, link, js=SHARE_JS, api_visibility="private")
+
+    return {"velocity": velocity_img, "on_page_load": on_page_load}

@@ -9,6 +9,8 @@ import math
 import struct
 from pathlib import Path
 
+import gradio as gr
+
 from ..checkpoints import read_config
 from .common import CARD_TITLES, MODEL_BLURBS
 
@@ -179,3 +181,10 @@ def model_cards(registry) -> str:
     if not cards:
         return f"<p>No checkpoints found in <code>{html.escape(str(registry.directory))}</code>.</p>"
     return '<div class="model-cards">' + "".join(cards) + "</div>"
+
+
+def build(shared, tab):
+    """The Models tab: the cards (refreshed on every page load: a checkpoint may have landed)."""
+    cards = gr.HTML(model_cards(shared.registry))
+    tab.select(lambda: "models", None, shared.active_tab, api_visibility="private", queue=False)
+    return cards
