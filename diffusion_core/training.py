@@ -10,11 +10,10 @@ top to bottom:
    transforms); each epoch is one seeded permutation, rank ``r`` of ``W`` takes every W-th batch;
 3. model: the task's network (channels_last on CUDA; on the CPU it slows bf16 down), an EMA copy (the weights exported), AdamW with
    linear warmup and cosine decay, ``--compile``;
-4. resume: ``<run-dir>/state.pt`` holds everything needed to carry on bit for bit (model, EMA,
-   optimizer, schedule, step / epoch / batch, every rank's random generators and the epoch's
-   running sums); it is written atomically (temp file, fsync, rename) every ``--save-every``
-   steps and at every epoch end, so a run killed with SIGKILL and rerun with ``--resume``
-   continues from its last save, on the same permutation at the same batch;
+4. resume: ``<run-dir>/state.pt`` (``runlog.ResumeState``) holds everything needed to carry on
+   bit for bit; it is written atomically every ``--save-every`` steps and at every epoch end, so
+   a run killed with SIGKILL and rerun with ``--resume`` continues from its last save, on the
+   same permutation at the same batch; ``runlog.Progress`` is where the run is;
 5. the loop: bf16 autocast on CUDA, gradient clipping, EMA update, a metrics.jsonl (``step``
    records every ``--log-every`` steps, one ``epoch`` record per epoch, summed over all ranks),
    a loss-curve PNG, a sample grid per epoch, and warnings (e.g. a dead MCL expert) printed
@@ -22,10 +21,6 @@ top to bottom:
 6. export: the EMA weights with training metadata, through ``task.export``; the metadata's
    ``history`` keeps the loss curve and the sample grids after epochs 1, 5 and the last
    (``training_history``), for the Models tab.
-
-The state file's keys: ``model ema opt sched gen step epoch batch_in_epoch wall_s args``,
-``ranks`` (per-rank random states and epoch sums) and ``task`` (``Task.state_dict``); older files
-lack the last two.
 """
 from __future__ import annotations
 
@@ -45,6 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import MNISTNotFound, load_mnist
+from .runlog import Progress, ResumeState, _jsonable, plot_losses, training_history, truncate_metrics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,91 +271,10 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         eb.copy_(mb)
 
 
-def atomic_torch_save(obj, path: Path) -> None:
-    """torch.save to a temp file, fsync, then rename over ``path``: a reader (or a rerun after
-    SIGKILL) sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def truncate_metrics(path: Path, step: int) -> list[dict]:
-    """Drop the records a killed run wrote after its last save (``step``); returns the rest."""
-    records = [r for r in read_metrics(path) if r.get("step", 0) <= step]
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, path)
-    return records
-
-
-def plot_losses(metrics_path: Path, png_path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    recs = [r for r in read_metrics(metrics_path) if r.get("type") == "step"]
-    if not recs:
-        return
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], lw=1)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
-    if all(r["loss"] > 0 for r in recs):
-        ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-
-
-HISTORY_EPOCHS = (1, 5)  # the sample grids a history keeps besides the last epoch's (1-based)
-HISTORY_POINTS = 300  # the loss curve's points at most (means of consecutive step records)
-
-
-def training_history(run_dir: Path, metrics_path: Path, epochs: int) -> dict:
-    """What the Models tab shows of how a model learned: the loss curve (at most ``HISTORY_POINTS``
-    ``[step, loss]`` points, each the mean of consecutive step records) and the sample grids
-    written after epochs 1, 5 and the last (PNG, base64), read from the run directory. A few tens
-    of kB; it is stored in the checkpoint's training metadata."""
-    import base64
-
-    records = read_metrics(metrics_path)
-    steps = [r for r in records if r.get("type") == "step"]
-    per = max(1, math.ceil(len(steps) / HISTORY_POINTS))
-    loss = []
-    for i in range(0, len(steps), per):
-        chunk = steps[i:i + per]
-        loss.append([chunk[-1]["step"], round(sum(r["loss"] for r in chunk) / len(chunk), 6)])
-    epoch_steps = {r["epoch"]: r.get("step") for r in records if r.get("type") == "epoch"}
-    grids = []
-    for epoch in sorted({e for e in HISTORY_EPOCHS if e <= epochs} | ({epochs} if epochs else set())):
-        png = run_dir / f"samples_epoch{epoch - 1:03d}.png"
-        if png.is_file():
-            grids.append({"epoch": epoch, "step": epoch_steps.get(epoch - 1), "png": base64.b64encode(png.read_bytes()).decode("ascii")})
-    return {"loss": loss, "grids": grids}
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def _to(obj, device):
-    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in obj.items()}
-
-
-def _jsonable(args) -> dict:
-    return json.loads(json.dumps(vars(args), default=str))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,48 +336,22 @@ def train(task: Task, args) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.warmup_steps, total_steps))
     torch.manual_seed(args.seed * 1000 + rank)  # global RNG (dropout): different per rank
     gen = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank)  # noise, labels, augmentation
-    step, epoch, batch_in_epoch, wall_before = 0, 0, 0, 0.0
-    sums, count = {}, 0  # the epoch's summed logs and its number of steps, on this rank
 
-    # -- resume
+    # -- resume (runlog.ResumeState): the progress of the run so far, or a fresh one
+    state = ResumeState(state_path, rank, world, device)
     resumed = args.resume and state_path.exists()
     if resumed:
-        try:
-            st = torch.load(state_path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - unreadable for whatever reason
-            fail(f"cannot read the resume state {state_path} ({type(e).__name__}: {e}); delete it or run without --resume")
-        try:
-            model.load_state_dict(st["model"])
-            ema.load_state_dict(st["ema"])
-        except RuntimeError as e:
-            saved = json.loads(st.get("args", "{}"))
-            diff = {k: (saved[k], v) for k, v in _jsonable(args).items() if k in saved and saved[k] != v and k not in ("resume",)}
-            fail(f"{state_path} holds a different network ({str(e).splitlines()[0]}); flags that differ from the saved run "
-                 f"(saved, now): {diff}. Use the saved run's flags or another --run-dir")
-        opt.load_state_dict(st["opt"])
-        sched.load_state_dict(st["sched"])
-        step, epoch, batch_in_epoch, wall_before = st["step"], st["epoch"], st["batch_in_epoch"], st["wall_s"]
-        task.load_state_dict(st.get("task") or {})
-        ranks = st.get("ranks")
-        if ranks is not None and len(ranks) == world:
-            mine = ranks[rank]
-            gen.set_state(mine["gen"])
-            torch.set_rng_state(mine["torch_rng"])
-            if device.type == "cuda" and "cuda_rng" in mine:
-                torch.cuda.set_rng_state(mine["cuda_rng"], device)
-            sums, count = _to(mine["sums"], device), mine["count"]
-        elif rank == 0:
-            gen.set_state(st["gen"])  # an older state file (or another world size): rank 0's noise only
-        else:
-            gen.manual_seed(args.seed * 1000 + rank + 7919 * step)
+        p = state.restore(args, model, ema, opt, sched, gen, task, fail)
         if is_main:
-            print(f"resumed from {state_path} at step {step} (epoch {epoch}, batch {batch_in_epoch})", flush=True)
-    elif is_main:
-        if args.resume:
-            print(f"no resume state at {state_path}; starting from step 0", flush=True)
-        for stale in (state_path, metrics_path):  # a fresh run replaces an earlier one in this run dir
-            stale.unlink(missing_ok=True)
-    history = truncate_metrics(metrics_path, step) if resumed and is_main else []
+            print(f"resumed from {state_path} at step {p.step} (epoch {p.epoch}, batch {p.batch_in_epoch})", flush=True)
+    else:
+        p = Progress()
+        if is_main:
+            if args.resume:
+                print(f"no resume state at {state_path}; starting from step 0", flush=True)
+            for stale in (state_path, metrics_path):  # a fresh run replaces an earlier one in this run dir
+                stale.unlink(missing_ok=True)
+    history = truncate_metrics(metrics_path, p.step) if resumed and is_main else []
     last_record = next((r for r in reversed(history) if r.get("type") == "epoch"), {})
 
     train_model = model
@@ -471,25 +360,6 @@ def train(task: Task, args) -> dict:
     if args.compile:
         train_model = torch.compile(train_model)
 
-    def save_state():
-        mine = {"gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "sums": _to(sums, "cpu"), "count": count}
-        if device.type == "cuda":
-            mine["cuda_rng"] = torch.cuda.get_rng_state(device)
-        ranks = [mine]
-        if world > 1:
-            ranks = [None] * world
-            dist.all_gather_object(ranks, mine)
-        if is_main:
-            atomic_torch_save(
-                {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                 "gen": gen.get_state(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                 "wall_s": wall_before + time.perf_counter() - t_start, "train_s": train_s, "args": json.dumps(vars(args), default=str),
-                 "ranks": ranks, "task": task.state_dict()},
-                state_path,
-            )
-        if world > 1:
-            dist.barrier()
-
     def log(rec: dict):
         if is_main:
             with open(metrics_path, "a") as f:
@@ -497,84 +367,85 @@ def train(task: Task, args) -> dict:
 
     # -- the loop
     t_start = t_epoch = time.perf_counter()
+    save = lambda: state.save(p, p.wall_before + time.perf_counter() - t_start, args, model, ema, opt, sched, gen, task)  # noqa: E731
     timed = 0  # steps of this epoch run by this process (for images/s after a resume)
-    train_s = float(st.get("train_s", wall_before)) if resumed else 0.0  # seconds inside the step loop (no grids, no saves)
-    out_of_time = bool(args.stop_at and step >= args.stop_at)  # --max-minutes or --stop-at reached
-    bar = tqdm(total=total_steps, initial=step, disable=not is_main or args.no_progress, desc=task.name, dynamic_ncols=True)
+    out_of_time = bool(args.stop_at and p.step >= args.stop_at)  # --max-minutes or --stop-at reached
+    bar = tqdm(total=total_steps, initial=p.step, disable=not is_main or args.no_progress, desc=task.name, dynamic_ncols=True)
     model.train()
-    while step < total_steps:
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 7919 + epoch)).to(device)
-        while batch_in_epoch < steps_per_epoch and step < total_steps and not out_of_time:
+    while p.step < total_steps:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 7919 + p.epoch)).to(device)
+        while p.batch_in_epoch < steps_per_epoch and p.step < total_steps and not out_of_time:
             t_step = time.perf_counter()
-            idx = shard_indices(perm, batch_in_epoch, rank, world, args.batch_size)
+            idx = shard_indices(perm, p.batch_in_epoch, rank, world, args.batch_size)
             x0, y = images[idx], labels[idx]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss, logs = task.loss(train_model, x0, y, gen, step / max(1, total_steps), index=idx)
+                loss, logs = task.loss(train_model, x0, y, gen, p.step / max(1, total_steps), index=idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             opt.step()
             sched.step()
-            ema_update(ema, model, min(args.ema_decay, (1 + step) / (10 + step)))
-            step += 1
-            batch_in_epoch += 1
-            count += 1
+            ema_update(ema, model, min(args.ema_decay, (1 + p.step) / (10 + p.step)))
+            p.step += 1
+            p.batch_in_epoch += 1
+            p.count += 1
             timed += 1
             for k, v in dict(logs, loss=loss).items():
-                sums[k] = sums.get(k, 0) + (v.detach().float() if torch.is_tensor(v) else v)
-            if step % args.log_every == 0 or step == total_steps:
+                p.sums[k] = p.sums.get(k, 0) + (v.detach().float() if torch.is_tensor(v) else v)
+            if p.step % args.log_every == 0 or p.step == total_steps:
                 lv = loss.item()
                 bar.set_postfix(loss=f"{lv:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
-                log({"type": "step", "step": step, "epoch": epoch, "loss": lv, "grad_norm": float(grad_norm), "lr": sched.get_last_lr()[0]})
+                log({"type": "step", "step": p.step, "epoch": p.epoch, "loss": lv, "grad_norm": float(grad_norm), "lr": sched.get_last_lr()[0]})
             bar.update(1)
-            train_s += time.perf_counter() - t_step
+            p.train_s += time.perf_counter() - t_step
             if args.max_minutes:
-                out_of_time = train_s >= 60 * args.max_minutes
+                out_of_time = p.train_s >= 60 * args.max_minutes
                 if world > 1:  # rank 0's clock decides, so every rank stops at the same step
                     flag = torch.tensor(float(out_of_time), device=device)
                     dist.broadcast(flag, 0)
                     out_of_time = bool(flag.item())
-            if args.stop_at and step >= args.stop_at:
+            if args.stop_at and p.step >= args.stop_at:
                 out_of_time = True
-            if args.snapshot_every and step % args.snapshot_every == 0 and is_main:
-                snap = run_dir / "snapshots" / f"{task.name}_step{step:07d}.safetensors"
+            if args.snapshot_every and p.step % args.snapshot_every == 0 and is_main:
+                snap = run_dir / "snapshots" / f"{task.name}_step{p.step:07d}.safetensors"
                 snap.parent.mkdir(exist_ok=True)
-                task.export(ema, snap, {"steps": step, "images_seen": step * per_step, "train_minutes": round(train_s / 60, 3), "snapshot": True})
-                log({"type": "snapshot", "step": step, "images_seen": step * per_step, "train_minutes": round(train_s / 60, 3), "path": str(snap)})
-            if args.save_every and step % args.save_every == 0 and batch_in_epoch < steps_per_epoch:
-                save_state()
+                seen = {"steps": p.step, "images_seen": p.step * per_step, "train_minutes": round(p.train_s / 60, 3)}
+                task.export(ema, snap, dict(seen, snapshot=True))
+                log({"type": "snapshot", "step": p.step, "images_seen": seen["images_seen"], "train_minutes": seen["train_minutes"], "path": str(snap)})
+            if args.save_every and p.step % args.save_every == 0 and p.batch_in_epoch < steps_per_epoch:
+                save()
 
-        if out_of_time and batch_in_epoch < steps_per_epoch:  # --max-minutes, mid-epoch: resumable where it stopped
-            save_state()
+        if out_of_time and p.batch_in_epoch < steps_per_epoch:  # --max-minutes, mid-epoch: resumable where it stopped
+            save()
             if is_main:
-                bar.write(f"stopped at step {step} (--max-minutes / --stop-at); --resume carries on")
+                bar.write(f"stopped at step {p.step} (--max-minutes / --stop-at); --resume carries on")
             break
 
         # end of an epoch (or of the run, when --max-steps stops it early): sum over ranks, log
         if world > 1:
-            for k in sorted(sums):
-                t = torch.as_tensor(sums[k], device=device, dtype=torch.float32).clone()
+            for k in sorted(p.sums):
+                t = torch.as_tensor(p.sums[k], device=device, dtype=torch.float32).clone()
                 dist.all_reduce(t)
-                sums[k] = t
-            t = torch.tensor(float(count), device=device)
+                p.sums[k] = t
+            t = torch.tensor(float(p.count), device=device)
             dist.all_reduce(t)
-            count = int(t.item())
+            p.count = int(t.item())
         dt = time.perf_counter() - t_epoch
-        record = {"type": "epoch", "epoch": epoch, "step": step, "seconds": round(dt, 3),
-                  "images_per_s": round(timed * per_step / max(dt, 1e-9), 1), **task.epoch_summary(sums, count)}
+        record = {"type": "epoch", "epoch": p.epoch, "step": p.step, "seconds": round(dt, 3),
+                  "images_per_s": round(timed * per_step / max(dt, 1e-9), 1), **task.epoch_summary(p.sums, p.count)}
         if is_main:
             ema.eval()
-            record.update(task.sample_grid(ema, run_dir / f"samples_epoch{epoch:03d}.png") or {})
+            record.update(task.sample_grid(ema, run_dir / f"samples_epoch{p.epoch:03d}.png") or {})
             log(record)
             bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if k not in ("type", "warnings")))
             for w in record.get("warnings", []):
-                bar.write(f"WARNING (epoch {epoch}): {w}", file=sys.stderr)
+                bar.write(f"WARNING (epoch {p.epoch}): {w}", file=sys.stderr)
             plot_losses(metrics_path, run_dir / "loss.png")
         last_record = record
-        epoch += 1
-        batch_in_epoch = 0
-        sums, count, timed = {}, 0, 0
-        save_state()
+        p.epoch += 1
+        p.batch_in_epoch = 0
+        p.sums, p.count, timed = {}, 0, 0
+        save()
         t_epoch = time.perf_counter()
         if out_of_time:
             break
@@ -588,18 +459,18 @@ def train(task: Task, args) -> dict:
         dist.all_reduce(hi, dist.ReduceOp.MAX)
         if not torch.allclose(lo, hi, rtol=1e-5, atol=1e-6):
             raise RuntimeError(f"DDP replicas diverged (max parameter-sum gap {float((hi - lo).abs().max()):.3g}): gradients were not synchronised")
-    wall = wall_before + time.perf_counter() - t_start
+    wall = p.wall_before + time.perf_counter() - t_start
     training = {
-        "epochs": epoch, "steps": step, "batch_size": per_step, "lr": args.lr, "ema_decay": args.ema_decay,
-        "seed": args.seed, "images": n, "images_seen": step * per_step, "wall_time_s": round(wall, 1), "device": device_name(device),
+        "epochs": p.epoch, "steps": p.step, "batch_size": per_step, "lr": args.lr, "ema_decay": args.ema_decay,
+        "seed": args.seed, "images": n, "images_seen": p.step * per_step, "wall_time_s": round(wall, 1), "device": device_name(device),
         "world_size": world, "precision": precision, "bf16": use_bf16, "recipe": getattr(args, "recipe", None),
-        "train_time_s": round(train_s, 1), "torch": torch.__version__, "quick": bool(args.quick),
+        "train_time_s": round(p.train_s, 1), "torch": torch.__version__, "quick": bool(args.quick),
         "final": {k: v for k, v in last_record.items() if k not in ("type", "warnings")}, "args": _jsonable(args),
     }
     if is_main:
-        training["history"] = training_history(run_dir, metrics_path, epoch)
+        training["history"] = training_history(run_dir, metrics_path, p.epoch)
         task.export(ema, out, training)
-        print(f"exported {out} ({out.stat().st_size / 2**20:.2f} MiB) after {step} steps in {wall:.1f} s", flush=True)
+        print(f"exported {out} ({out.stat().st_size / 2**20:.2f} MiB) after {p.step} steps in {wall:.1f} s", flush=True)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
