@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -121,6 +122,58 @@ def unet_from_checkpoint(path, conditional: bool):
     return net.train().requires_grad_(True), src.objective
 
 
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """What a diffusion training run is, read from the command line and checked once. The flags
+    that only some scripts have (``--p-uncond``: cfg and flow; ``--teacher``: ddpm) take their
+    defaults where a script lacks them."""
+
+    conditional: bool
+    objective: str  # ddpm_eps | edm | rectified_flow
+    schedule: ScheduleConfig
+    min_snr_gamma: float | None = None
+    eps_t: str | None = None
+    edm_weight: bool = False
+    flow_t: str | None = None
+    p_uncond: float = 0.0
+    init: str | None = None
+    init_weights_only: bool = False
+    teacher: str | None = None
+    teacher_weight: str = "blend"
+
+    @classmethod
+    def from_args(cls, args, conditional: bool) -> "DiffusionConfig":
+        """The checked configuration; ``fail`` (exit status 2) with a message for flags that do not go together."""
+        flag = lambda name, default=None: vars(args).get(name, default)  # noqa: E731
+        c = cls(conditional, args.objective, ScheduleConfig(args.schedule, args.timesteps, args.beta_start, args.beta_end),
+                flag("min_snr_gamma"), flag("eps_t"), bool(flag("edm_weight", False)), flag("flow_t"), flag("p_uncond", 0.0),
+                flag("init"), bool(flag("init_weights_only", False)), flag("teacher"), flag("teacher_weight", "blend"))
+        if conditional and not 0 <= c.p_uncond < 1:
+            fail(f"--p-uncond must be in [0, 1) (got {c.p_uncond})", status=2)
+        if c.min_snr_gamma is not None and c.objective != "ddpm_eps":
+            fail("bad objective settings: --min-snr-gamma applies to --objective ddpm_eps only (the ddpm CPU recipe sets it: "
+                 "add --min-snr-gamma none)", status=2)
+        if (c.eps_t is not None or c.edm_weight) and c.objective != "ddpm_eps":
+            fail("bad objective settings: --eps-t and --edm-weight apply to --objective ddpm_eps only", status=2)
+        if c.flow_t is not None and c.objective != "rectified_flow":
+            fail("bad objective settings: --flow-t applies to --objective rectified_flow only", status=2)
+        if c.init_weights_only and not c.init:
+            fail("--init-weights-only needs --init", status=2)
+        if c.teacher and c.teacher_weight not in TEACHER_WEIGHTS:
+            fail(f"--teacher-weight must be one of {', '.join(TEACHER_WEIGHTS)}", status=2)
+        return c
+
+    def make_objective(self):
+        try:
+            if self.objective == "ddpm_eps":
+                return EpsilonObjective(self.schedule, self.min_snr_gamma, t_sampling=self.eps_t or "uniform", edm_weight=self.edm_weight)
+            if self.objective == "edm":
+                return EDMObjective()
+            return FlowObjective(t_sampling=self.flow_t or "uniform")
+        except ValueError as e:
+            fail(f"bad objective settings: {e}", status=2)
+
+
 class DiffusionTask(Task):
     """DDPM (unconditional), or CFG when ``conditional`` (label dropout ``p_uncond``)."""
 
@@ -128,52 +181,26 @@ class DiffusionTask(Task):
         super().__init__(args)
         self.name = name
         self.conditional = conditional
-        if conditional and not 0 <= args.p_uncond < 1:
-            fail(f"--p-uncond must be in [0, 1) (got {args.p_uncond})", status=2)
-        try:
-            min_snr_gamma = getattr(args, "min_snr_gamma", None)
-            if min_snr_gamma is not None and args.objective != "ddpm_eps":
-                raise ValueError("--min-snr-gamma applies to --objective ddpm_eps only (the ddpm CPU recipe sets it: "
-                                 "add --min-snr-gamma none)")
-            eps_t, edm_weight = getattr(args, "eps_t", None), getattr(args, "edm_weight", False)
-            if (eps_t is not None or edm_weight) and args.objective != "ddpm_eps":
-                raise ValueError("--eps-t and --edm-weight apply to --objective ddpm_eps only")
-            flow_t = getattr(args, "flow_t", None)
-            if flow_t is not None and args.objective != "rectified_flow":
-                raise ValueError("--flow-t applies to --objective rectified_flow only")
-            if args.objective == "ddpm_eps":
-                self.objective = EpsilonObjective(ScheduleConfig(args.schedule, args.timesteps, args.beta_start, args.beta_end), min_snr_gamma,
-                                                  t_sampling=eps_t or "uniform", edm_weight=edm_weight)
-            elif args.objective == "edm":
-                self.objective = EDMObjective()
-            else:
-                self.objective = FlowObjective(t_sampling=flow_t or "uniform")
-        except ValueError as e:
-            fail(f"bad objective settings: {e}", status=2)
+        self.run_config = c = DiffusionConfig.from_args(args, conditional)
+        self.objective = c.make_objective()
         self.init_net = None
-        init, weights_only = getattr(args, "init", None), getattr(args, "init_weights_only", False)
-        if weights_only and not init:
-            fail("--init-weights-only needs --init", status=2)
-        if init:
-            self.init_net, init_objective = unet_from_checkpoint(init, conditional)
-            if not weights_only:
+        if c.init:
+            self.init_net, init_objective = unet_from_checkpoint(c.init, conditional)
+            if not c.init_weights_only:
                 self.objective = init_objective
         self.teacher = None
-        teacher = getattr(args, "teacher", None)
-        if teacher:
+        if c.teacher:
             if conditional or not isinstance(self.objective, EpsilonObjective):
                 fail("--teacher applies to an unconditional --objective ddpm_eps model", status=2)
             try:
-                self.teacher = load_model(teacher)
+                self.teacher = load_model(c.teacher)
             except (CheckpointError, OSError, ValueError) as e:
                 fail(f"--teacher: {e}", status=2)
             if self.teacher.kind not in ("cfg", "flow"):
-                fail(f"--teacher: {teacher} is a {self.teacher.kind} checkpoint; expected a class-conditional cfg or flow", status=2)
+                fail(f"--teacher: {c.teacher} is a {self.teacher.kind} checkpoint; expected a class-conditional cfg or flow", status=2)
             self.teacher.net.eval().requires_grad_(False)
             self.teacher_denoiser = self.teacher.objective.denoiser(self.teacher.net)
-            self.teacher_weight = getattr(args, "teacher_weight", "blend")
-            if self.teacher_weight not in TEACHER_WEIGHTS:
-                fail(f"--teacher-weight must be one of {', '.join(TEACHER_WEIGHTS)}", status=2)
+            self.teacher_weight = c.teacher_weight
 
     def unet_config(self) -> UNetConfig:
         if self.init_net is not None:
@@ -189,7 +216,7 @@ class DiffusionTask(Task):
     def labels(self, y, generator):
         if not self.conditional:
             return None
-        drop = torch.rand(y.shape, generator=generator, device=generator.device).to(y.device) < self.args.p_uncond
+        drop = torch.rand(y.shape, generator=generator, device=generator.device).to(y.device) < self.run_config.p_uncond
         return torch.where(drop, torch.full_like(y, 10), y)
 
     def loss(self, model, x0, y, generator, progress, index=None):
@@ -209,11 +236,10 @@ class DiffusionTask(Task):
         save_grid(sample_fixed(self.denoiser(model), 20, label, device=device), path, nrow=10)
 
     def config(self, training: dict) -> dict:
+        c = self.run_config
         return {"network": {"kind": "unet", "config": self.unet_config().to_dict()}, "objective": self.objective.to_dict(),
-                "training": dict(training, p_uncond=getattr(self.args, "p_uncond", None), init=getattr(self.args, "init", None),
-                                 teacher=getattr(self.args, "teacher", None),
-                                 teacher_weight=getattr(self.args, "teacher_weight", None) if getattr(self.args, "teacher", None) else None,
-                                 init_weights_only=bool(getattr(self.args, "init_weights_only", False)))}
+                "training": dict(training, p_uncond=c.p_uncond if c.conditional else None, init=c.init, teacher=c.teacher,
+                                 teacher_weight=c.teacher_weight if c.teacher else None, init_weights_only=c.init_weights_only)}
 
     def export(self, model, path, training):
         kind = "flow" if self.name == "flow" else "cfg" if self.conditional else "ddpm"
