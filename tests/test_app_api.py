@@ -21,6 +21,8 @@ from diffusion_core.ui.render import decode_png, split_grid  # noqa: E402
 from diffusion_core.pipeline import Settings, generate  # noqa: E402
 from diffusion_core.registry import ModelRegistry  # noqa: E402
 
+pytestmark = [pytest.mark.slow]  # tiers: python -m pytest -m "not slow and not browser" leaves these out
+
 
 @pytest.fixture(scope="module")
 def app_log(tmp_path_factory) -> Path:

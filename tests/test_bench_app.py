@@ -7,6 +7,8 @@ import pytest
 from benchmarks import bench_app
 from diffusion_core.registry import ModelRegistry
 
+pytestmark = [pytest.mark.slow]  # tiers: python -m pytest -m "not slow and not browser" leaves these out
+
 
 def test_bench_reports_every_case(tiny_checkpoints):
     rows = bench_app.bench(ModelRegistry(tiny_checkpoints), repeats=1)

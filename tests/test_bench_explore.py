@@ -2,10 +2,14 @@
 README from the script's own runs)."""
 from __future__ import annotations
 
+import pytest
+
 import json
 
 from benchmarks import bench_explore
 from diffusion_core.registry import ModelRegistry
+
+pytestmark = [pytest.mark.slow]  # tiers: python -m pytest -m "not slow and not browser" leaves these out
 
 
 def test_bench_explore_reports_every_case(tiny_checkpoints, tmp_path, capsys):

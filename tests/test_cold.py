@@ -168,6 +168,7 @@ def test_shipped_cold_blur_loads_and_a_corrupted_degradation_is_a_checkpoint_err
         model_from_tensors(tensors, {k: v for k, v in config.items() if k != "degradation"})
 
 
+@pytest.mark.slow
 def test_quick_cold_blur_training_records_its_history(tmp_path, mnist_root):
     run_dir, out = tmp_path / "run", tmp_path / "cold.safetensors"
     cmd = [sys.executable, *_cmd("cold_blur", run_dir, out, mnist_root, "--quick", "--init", "none", "--epochs", 2)]

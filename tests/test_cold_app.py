@@ -23,7 +23,7 @@ from diffusion_core.ui import cold_panel  # noqa: E402
 from diffusion_core.ui.render import decode_png  # noqa: E402
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")  # as the test server computes (tests/app_server.py)
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]  # as the test server computes (tests/app_server.py)
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +78,7 @@ def test_bad_cold_input_is_refused_clearly_and_the_server_keeps_serving(client, 
     assert Path(path).stat().st_size > 0
 
 
+@pytest.mark.browser
 def test_cold_panel_and_the_models_history_in_the_browser(server, page):
     page.goto(server)
     page.get_by_role("tab", name="Explore").click()  # at once, before the page's own load has finished

@@ -11,6 +11,8 @@ import torch
 from diffusion_core.models import load_model
 from diffusion_core.pipeline import Settings, generate
 
+pytestmark = [pytest.mark.slow]  # tiers: python -m pytest -m "not slow and not browser" leaves these out
+
 CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "ddpm.safetensors"
 
 

@@ -230,6 +230,7 @@ def test_inception_message_without_weights(tmp_path, monkeypatch):
     assert "never downloads" in note and str(tmp_path / "hub") in note
 
 
+@pytest.mark.slow
 def test_inception_features_from_local_weights(tmp_path, monkeypatch):
     """With a weights file in the hub cache (random weights here), features are 2048-d and finite."""
     from torchvision.models import inception_v3
@@ -246,6 +247,7 @@ def test_inception_features_from_local_weights(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- real data and a full small run
 
 
+@pytest.mark.slow
 def test_real_floor_is_computed_from_real_data(tiny_checkpoints, mnist_root):
     clf = load_model(tiny_checkpoints / "classifier.safetensors")
     ref = reference.reference_features(clf, mnist_root, max_train=60, seed=3)
@@ -295,6 +297,7 @@ def small_run(tiny_checkpoints, mnist_root, tmp_path_factory):
     return results, out, time.perf_counter() - t0
 
 
+@pytest.mark.slow  # the small evaluation run (small_run)
 def test_small_run_rows_metrics_and_figures(small_run, capsys):
     results, out, _ = small_run
     on_disk = json.loads((out / "results.json").read_text())
@@ -337,6 +340,7 @@ def test_small_run_rows_metrics_and_figures(small_run, capsys):
     assert "MCL diagnosis: 30 MNIST test images noised at 3 levels" in (out / "results.md").read_text()
 
 
+@pytest.mark.slow  # the small evaluation run (small_run)
 def test_record_quality_reaches_the_model_cards(small_run, tiny_checkpoints, tmp_path):
     from diffusion_core.ui.models_tab import model_card
     from diffusion_core.checkpoints import load_checkpoint
@@ -364,6 +368,7 @@ def test_record_quality_reaches_the_model_cards(small_run, tiny_checkpoints, tmp
     assert "quality" not in load_checkpoint(tiny_checkpoints / "cfg.safetensors")[1]  # the originals are untouched
 
 
+@pytest.mark.slow  # the small evaluation run (small_run)
 def test_small_run_prints_markdown_table(small_run, capsys):
     results, _, _ = small_run
     text = report.results_markdown(results)
@@ -372,6 +377,7 @@ def test_small_run_prints_markdown_table(small_run, capsys):
     assert len(table) == 5 * 2 + 17 + 17 + 4 + 3 + 3  # headers + rules; rows; InceptionV3 FID rows; sweep rows; diagnosis levels; the gate against the noise-level-only predictor
 
 
+@pytest.mark.slow  # the small evaluation run (small_run)
 @pytest.mark.parametrize("name", [f"cfg g={G}", f"flow g={G}", "mcl pooled", "mcl gated", "mcl sampled", "mcl winrate", "mcl scout"])
 def test_rows_replay_through_generate(small_run, tiny_checkpoints, name):
     results, out, _ = small_run
@@ -400,6 +406,7 @@ def test_default_batch_size_follows_the_device():
     assert parse("--device", "cpu", "--batch-size", "250").batch_size == 250
 
 
+@pytest.mark.slow
 def test_autoguidance_rows_and_the_second_classifier(tiny_checkpoints, mnist_root, tmp_path):
     """``--autoguidance`` adds a ddpm row per weight and guide (w = 0 draws exactly the guide's own
     images; rows replay with their guide); a ``classifier2`` checkpoint adds its own columns."""

@@ -26,6 +26,8 @@ from diffusion_core.ui.explore_tab import denoise, edit_from_json, edit_share_qu
 from diffusion_core.ui.render import decode_png, png_bytes, split_grid  # noqa: E402
 from diffusion_core.registry import ModelRegistry  # noqa: E402
 
+pytestmark = [pytest.mark.slow]  # tiers: python -m pytest -m "not slow and not browser" leaves these out
+
 
 @pytest.fixture(scope="module")
 def checkpoints(tiny_checkpoints, tmp_path_factory):

@@ -28,6 +28,8 @@ from explore_fixtures import checkpoints_with_flow  # noqa: E402
 
 from diffusion_core import sample  # noqa: E402
 
+pytestmark = [pytest.mark.slow, pytest.mark.browser]  # tiers: python -m pytest -m "not slow and not browser" leaves these out
+
 
 @pytest.fixture(scope="module")
 def checkpoints(tiny_checkpoints, tmp_path_factory):

@@ -201,6 +201,7 @@ def shared_run(tmp_path_factory, mnist_root):
     return SimpleNamespace(run_dir=run_dir, out=out)
 
 
+@pytest.mark.slow
 def test_per_example_assignment_is_the_same_after_a_resume(shared_run, tmp_path, mnist_root):
     """Stopped after the first epoch and resumed, the run ends with the same per-example table,
     the same shares of the data and the same weights as the run that went through."""
@@ -221,6 +222,7 @@ def test_per_example_assignment_is_the_same_after_a_resume(shared_run, tmp_path,
     assert ma.config["training"]["final"]["owned"] == mb.config["training"]["final"]["owned"]
 
 
+@pytest.mark.slow
 def test_a_shared_checkpoint_loads_and_routes_with_its_score_head(shared_run):
     model = load_model(shared_run.out)
     assert model.kind == "mcl" and model.shared and model.num_experts == 3 and len(model.nets) == 1
@@ -261,6 +263,7 @@ def test_save_model_writes_one_network_for_shared_hypotheses(tmp_path):
     assert load_model(path).num_experts == 3
 
 
+@pytest.mark.slow
 def test_gating_refuses_a_shared_model(shared_run, tmp_path, mnist_root):
     proc = subprocess.run([sys.executable, str(ROOT / "train" / "gating.py"), "--quick", "--no-progress", "--mcl", str(shared_run.out),
                            "--data-dir", str(mnist_root), "--run-dir", str(tmp_path / "g")], env=_env(), capture_output=True, text=True, timeout=120)
@@ -284,6 +287,7 @@ def test_the_chart_names_the_score_head(shared_run):
                                             (["--head-blocks", "9", "--init", "ddpm"], "--head-blocks: head_blocks must be in 0..2"),
                                             (["--score-weight", "-1"], "--score-weight must be a non-negative number"),
                                             (["--assign-momentum", "0"], "--assign-momentum must be in (0, 1]")])
+@pytest.mark.slow
 def test_bad_shared_flags_are_clear_errors(flags, message, tmp_path, mnist_root):
     cmd = [sys.executable, str(ROOT / "train" / "mcl.py"), "--no-progress", "--mcl-arch", "shared", "--wta-scope", "example",
            "--limit", "256", "--batch-size", "64", "--channels", "8", "--blocks", "1", "--epochs", "1", "--data-dir", str(mnist_root),

@@ -347,6 +347,7 @@ def test_hard_assignment_is_the_winner():
 # ----------------------------------------------------------------------------- quick runs
 
 
+@pytest.mark.slow
 def test_quick_cfg_edm_bf16_with_snapshots_and_time_limit(tmp_path, mnist_root):
     run_dir, out = tmp_path / "run", tmp_path / "cfg.safetensors"
     run_script("cfg", run_dir, out, mnist_root, "--quick", "--objective", "edm", "--precision", "bf16", "--snapshot-every", "5")
@@ -374,6 +375,7 @@ def test_quick_cfg_edm_bf16_with_snapshots_and_time_limit(tmp_path, mnist_root):
     assert [r["step"] for r in metrics(run_dir3, "step")] == list(range(1, 17))
 
 
+@pytest.mark.slow
 def test_quick_mcl_min_snr_full_update(tmp_path, mnist_root):
     run_dir, out = tmp_path / "run", tmp_path / "mcl.safetensors"
     run_script("mcl", run_dir, out, mnist_root, "--quick", "--experts", 2, "--limit", 256, "--min-snr-gamma", 5, "--mcl-update", "full",
@@ -383,6 +385,7 @@ def test_quick_mcl_min_snr_full_update(tmp_path, mnist_root):
     assert sum(metrics(run_dir, "epoch")[-1]["wins"]) == 4 * 64
 
 
+@pytest.mark.slow
 def test_quick_flow_is_a_conditional_rectified_flow(tmp_path, mnist_root):
     run_dir, out = tmp_path / "run", tmp_path / "flow.safetensors"
     run_script("flow", run_dir, out, mnist_root, "--quick")
@@ -394,6 +397,7 @@ def test_quick_flow_is_a_conditional_rectified_flow(tmp_path, mnist_root):
     assert torch.isfinite(den(x, torch.tensor([0.5, 20.0]), torch.tensor([3, 8]))).all()
 
 
+@pytest.mark.slow
 def test_quick_ddpm_with_edms_training_distribution(tmp_path, mnist_root):
     """--eps-t lognormal --edm-weight (Min-SNR switched off with 'none', where the CPU recipe sets it):
     still an epsilon DDPM on the discrete schedule, with the training density recorded."""
@@ -470,6 +474,7 @@ def test_teacher_target_limits():
         teacher_target(batch, x, "half")
 
 
+@pytest.mark.slow
 def test_quick_ddpm_with_a_teacher_records_it(tmp_path, mnist_root):
     run_dir, out = tmp_path / "run", tmp_path / "ddpm.safetensors"
     run_script("ddpm", run_dir, out, mnist_root, "--quick", "--recipe", "cpu", "--max-steps", 3, "--teacher", "flow")
@@ -513,6 +518,7 @@ def test_min_snr_gamma_none_and_bad_values():
         p.parse_args(["--min-snr-gamma", "five"])
 
 
+@pytest.mark.slow
 def test_quick_gating_with_loguniform_noise_levels(tmp_path, mnist_root):
     """--gate-sigma loguniform: the training examples fill every noise band about equally (the
     objective's own density puts ~1% below sigma 0.05), and the checkpoint records the choice."""
@@ -525,6 +531,7 @@ def test_quick_gating_with_loguniform_noise_levels(tmp_path, mnist_root):
     assert sum(n) == 8 * 64 and min(n) >= 50  # 512 draws over 6 bands: ~85 each
 
 
+@pytest.mark.slow
 def test_ddpm_cpu_recipe_trains_its_first_stage_when_it_is_missing(tmp_path, mnist_root):
     """``python train/ddpm.py`` on a fresh machine: stage 1 (from flow's network, no teacher) is
     trained into runs/ddpm-stage1/ first, then stage 2 starts from it with the teacher at full weight."""
@@ -540,6 +547,7 @@ def test_ddpm_cpu_recipe_trains_its_first_stage_when_it_is_missing(tmp_path, mni
     assert "stage 1:" not in proc.stdout
 
 
+@pytest.mark.slow
 def test_quick_ddpm_weak_is_a_smaller_ddpm_with_the_teacher(tmp_path, mnist_root):
     import importlib.util
 

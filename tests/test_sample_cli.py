@@ -122,6 +122,7 @@ def _run_process(args, env):
     return subprocess.Popen([sys.executable, "-m", "diffusion_core.sample", *map(str, args)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_two_processes_write_byte_identical_images(tiny_checkpoints, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DIFFUSION_CHECKPOINT_DIR": str(tiny_checkpoints)}
     env.pop("DIFFUSION_HF_REPO", None)
@@ -141,6 +142,7 @@ def test_two_processes_write_byte_identical_images(tiny_checkpoints, tmp_path):
     assert generate(settings, model, gate, guide=registry.guide_for(settings, model)).images.numpy().tobytes() == a["images"].tobytes()
 
 
+@pytest.mark.slow
 def test_bad_input_in_a_real_process_is_one_line_exit_2(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DIFFUSION_CHECKPOINT_DIR": str(tmp_path)}
     env.pop("DIFFUSION_HF_REPO", None)

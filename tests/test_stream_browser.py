@@ -23,6 +23,8 @@ from browser_support import browser, new_page  # noqa: E402, F401  (browser: a f
 
 from diffusion_core.ui.glue import carry_forward  # noqa: E402
 
+pytestmark = [pytest.mark.slow, pytest.mark.browser]  # tiers: python -m pytest -m "not slow and not browser" leaves these out
+
 gr = pytest.importorskip("gradio")
 
 PAGES = 4

@@ -117,6 +117,7 @@ def mcl_run(tmp_path_factory, mnist_root):
     return SimpleNamespace(run_dir=run_dir, out=out, proc=proc)
 
 
+@pytest.mark.slow
 def test_quick_ddpm(ddpm_ref):
     model = check_run(ddpm_ref.run_dir, ddpm_ref.out, "ddpm", steps=16, epochs=2)
     assert model.num_classes is None and model.config["network"]["config"]["base_channels"] == 8
@@ -127,6 +128,7 @@ def test_quick_ddpm(ddpm_ref):
     assert "exported" in ddpm_ref.proc.stdout
 
 
+@pytest.mark.slow
 def test_quick_cfg_defaults_to_its_own_run_dir(tmp_path, mnist_root):
     # no --run-dir / --out: a quick run writes under runs/cfg-quick/, never over checkpoints/cfg.safetensors
     cmd = [sys.executable, str(ROOT / "train" / "cfg.py"), "--quick", "--epochs", "1", "--max-steps", "4", "--no-progress", "--data-dir", str(mnist_root)]
@@ -140,6 +142,7 @@ def test_quick_cfg_defaults_to_its_own_run_dir(tmp_path, mnist_root):
     _diffusion_output_ok(model, label=torch.tensor([3, 7]))
 
 
+@pytest.mark.slow
 def test_quick_classifier(tmp_path, mnist_root):
     run_dir, out = tmp_path / "run", tmp_path / "classifier.safetensors"
     proc = run_script("classifier", run_dir, out, mnist_root, "--quick", "--epochs", 1, "--max-steps", 4)
@@ -151,6 +154,7 @@ def test_quick_classifier(tmp_path, mnist_root):
     assert png_size(run_dir / "samples_epoch000.png") == grid_size(10)
 
 
+@pytest.mark.slow
 def test_quick_mcl_logs_win_rates_every_epoch(mcl_run):
     model = check_run(mcl_run.run_dir, mcl_run.out, "mcl", steps=8, epochs=2)
     assert model.num_experts == 3
@@ -168,6 +172,7 @@ def test_quick_mcl_logs_win_rates_every_epoch(mcl_run):
     assert png_size(mcl_run.run_dir / "samples_epoch000.png") == grid_size(3)  # a row per expert
 
 
+@pytest.mark.slow
 def test_quick_gating_on_quick_mcl(tmp_path, mnist_root, mcl_run):
     run_dir, out = tmp_path / "run", tmp_path / "gating.safetensors"
     run_script("gating", run_dir, out, mnist_root, "--quick", "--epochs", 1, "--max-steps", 4, "--mcl", mcl_run.out)
@@ -189,6 +194,7 @@ def test_quick_gating_on_quick_mcl(tmp_path, mnist_root, mcl_run):
 # ----------------------------------------------------------------------------- SIGKILL and --resume
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path, mnist_root, ddpm_ref):
     run_dir, out = tmp_path / "run", tmp_path / "ddpm.safetensors"
     cmd = [sys.executable, *_cmd("ddpm", run_dir, out, mnist_root, *QUICK_DDPM)]
@@ -220,6 +226,7 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path, mnist_root, ddpm
 # ----------------------------------------------------------------------------- torchrun
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_gloo(tmp_path, mnist_root):
     run_dir, out = tmp_path / "run", tmp_path / "out" / "mcl.safetensors"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -290,6 +297,7 @@ def _fails(capsys, script, argv, status=1) -> str:
     return capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bad_mcl_checkpoint_is_a_clear_error(tmp_path, capsys, monkeypatch, ddpm_ref):
     monkeypatch.chdir(tmp_path)
     err = _fails(capsys, "gating", ["--quick", "--mcl", tmp_path / "missing.safetensors"])
@@ -307,6 +315,7 @@ def test_missing_mnist_is_a_clear_error(tmp_path, capsys, monkeypatch):
     assert err.startswith("error: MNIST not found under") and str(tmp_path / "nothing") in err and "--data-dir" in err
 
 
+@pytest.mark.slow
 def test_bad_arguments_are_clear_errors(tmp_path, capsys, monkeypatch, mnist_root, ddpm_ref):
     monkeypatch.chdir(tmp_path)
     common = ["--data-dir", mnist_root, "--run-dir", tmp_path / "run", "--out", tmp_path / "x.safetensors"]
@@ -322,6 +331,7 @@ def test_bad_arguments_are_clear_errors(tmp_path, capsys, monkeypatch, mnist_roo
     assert not (tmp_path / "x.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_benchmark_loop_smoke(tmp_path, mnist_root):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(ROOT / "train" / "benchmark_loop.py"), "--device", "cpu", "--steps", "2", "--warmup", "1",
