@@ -175,16 +175,17 @@ def bench_browser(url: str, repeats: int = 5, timeout_s: float = 60.0, browser=N
         page.goto(url)
         for i in range(repeats + 1):
             page.locator("#status").filter(has_text="Done").wait_for(timeout=timeout_s * 1000)
-            page.locator("#filmstrip img").wait_for(timeout=timeout_s * 1000)  # the event's last update is in
-            page.wait_for_timeout(300)
+            page.locator("#filmstrip img").wait_for(timeout=timeout_s * 1000)
+            seed = 0 if i == 0 else 1000 + i - 1  # the run's last step fills the share link with its seed
+            page.wait_for_function("s => (document.querySelector('#share_link textarea, #share_link input') || {}).value?.includes('seed=' + s + '&')",
+                                   arg=seed, timeout=timeout_s * 1000)
             page.locator("#seed input").fill(str(1000 + i))
             page.locator("#seed input").press("Tab")
             page.evaluate(_BROWSER_RUN)
-            deadline = time.monotonic() + timeout_s
-            while not page.evaluate("() => window.__bench.first !== null && window.__bench.final !== null"):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"no final image in the browser within {timeout_s:.0f} s")
-                page.wait_for_timeout(20)
+            try:
+                page.wait_for_function("() => window.__bench.first !== null && window.__bench.final !== null", timeout=timeout_s * 1000)
+            except Exception:  # noqa: BLE001 (Playwright's TimeoutError)
+                raise RuntimeError(f"no final image in the browser within {timeout_s:.0f} s") from None
             if i:  # the first run warms up
                 runs.append(page.evaluate("() => window.__bench"))
     finally:

@@ -113,13 +113,15 @@ def test_explore_tab_slider_and_drawn_digit_through_sdedit(server, page, tmp_pat
     assert "t = 0.90" in page.locator("#ex_denoise_text").inner_text()
 
     # Draw a "7" with the mouse: a top bar, then a diagonal down.
+    before = page.locator("#ex_forward img").get_attribute("src")
     canvas = "#ex_sketch canvas"
     page.locator(canvas).first.wait_for()
     page.locator("#ex_sketch button[aria-label='Brush']").first.click()  # as a visitor does: pick the brush, then draw
     _draw_stroke(page, canvas + " >> nth=0", [(0.3, 0.25), (0.7, 0.25), (0.45, 0.8)])
     page.locator("#ex_source input[value='drawing']").wait_for()
     page.wait_for_function("() => document.querySelector(\"#ex_source input[value='drawing']\").checked")
-    page.wait_for_timeout(300)
+    # the server has the drawing: the forward process now shows it
+    page.wait_for_function("s => { const i = document.querySelector('#ex_forward img'); return i && i.src && i.src !== s; }", arg=before)
     set_number(page, "ex_level", 0.6)
     page.locator("#ex_run").click()
     page.locator("#ex_status").filter(has_text="Done").wait_for()

@@ -43,7 +43,7 @@ def server():
 
         def run():
             digit = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
-            chunks = [{image: None, status: "starting"}, {image: digit, status: "Done"}, {files: None}]
+            chunks = [{image: None, status: "starting"}, {image: digit, status: "Done"}, {files: None, status: "Finished"}]
             yield from carry_forward(chunks)
 
         demo.load(run, None, [image, status, files])
@@ -58,8 +58,7 @@ def test_an_image_streamed_into_an_unopened_tab_survives_a_later_chunk(server, b
     for _ in range(PAGES):
         page = new_page(browser)
         page.goto(server)
-        page.locator("#status").filter(has_text="Done").wait_for()
-        page.wait_for_timeout(300)  # the last chunk and the completion message arrive
+        page.locator("#status").filter(has_text="Finished").wait_for()  # the last chunk (which leaves the image out) is in
         page.get_by_role("tab", name="Result").click()
         try:
             page.locator("#image img").wait_for(timeout=5000)
