@@ -34,10 +34,10 @@ import time
 
 import torch
 
-from diffusion_core.ui.common import available_models, default_autoguidance, parse_settings
-from diffusion_core.ui.generate_tab import stream
 from diffusion_core.pipeline import Settings, generate
 from diffusion_core.registry import ModelRegistry
+from diffusion_core.ui.common import available_models, default_autoguidance, parse_settings
+from diffusion_core.ui.generate_tab import stream
 
 from .report import machine_info, write_json
 

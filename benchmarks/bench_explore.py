@@ -25,10 +25,10 @@ import time
 import torch
 
 from diffusion_core import explore as ex
-from diffusion_core.ui.common import available_models, parse_settings
-from diffusion_core.ui.explore_tab import denoise, parse_edit, sdedit_image
 from diffusion_core.pipeline import build_denoiser
 from diffusion_core.registry import ModelRegistry
+from diffusion_core.ui.common import available_models, parse_settings
+from diffusion_core.ui.explore_tab import denoise, parse_edit, sdedit_image
 
 from .report import machine_info, write_json
 

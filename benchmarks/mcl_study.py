@@ -26,11 +26,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from diffusion_core.evaluate.config import EvalConfig  # noqa: E402
+from diffusion_core.evaluate.config import EvalConfig
 from diffusion_core.evaluate.run import evaluate
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # The arms. Full budget: the K=1 baseline, the separate ensemble and train/mcl.py's default, each
 # given the same CPU time (the step counts follow the images/s of train/benchmark_loop.py: 175 for

@@ -30,8 +30,9 @@ under 0.4% of itself, and a start fitted with ``threshold=1e-2`` is exactly the 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -163,7 +164,7 @@ def degrade_and_restore(restorer: Restorer, x0: torch.Tensor, level: int) -> tup
     return x_s, {name: restore(restorer, x_s, level, name).clamp(-1, 1) for name in COLD_SAMPLERS}
 
 
-def generate(restorer: Restorer, start: "StartDistribution", n: int, seed: int, sampler: str = "improved",
+def generate(restorer: Restorer, start: StartDistribution, n: int, seed: int, sampler: str = "improved",
              device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` digits that nobody drew: starts drawn from ``start`` with a CPU generator seeded with
     ``seed`` (the one place a cold-diffusion seed becomes noise), restored from the last level by
@@ -213,7 +214,7 @@ class StartDistribution:
 
     @classmethod
     def fit(cls, images: torch.Tensor, degradation: BlurDegradation, noise: float, threshold: float = 1e-3,
-            labels: torch.Tensor | None = None) -> "StartDistribution":
+            labels: torch.Tensor | None = None) -> StartDistribution:
         """Fit to ``images`` (N, 1, H, W) blurred to the last level of ``degradation``: one Gaussian,
         or with ``labels`` one per class weighted by the class's share of the images."""
         gains = degradation._gains[-1].double()
@@ -235,7 +236,7 @@ class StartDistribution:
                 "scale_trils": [[r(row) for row in L] for L in self.scale_trils], "noise": self.noise}
 
     @classmethod
-    def from_dict(cls, d: dict, size: int = 28) -> "StartDistribution":
+    def from_dict(cls, d: dict, size: int = 28) -> StartDistribution:
         if "means" in d:
             return cls(d["modes"], d["means"], d["scale_trils"], d["noise"], size, d.get("weights"))
         return cls(d["modes"], [d["mean"]], [d["scale_tril"]], d["noise"], size)  # one Gaussian (the first cold_blur)

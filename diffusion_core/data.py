@@ -74,7 +74,7 @@ def main(argv=None):
     try:
         raw = prepare_mnist(a.src, data_root(a.root))
     except MNISTNotFound as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None
     print(f"MNIST ready in {raw}")
 
 

@@ -39,7 +39,7 @@ class Denoiser(nn.Module):
     def reset(self, batch_size: int, generator: torch.Generator | None = None) -> None:
         """Called once before a trajectory; stateful wrappers (pooled routing) draw here."""
 
-    def serve_range_of(self, inner: "Denoiser") -> None:
+    def serve_range_of(self, inner: Denoiser) -> None:
         """A wrapper's noise levels are those of the denoiser it wraps."""
         self.sigma_min = inner.sigma_min
         self.sigma_max = inner.sigma_max

@@ -30,9 +30,9 @@ import functools
 import json
 import math
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -448,7 +448,7 @@ class EditSettings:
         """The sampling settings (one image, no autoguidance)."""
         return Settings(**{k: getattr(self.settings, k) for k in BASE_FIELDS}, n=1)
 
-    def validate(self, num_experts: int | None = None) -> "EditSettings":
+    def validate(self, num_experts: int | None = None) -> EditSettings:
         self.settings = self.base().validate(max_n=1, num_experts=num_experts)
         if (self.index is None) == (self.drawing is None):
             raise ValueError("give either an MNIST test digit index or a drawing")
@@ -475,7 +475,7 @@ class EditSettings:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d) -> "EditSettings":
+    def from_dict(cls, d) -> EditSettings:
         if not isinstance(d, dict):
             raise ValueError("settings must be a JSON object")
         d = dict(d)
@@ -490,7 +490,7 @@ class EditSettings:
         return cls(base, **own)
 
     @classmethod
-    def from_json(cls, text: str) -> "EditSettings":
+    def from_json(cls, text: str) -> EditSettings:
         return cls.from_dict(parse_json(text))
 
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -109,7 +109,7 @@ class Router:
     def reset(self, batch_size: int, num_experts: int, generator: torch.Generator | None = None) -> None:
         pass
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, mcl: "MCLDenoiser") -> Route:
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, mcl: MCLDenoiser) -> Route:
         raise NotImplementedError
 
 

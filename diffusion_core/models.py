@@ -101,13 +101,13 @@ class LoadedModel:
         """The training history recorded when the model trained (``training.history``), or None."""
         return (self.config.get("training") or {}).get("history")
 
-    def to(self, device) -> "LoadedModel":
+    def to(self, device) -> LoadedModel:
         for n in self.nets:
             n.to(device)
         return self
 
     def denoiser(self, guidance: float | None = None, routing: str | None = None, gate: nn.Module | None = None,
-                 autoguidance: float = 1.0, guide: "LoadedModel | None" = None):
+                 autoguidance: float = 1.0, guide: LoadedModel | None = None):
         """The model as a denoiser: CFG-wrapped for class-conditional models (guidance scale
         ``guidance``), routed for MCL ensembles (``routing``; the routings that use the gating
         network need ``gate``; the checkpoint's training win rates reach the router), and, for

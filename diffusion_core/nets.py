@@ -5,8 +5,8 @@ metadata and rebuilt without unpickling anything (see ``diffusion_core.checkpoin
 """
 from __future__ import annotations
 
-import math
 import copy
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -308,7 +308,7 @@ class SharedMCLNet(nn.Module):
 
     @classmethod
     def from_unet(cls, unet: UNet, num_experts: int, head_blocks: int = 1, score_channels: int = 32, noise: float = 0.0,
-                  generator: torch.Generator | None = None) -> "SharedMCLNet":
+                  generator: torch.Generator | None = None) -> SharedMCLNet:
         """Hypotheses that all start as ``unet`` (a warm start): the trunk takes its weights, every
         head a copy of its last layers, perturbed by ``noise`` times each tensor's std to break
         the symmetry."""

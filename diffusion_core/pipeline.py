@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
-from typing import Iterator
 
 import torch
 
@@ -59,7 +59,7 @@ class Settings:
     autoguidance: float = 1.0  # unconditional models: D_bad + w (D - D_bad); 1 is the model alone (off), 0 the guide alone
     guide: str = ""  # the bad model of autoguidance: a checkpoint name ("": DEFAULT_GUIDES for the model's kind)
 
-    def validate(self, max_n: int = 10000, num_experts: int | None = None) -> "Settings":
+    def validate(self, max_n: int = 10000, num_experts: int | None = None) -> Settings:
         """Check every field; raise ValueError with a message a person can act on."""
         def as_int(name, v):
             if isinstance(v, int) and not isinstance(v, bool):
@@ -126,11 +126,11 @@ class Settings:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Settings":
+    def from_dict(cls, d: dict) -> Settings:
         return cls(**known_fields(cls, d))
 
     @classmethod
-    def from_json(cls, text: str) -> "Settings":
+    def from_json(cls, text: str) -> Settings:
         return cls.from_dict(parse_json(text))
 
 

@@ -195,11 +195,11 @@ def run_app_settings(args: argparse.Namespace, kind: str, d: dict, out: Path | N
     """Replay a comparison or an SDEdit result exactly as the app renders it."""
     import torch
 
+    from .registry import ModelRegistry
     from .ui.common import available_models
     from .ui.compare_tab import compare, compare_from_dict, compare_json
     from .ui.explore_tab import edit_from_json, sdedit_image
     from .ui.render import png_bytes, split_grid
-    from .registry import ModelRegistry
 
     if args.device != "cpu":
         raise UsageError(f"--device {args.device}: {kind} settings replay on the CPU, as the app runs them")

@@ -12,8 +12,8 @@ sqrt(alphabar)), which is why they agree with diffusers' VP schedulers.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 

@@ -142,7 +142,7 @@ class DiffusionConfig:
     teacher_weight: str = "blend"
 
     @classmethod
-    def from_args(cls, args, conditional: bool) -> "DiffusionConfig":
+    def from_args(cls, args, conditional: bool) -> DiffusionConfig:
         """The checked configuration; ``fail`` (exit status 2) with a message for flags that do not go together."""
         flag = lambda name, default=None: vars(args).get(name, default)  # noqa: E731
         c = cls(conditional, args.objective, ScheduleConfig(args.schedule, args.timesteps, args.beta_start, args.beta_end),

@@ -42,7 +42,6 @@ from tqdm.auto import tqdm
 from .data import MNISTNotFound, load_mnist
 from .runlog import Progress, ResumeState, _jsonable, plot_losses, training_history, truncate_metrics
 
-
 # ---------------------------------------------------------------------------------------------
 # Command line
 

@@ -9,7 +9,6 @@ import re
 import shutil
 
 import pytest
-
 from app_server import ROOT
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")

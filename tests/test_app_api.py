@@ -15,11 +15,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from app_server import running_app  # noqa: E402
 from gradio_client import Client  # noqa: E402
 
-from diffusion_core.pipeline import APP_AUTOGUIDANCE  # noqa: E402
+from diffusion_core.pipeline import (  # noqa: E402
+    APP_AUTOGUIDANCE,  # noqa: E402
+    Settings,
+    generate,
+)
+from diffusion_core.registry import ModelRegistry  # noqa: E402
 from diffusion_core.ui.common import MENU_ROUTINGS  # noqa: E402
 from diffusion_core.ui.render import decode_png, split_grid  # noqa: E402
-from diffusion_core.pipeline import Settings, generate  # noqa: E402
-from diffusion_core.registry import ModelRegistry  # noqa: E402
 
 pytestmark = [pytest.mark.slow]  # tiers: python -m pytest -m "not slow and not browser" leaves these out
 

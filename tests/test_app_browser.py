@@ -12,14 +12,16 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from app_server import ROOT, running_app  # noqa: E402
-from browser_support import (  # noqa: E402, F401  (browser, page: fixtures)
-    TIMEOUT_MS, UPDATE_ASSETS, browser, filled_textbox, image_bytes, page, set_number, shipped_checkpoints, sync_api)
+from browser_support import TIMEOUT_MS, UPDATE_ASSETS, browser, filled_textbox, image_bytes, page, set_number, shipped_checkpoints, sync_api  # noqa: E402, F401  (browser, page: fixtures)
 
-from diffusion_core.pipeline import APP_AUTOGUIDANCE  # noqa: E402
+from diffusion_core.pipeline import (  # noqa: E402
+    APP_AUTOGUIDANCE,  # noqa: E402
+    Settings,
+    generate,
+)
+from diffusion_core.registry import ModelRegistry  # noqa: E402
 from diffusion_core.ui.common import AUTOGUIDANCE_HELP, MENU_ROUTINGS, MODEL_LABELS, routing_help, routing_label  # noqa: E402
 from diffusion_core.ui.render import decode_png, split_grid  # noqa: E402
-from diffusion_core.pipeline import Settings, generate  # noqa: E402
-from diffusion_core.registry import ModelRegistry  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]  # tiers: python -m pytest -m "not slow and not browser" leaves these out
 

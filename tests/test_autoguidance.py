@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_core.ui.common import parse_settings
-from diffusion_core.ui.compare_tab import compare, compare_from_json, compare_json, parse_compare
-from diffusion_core.ui.generate_tab import generate_image, stream
-from diffusion_core.ui.render import png_bytes
-from diffusion_core.ui.share import settings_from_query
 from diffusion_core.denoisers import Denoiser
 from diffusion_core.guidance import AutoguidanceDenoiser
 from diffusion_core.pipeline import APP_AUTOGUIDANCE, MAX_AUTOGUIDANCE, Settings, build_denoiser, generate, trajectory
 from diffusion_core.registry import ModelRegistry
 from diffusion_core.sample import main as sample_main
+from diffusion_core.ui.common import parse_settings
+from diffusion_core.ui.compare_tab import compare, compare_from_json, compare_json, parse_compare
+from diffusion_core.ui.generate_tab import generate_image, stream
+from diffusion_core.ui.render import png_bytes
+from diffusion_core.ui.share import settings_from_query
 
 
 def _batch(seed=0, n=5):

@@ -2,9 +2,9 @@
 README from the script's own runs)."""
 from __future__ import annotations
 
-import pytest
-
 import json
+
+import pytest
 
 from benchmarks import bench_explore
 from diffusion_core.registry import ModelRegistry

@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import torch
 from scipy.ndimage import gaussian_filter
+from test_training import ROOT, _cmd, _env
 
 from diffusion_core.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from diffusion_core.cold import BlurConfig, BlurDegradation, Restorer, StartDistribution, restore, restore_improved, restore_naive
 from diffusion_core.models import load_model, model_from_tensors
-
-from test_training import ROOT, _cmd, _env
 
 DEG = BlurDegradation()
 

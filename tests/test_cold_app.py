@@ -22,7 +22,6 @@ from diffusion_core.registry import ModelRegistry  # noqa: E402
 from diffusion_core.ui import cold_panel  # noqa: E402
 from diffusion_core.ui.render import decode_png  # noqa: E402
 
-
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]  # as the test server computes (tests/app_server.py)
 
 

@@ -6,16 +6,16 @@ from dataclasses import replace
 
 import pytest
 import torch
+from explore_fixtures import add_tiny_flow
 
-from diffusion_core.evaluate import cli, config, diagnosis, figures, reference, report, run, sampling, scores
 from diffusion_core import metrics
 from diffusion_core.data import load_mnist
 from diffusion_core.denoisers import Denoiser
+from diffusion_core.evaluate import cli, config, diagnosis, figures, reference, report, run, sampling, scores
 from diffusion_core.models import load_model
 from diffusion_core.palette import EXPERT_COLORS, expert_color
 from diffusion_core.pipeline import Settings
 from diffusion_core.samplers import SAMPLERS, get_sampler, karras_sigmas
-from explore_fixtures import add_tiny_flow
 
 G = f"{Settings().guidance:g}"  # the app's default guidance: the CFG headline row is "cfg g=<G>"
 
@@ -342,8 +342,8 @@ def test_small_run_rows_metrics_and_figures(small_run, capsys):
 
 @pytest.mark.slow  # the small evaluation run (small_run)
 def test_record_quality_reaches_the_model_cards(small_run, tiny_checkpoints, tmp_path):
-    from diffusion_core.ui.models_tab import model_card
     from diffusion_core.checkpoints import load_checkpoint
+    from diffusion_core.ui.models_tab import model_card
 
     results, out, _ = small_run
     from diffusion_core.pipeline import APP_GUIDANCE

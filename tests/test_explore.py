@@ -18,6 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from explore_fixtures import add_tiny_flow, checkpoints_with_flow  # noqa: E402
 
 from diffusion_core import explore as ex  # noqa: E402
+from diffusion_core.models import load_model  # noqa: E402
+from diffusion_core.pipeline import build_denoiser  # noqa: E402
+from diffusion_core.registry import ModelRegistry  # noqa: E402
+from diffusion_core.samplers import get_sigmas  # noqa: E402
 from diffusion_core.ui.common import available_models, model_choices, parse_settings  # noqa: E402
 from diffusion_core.ui.compare_tab import compare, compare_from_json, compare_json, compare_share_query, parse_compare, row_value  # noqa: E402
 from diffusion_core.ui.explore_tab import edit_share_query, parse_edit, sdedit_image  # noqa: E402
@@ -25,10 +29,6 @@ from diffusion_core.ui.generate_tab import generate_image  # noqa: E402
 from diffusion_core.ui.links import parse_link  # noqa: E402
 from diffusion_core.ui.models_tab import model_cards  # noqa: E402
 from diffusion_core.ui.render import split_grid  # noqa: E402
-from diffusion_core.models import load_model  # noqa: E402
-from diffusion_core.pipeline import build_denoiser  # noqa: E402
-from diffusion_core.registry import ModelRegistry  # noqa: E402
-from diffusion_core.samplers import get_sigmas  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -21,10 +21,10 @@ from PIL import Image  # noqa: E402
 
 from diffusion_core import explore as ex  # noqa: E402
 from diffusion_core import sample  # noqa: E402
+from diffusion_core.registry import ModelRegistry  # noqa: E402
 from diffusion_core.ui.common import available_models, parse_settings  # noqa: E402
 from diffusion_core.ui.explore_tab import denoise, edit_from_json, edit_share_query, forward_view, sdedit_image  # noqa: E402
 from diffusion_core.ui.render import decode_png, png_bytes, split_grid  # noqa: E402
-from diffusion_core.registry import ModelRegistry  # noqa: E402
 
 pytestmark = [pytest.mark.slow]  # tiers: python -m pytest -m "not slow and not browser" leaves these out
 

@@ -12,7 +12,6 @@ Debian's chromium), against ``python app.py`` on tiny random checkpoints plus a 
 from __future__ import annotations
 
 import os
-
 import sys
 from pathlib import Path
 
@@ -22,8 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from app_server import ROOT, running_app  # noqa: E402
-from browser_support import (  # noqa: E402, F401  (browser, page: fixtures)
-    UPDATE_ASSETS, browser, fetch, filled_textbox, image_bytes, new_page, page, set_number, shipped_checkpoints, wait_image)
+from browser_support import UPDATE_ASSETS, browser, fetch, filled_textbox, image_bytes, new_page, page, set_number, shipped_checkpoints, wait_image  # noqa: E402, F401  (browser, page: fixtures)
 from explore_fixtures import checkpoints_with_flow  # noqa: E402
 
 from diffusion_core import sample  # noqa: E402

@@ -48,3 +48,16 @@ def test_app_only_composes_the_tabs():
 @pytest.mark.parametrize("path", sorted((ROOT / "train").glob("*.py")), ids=lambda p: p.name)
 def test_training_scripts_do_not_edit_sys_path(path):
     assert "sys.path" not in path.read_text()
+
+
+@pytest.mark.slow  # a subprocess over the whole repository
+def test_ruff_finds_nothing():
+    """The linter configuration of pyproject.toml holds for the whole repository."""
+    import shutil
+    import subprocess
+
+    ruff = shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff is not installed (tests/requirements.txt installs it)")
+    proc = subprocess.run([ruff, "check", "--quiet", str(ROOT)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:]

@@ -15,11 +15,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from analytic import GaussianDenoiser, PointMixtureDenoiser
 
 from diffusion_core.objectives import DiscreteSchedule
 from diffusion_core.samplers import get_sampler, get_sigmas, karras_sigmas, sample_ddim
-
-from analytic import GaussianDenoiser, PointMixtureDenoiser
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 

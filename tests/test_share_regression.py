@@ -30,7 +30,6 @@ from diffusion_core.ui.generate_tab import generate_image  # noqa: E402
 from diffusion_core.ui.links import parse_link  # noqa: E402
 from diffusion_core.ui.render import png_bytes  # noqa: E402
 
-
 LINKS = {
     "generate_ddpm": "?v=1&model=ddpm&sampler=dpmpp_2m&steps=8&seed=3&n=4",
     "generate_ddpm_ddim_eta": "?v=1&model=ddpm&sampler=ddim&steps=6&eta=0.5&seed=11&n=2",

@@ -229,7 +229,7 @@ def test_throttle():
     t = [0.0]
     th = Throttle(0.1, clock=lambda: t[0])
     passed = []
-    for i in range(20):
+    for _ in range(20):
         passed.append(th.ready())
         t[0] += 0.03
     assert passed[0] and sum(passed) == 5  # t = 0, 0.12, 0.24, 0.36, 0.48

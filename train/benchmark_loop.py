@@ -34,11 +34,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from cfg import (
-    RECIPES as CFG_RECIPES,  # train/cfg.py, beside this file (Python puts a script's folder on its path)
-)
-
-SHARED = {"wta": "hard", "wta_scope": "example", "head_blocks": 1}  # mcl_shared's command: train/mcl.py --mcl-arch shared --wta-scope example --wta hard
+from cfg import RECIPES as CFG_RECIPES  # train/cfg.py, beside this file (Python puts a script's folder on its path)
 
 from diffusion_core.data import MNISTNotFound, data_root, load_mnist
 from diffusion_core.mcl_training import MCLTask
@@ -52,6 +48,8 @@ from diffusion_core.training import (
     resolve_precision,
     shard_indices,
 )
+
+SHARED = {"wta": "hard", "wta_scope": "example", "head_blocks": 1}  # mcl_shared's command: train/mcl.py --mcl-arch shared --wta-scope example --wta hard
 
 
 def parse_args(argv=None):
@@ -207,7 +205,7 @@ def main(argv=None):
     try:
         load_mnist(args.data_dir, train=False)  # fail early and clearly when MNIST is missing
     except MNISTNotFound as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     recipe = CFG_RECIPES["gpu" if device.type == "cuda" else "cpu"]

@@ -3,9 +3,9 @@ and autoguidance weights it samples, and how a row is split into seeded batches.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable
 
 from ..mcl import ROUTINGS, make_router, routing_needs_gate
 from ..pipeline import MAX_AUTOGUIDANCE, Settings
@@ -64,7 +64,7 @@ class EvalConfig:
     fid_inception: bool = False
     record_quality: bool = False  # write each model's headline row into its checkpoint's metadata
 
-    def validate(self) -> "EvalConfig":
+    def validate(self) -> EvalConfig:
         bad = [m for m in self.models if m not in DIFFUSION_MODELS]
         if bad or not self.models:
             raise ValueError(f"--models must be a non-empty subset of {','.join(DIFFUSION_MODELS)}, got {','.join(self.models) or 'nothing'}")

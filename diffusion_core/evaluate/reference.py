@@ -3,9 +3,9 @@ training images against the test set at a row's sample count) and the optional I
 features (local weights only)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 

@@ -67,7 +67,7 @@ class ColdRestore:
     index: int | None = 0
     drawing: str | None = None
 
-    def validate(self, levels: int) -> "ColdRestore":
+    def validate(self, levels: int) -> ColdRestore:
         if (self.index is None) == (self.drawing is None):
             raise ValueError("give either an MNIST test digit index or a drawing")
         self.digit() if self.index is None else ex.test_digit(self.index)  # a clear error for a bad index or drawing

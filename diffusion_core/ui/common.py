@@ -7,9 +7,9 @@ import logging
 import math
 import secrets
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 from ..checkpoints import CheckpointError, read_config
 from ..mcl import ROUTING_COST, ROUTING_HELP, make_router

@@ -4,7 +4,7 @@ reproduce the grid pixel for pixel (in the app, through the API and with ``diffu
 from __future__ import annotations
 
 import json
-from typing import Mapping
+from collections.abc import Mapping
 from urllib.parse import urlencode
 
 import gradio as gr

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from .files import OutputFiles, png_files
 

@@ -9,8 +9,8 @@ Anything wrong raises ``ValueError("this share link is malformed: ...")``.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from .. import explore as ex
 from ..pipeline import Settings

@@ -3,7 +3,7 @@ image. Generate's settings are the base of every link; ``tab=compare`` and ``tab
 add their own fields (``LINK_FIELDS``, read by ``links.parse_link``)."""
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 from urllib.parse import parse_qsl, urlencode
 
 from ..pipeline import Settings
