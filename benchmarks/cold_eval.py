@@ -2,6 +2,7 @@
 
     python -m benchmarks.cold_eval                       # writes assets/eval_cold/results.{json,md}
     python -m benchmarks.cold_eval --images 200 --levels 5 20 --samples 200   # a quick look
+    python -m benchmarks.cold_eval --real-starts --images 100 --levels 20 --out assets/eval_cold/real_starts
 
 * **Restoration**: the first ``--images`` MNIST test digits blurred to each of ``--levels`` and
   restored by the naive sampler (Algorithm 1) and the improved one (Algorithm 2) of Bansal et al.;
@@ -44,9 +45,17 @@ def restoration(restorer, clean: torch.Tensor, levels, batch: int = 500) -> list
     return rows
 
 
-def generation(model, restorer, n: int, classifiers, reference, floor, seed: int = 0, batch: int = 500) -> list[dict]:
+def real_starts(restorer, n: int, data_dir=None, seed: int = 0) -> torch.Tensor:
+    """``n`` random MNIST training digits blurred to the last level, no noise: what the restorer
+    makes of a start that certainly belongs to a digit (``--real-starts``)."""
+    images = load_mnist(data_dir, train=True)[0]
+    idx = torch.randint(0, len(images), (n,), generator=torch.Generator().manual_seed(seed))
+    return restorer.degradation(images[idx], restorer.degradation.levels)
+
+
+def generation(model, restorer, n: int, classifiers, reference, floor, seed: int = 0, batch: int = 500, start_x=None) -> list[dict]:
     start = StartDistribution.from_dict(model.config["generation"])
-    x = start.sample(n, torch.Generator().manual_seed(seed))
+    x = start.sample(n, torch.Generator().manual_seed(seed)) if start_x is None else start_x
     rows = []
     for name in COLD_SAMPLERS:
         out = torch.cat([restore(restorer, x[i:i + batch], restorer.degradation.levels, name) for i in range(0, n, batch)]).clamp(-1, 1)
@@ -95,6 +104,7 @@ def main(argv=None):
     p.add_argument("--levels", type=int, nargs="+", default=[5, 10, 15, 20])
     p.add_argument("--samples", type=int, default=1000, help="generated images per sampler")
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--real-starts", action="store_true", help="generate from blurred training digits instead of the start distribution")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
     t0 = time.perf_counter()
@@ -108,7 +118,9 @@ def main(argv=None):
     classifiers = {"classifier": load_model("classifier"), "classifier2": load_model("classifier2")}
     reference = reference_features(classifiers["classifier"], args.data_dir)
     floor = real_floor(reference, args.samples)
-    result["generation"] = generation(model, restorer, args.samples, classifiers, reference, floor)
+    start_x = real_starts(restorer, args.samples, args.data_dir) if args.real_starts else None
+    result["starts"] = "blurred training digits" if args.real_starts else "the checkpoint's start distribution"
+    result["generation"] = generation(model, restorer, args.samples, classifiers, reference, floor, start_x=start_x)
     result["hardware"] = hardware()
     result["seconds"] = round(time.perf_counter() - t0, 1)
     args.out.mkdir(parents=True, exist_ok=True)

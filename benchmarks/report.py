@@ -1,5 +1,5 @@
 """What every benchmark in this folder records beside its timings: the machine it ran on, and the
-JSON file that README's numbers are read from."""
+JSON file that the numbers of docs/benchmarks.md are read from."""
 from __future__ import annotations
 
 import json

@@ -1,5 +1,5 @@
 """The CPU benchmark script runs and reports what it says it does (no timing assertions: speed is
-recorded in README from the script's own runs, not checked here)."""
+recorded in docs/benchmarks.md from the script's own runs, not checked here)."""
 from __future__ import annotations
 
 import pytest

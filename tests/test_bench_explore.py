@@ -1,5 +1,5 @@
 """The Explore benchmark script runs and reports its cases (no timing assertions: the numbers go in
-README from the script's own runs)."""
+docs/benchmarks.md from the script's own runs)."""
 from __future__ import annotations
 
 import json

@@ -7,7 +7,7 @@ Debian's chromium), against ``python app.py`` on tiny random checkpoints plus a 
   the sketchpad goes through SDEdit to a final image;
 * the model menu and the Models tab show every checkpoint, the flow model included.
 
-``UPDATE_ASSETS=1`` (with the shipped checkpoints) also saves assets/app_explore.png for README.
+``UPDATE_ASSETS=1`` (with the shipped checkpoints) also saves assets/app_explore.png for docs/app.md.
 """
 from __future__ import annotations
 

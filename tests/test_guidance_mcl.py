@@ -684,7 +684,7 @@ def test_sticky_keeps_the_choice_made_at_the_lock_level():
 @pytest.mark.parametrize("spec,msg", [("sticky:0", "positive noise level"), ("sticky:-1", "positive noise level"),
                                       ("sticky:nan", "positive noise level"), ("sticky:x", "sticky:SIGMA"),
                                       ("sampledd", "unknown routing"), ("x0-gate", "unknown routing"), ("", "unknown routing")])
-def test_bad_new_routing_specs(spec, msg):
+def test_bad_routing_specs_are_refused(spec, msg):
     with pytest.raises(ValueError, match=msg):
         make_router(spec, K)
 
@@ -741,7 +741,7 @@ def test_expert_evaluations_per_image_per_step(routing, sampler):
 NEW_ROUTINGS = ["sampled", "winrate", "x0gate", "scout", "sticky", "sticky:3"]
 
 
-def test_new_routings_through_the_pipeline_are_reproducible(tiny_checkpoints, one_torch_thread):
+def test_every_routing_through_the_pipeline_is_reproducible(tiny_checkpoints, one_torch_thread):
     model = load_model(tiny_checkpoints / "mcl.safetensors")
     gate = load_model(tiny_checkpoints / "gating.safetensors").net
     for routing in NEW_ROUTINGS:

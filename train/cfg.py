@@ -1,4 +1,4 @@
-"""Train the class-conditional DDPM used with classifier-free guidance (label dropout).
+"""Train the class-conditional EDM model used with classifier-free guidance (label dropout).
 
     python train/cfg.py                          # the shipped checkpoints/cfg.safetensors (CPU recipe on a CPU)
     python train/cfg.py --recipe gpu             # the GPU recipe (the default where CUDA is available)
@@ -20,7 +20,7 @@ from diffusion_core.tasks import DiffusionTask, add_diffusion_args
 from diffusion_core.training import common_parser, parse_args, train
 
 # The defaults per device (--recipe): the CPU one made the shipped checkpoint on a 2-core CPU
-# (as an 18-epoch run resumed with --epochs 22: README, "Shipped checkpoints").
+# (as an 18-epoch run resumed with --epochs 22: docs/models.md).
 RECIPES = {
     "cpu": {"epochs": 22, "batch_size": 128, "blocks": 1, "objective": "edm"},
     "gpu": {"epochs": 20, "batch_size": 256},

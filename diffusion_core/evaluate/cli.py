@@ -16,7 +16,7 @@ from .run import evaluate
 
 
 QUICK = {"n": 500, "sweep_n": 200, "diversity_n": 200, "usage_n": 64, "diagnosis_n": 200}
-CPU_BATCH = 100  # on a CPU, batches of 1000 take twice as long per image as batches of 100 (page faults)
+CPU_BATCH = 100  # on a CPU, large batches are slower per image (page faults), so the CPU default is small
 
 
 def _csv(cast):
@@ -76,27 +76,15 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     for name in QUICK:
         v = getattr(args, name)
         sizes[name] = v if v is not None else (QUICK[name] if args.quick else getattr(d, name))
+    as_given = ("steps", "sweep_steps", "sweep_model", "guidance_scales", "autoguidance", "guides", "routings", "seed", "checkpoint_dir",
+                "data_dir", "out_dir", "figures", "fid_inception", "record_quality", "diagnosis_levels")
     return EvalConfig(
         models=tuple(m.lower() for m in args.models),
         samplers=tuple(s.lower() for s in args.samplers),
-        steps=args.steps,
-        sweep_steps=args.sweep_steps,
-        sweep_model=args.sweep_model,
-        guidance_scales=args.guidance_scales,
-        autoguidance=args.autoguidance,
-        guides=args.guides,
         classifier2=None if str(args.classifier2).lower() in ("none", "") else args.classifier2,
-        routings=args.routings,
         batch_size=args.batch_size or (d.batch_size if device.startswith("cuda") else CPU_BATCH),
-        seed=args.seed,
         device=device,
-        checkpoint_dir=args.checkpoint_dir,
-        data_dir=args.data_dir,
-        out_dir=args.out_dir,
-        figures=args.figures,
-        fid_inception=args.fid_inception,
-        record_quality=args.record_quality,
-        diagnosis_levels=args.diagnosis_levels,
+        **{name: getattr(args, name) for name in as_given},
         **sizes,
     )
 

@@ -45,7 +45,7 @@ class EvalConfig:
     guidance_scales: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0, 5.0)
     autoguidance: tuple[float, ...] = ()  # weights of the autoguidance rows of ddpm and mcl (none by default)
     guides: tuple[str, ...] = ("ddpm_weak",)  # the bad models those rows compare: names in the checkpoint folder, or paths
-    classifier2: str | None = "classifier2"  # the second, independently trained classifier (its columns), when its checkpoint is there
+    classifier2: str | None = "classifier2"  # the second, independently trained classifier (its columns), left out when its checkpoint is missing
     routings: tuple[str, ...] = ALL_ROUTINGS
     n: int = 10000  # samples per main row
     sweep_n: int = 2000  # samples per sweep row (0: no sweep)

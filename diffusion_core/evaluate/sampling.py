@@ -63,7 +63,7 @@ def _load(name: str, checkpoint_dir, device) -> LoadedModel:
 def load_models(names: Iterable[str], checkpoint_dir=None, device="cpu", need_gating: bool = False, want_gating: bool = False,
                 guides: Iterable[str] = (), classifier2: str | None = None) -> Models:
     """The diffusion models, the classifier and (for MCL) the gating network; the ``guides`` of the
-    autoguidance rows; ``classifier2`` when its checkpoint is there.
+    autoguidance rows; ``classifier2`` unless its checkpoint is missing.
 
     ``need_gating``: a missing gating checkpoint is an error; ``want_gating``: it is loaded when present."""
     diffusion = {n: _load(n, checkpoint_dir, device) for n in names}

@@ -89,7 +89,7 @@ ROUTING_LABELS = {
     "sticky": "sticky: gated, then each image keeps its expert",
 }
 # The routings the app's menu offers: on the shipped ensemble, those that draw all ten digits
-# (class entropy >= 0.97 in README's MCL table), the default (sampled, the best distance) first.
+# (class entropy >= 0.97 in the MCL evaluation, docs/evaluation.md), the default (sampled, the best distance) first.
 # The experts specialise by digit, so one expert alone, and the routings that let one expert
 # decide the digit (gated, heuristic, sticky, x0gate, scout), draw a few digits only; they stay
 # available by name in Compare, the API, the CLI and the evaluation.
