@@ -15,7 +15,7 @@ pytest.importorskip("gradio_client")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from app_server import ROOT, running_app  # noqa: E402
-from browser_support import TIMEOUT_MS, browser, page, wait_image  # noqa: E402, F401, F811  (browser, page: fixtures)
+from browser_support import TIMEOUT_MS, browser, filled_textbox, image_bytes, page, wait_image  # noqa: E402, F401, F811  (browser, page: fixtures)
 from gradio_client import Client  # noqa: E402
 
 from diffusion_core.registry import ModelRegistry  # noqa: E402
@@ -57,6 +57,18 @@ def test_cold_endpoints_equal_the_library(client, checkpoints):
     assert json.loads(settings) == {"kind": "cold_generate", "degradation": "blur", "seed": 4, "n": 3, "sampler": "naive"}
 
 
+def test_cold_from_settings_and_open_link_replay_the_same_bytes(client):
+    restored, _ = client.predict(index=3, level=12, degradation="blur", api_name="/cold_restore")
+    settings = cold_panel.ColdRestore("blur", 12, 3).to_json()
+    again, js = client.predict(settings_json=settings, api_name="/cold_from_settings")
+    assert Path(again).read_bytes() == Path(restored).read_bytes() and json.loads(js)["kind"] == "cold_restore"
+    grid, gen_js = client.predict(seed=4, n=3, sampler="naive", degradation="blur", api_name="/cold_generate")
+    again, _ = client.predict(settings_json=gen_js, api_name="/cold_from_settings")
+    assert Path(again).read_bytes() == Path(grid).read_bytes()
+    tab, text = client.predict(link="http://host/" + cold_panel.cold_share_query(json.loads(gen_js)), api_name="/open_link")
+    assert tab == "cold" and json.loads(text) == json.loads(gen_js)
+
+
 BAD = [
     ("/cold_restore", dict(index=3, level=21), "blur level must be between 0 and 20, got 21"),
     ("/cold_restore", dict(index=3, level=-1), "blur level must be between 0 and 20"),
@@ -65,6 +77,10 @@ BAD = [
     ("/cold_generate", dict(seed=0, n=17), "number of images must be between 1 and 16"),
     ("/cold_generate", dict(seed=0, n=2, sampler="fancy"), "unknown cold-diffusion sampler 'fancy'"),
     ("/cold_generate", dict(seed=0, n=2, degradation="noise"), "unknown degradation 'noise'"),
+    ("/cold_from_settings", dict(settings_json="{}"), "not a cold-diffusion result"),
+    ("/cold_from_settings", dict(settings_json="[" * 5000), "nested too deeply"),
+    ("/cold_from_settings", dict(settings_json='{"kind": "cold_restore", "index": 1, "level": 30}'), "blur level must be between 0 and 20"),
+    ("/open_link", dict(link="?v=1&tab=cold&cold=generate&n=99"), "number of images must be between 1 and 16"),
 ]
 
 
@@ -85,6 +101,7 @@ def test_cold_panel_and_the_models_history_in_the_browser(server, page):
     assert page.get_by_role("tab", name="Explore").get_attribute("aria-selected") == "true"  # the load did not switch back
     page.locator("#cold_run").click()
     page.locator("#cold_text").filter(has_text="naive").wait_for(timeout=TIMEOUT_MS)
+    assert "tab=cold&cold=restore" in filled_textbox(page, "cold_link", containing="cold=restore")
     page.locator("#cold_strip").scroll_into_view_if_needed()
     wait_image(page, "cold_strip")
     page.locator("#cold_gen").click()
@@ -98,4 +115,24 @@ def test_cold_panel_and_the_models_history_in_the_browser(server, page):
     assert card.locator(".history-grid img").first.evaluate("img => img.complete && img.naturalWidth > 0")
     assert card.locator("svg.loss-curve polyline").count() == 1
     assert page.locator(".model-card").filter(has_text="no training history recorded").count() >= 1
+
+
+@pytest.mark.browser
+def test_a_cold_link_opens_explore_with_the_same_result(server, page, client):
+    grid, gen_js = client.predict(seed=5, n=4, sampler="improved", degradation="blur", api_name="/cold_generate")
+    query = cold_panel.cold_share_query(json.loads(gen_js))
+    page.goto(server + query)
+    page.locator("#cold_grid img").wait_for(state="attached", timeout=TIMEOUT_MS)
+    page.locator("#cold_grid").scroll_into_view_if_needed()  # far down the page: its image loads lazily
+    wait_image(page, "cold_grid")
+    assert page.get_by_role("tab", name="Explore").get_attribute("aria-selected") == "true"
+    assert np.array_equal(decode_png(image_bytes(page, "#cold_grid img")), decode_png(Path(grid).read_bytes()))
+    assert filled_textbox(page, "cold_link", containing="tab=cold").endswith(query)
+    assert page.locator("#cold_seed input").input_value() == "5"
+    restored, _ = client.predict(index=7, level=15, degradation="blur", api_name="/cold_restore")
+    page.goto(server + cold_panel.cold_share_query({"kind": "cold_restore", "degradation": "blur", "level": 15, "index": 7}))
+    page.locator("#cold_strip img").wait_for(state="attached", timeout=TIMEOUT_MS)
+    page.locator("#cold_strip").scroll_into_view_if_needed()
+    wait_image(page, "cold_strip")
+    assert np.array_equal(decode_png(image_bytes(page, "#cold_strip img")), decode_png(Path(restored).read_bytes()))
 

@@ -43,7 +43,7 @@ routings / guidance scales / autoguidance weights / DDIM etas → grid PNG + JSO
 axis's defaults, as the Compare tab shows them), `/compare_from_settings` (that JSON → the same grid),
 `/explore_forward` (a digit at a noise level under the linear, cosine and flow schedules),
 `/explore_denoise` (one-step denoising and its error), `/sdedit` and `/sdedit_from_settings` (SDEdit /
-inpainting of a test digit or an image of a digit), `/cold_restore` and `/cold_generate` (cold
+inpainting of a test digit or an image of a digit), `/cold_restore`, `/cold_generate` and `/cold_from_settings` (cold
 diffusion), `/open_link` (a share link → its tab and settings JSON, or why it is malformed).
 
 ```python
@@ -193,6 +193,8 @@ def build(shared: Shared) -> None:
             return parsed.tab, compare_json(compare_meta(parsed.settings, parsed.axis, parsed.rows))
         if parsed.tab == "explore":
             return parsed.tab, parsed.edit.to_json()
+        if parsed.tab == "cold":
+            return parsed.tab, json.dumps(parsed.cold, indent=2)
         return parsed.tab, parsed.settings.to_json()
 
     out = [a_image, a_settings]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
+from urllib.parse import urlencode
 
 import gradio as gr
 import numpy as np
@@ -23,7 +24,8 @@ from ..cold import (
     degrade_and_restore,
 )
 from ..cold import generate as generate_cold
-from ..pipeline import Settings, to_uint8
+from ..pipeline import Settings, parse_json, to_uint8
+from .common import SHARE_VERSION
 from .render import labelled_strip, png_bytes, render_grid
 
 COLD_MODELS = {"blur": "cold_blur"}  # degradation -> the checkpoint that undoes it
@@ -101,7 +103,7 @@ def restore_view(registry, degradation=None, level=None, index=None, drawing=Non
             f"digit: blurred {info['mse_blurred']:.4f}, naive {mse['naive']:.4f}, improved {mse['improved']:.4f}. The naive "
             "sampler re-blurs its guess at every step, so its errors stay; the improved one adds only the change between two "
             "levels of its guess, so the next step corrects them.")
-    return {"image": strip, "info": info, "text": text, "settings_json": cr.to_json()}
+    return {"image": strip, "info": info, "text": text, "settings_json": cr.to_json(), "share_query": cold_share_query(json.loads(cr.to_json()))}
 
 
 def generate_view(registry, degradation=None, seed=0, n=8, sampler="improved") -> dict:
@@ -116,16 +118,82 @@ def generate_view(registry, degradation=None, seed=0, n=8, sampler="improved") -
     start, x = generate_cold(model.restorer(), StartDistribution.from_dict(model.config["generation"]), n, seed, sampler)
     settings = {"kind": "cold_generate", "degradation": degradation, "seed": seed, "n": n, "sampler": sampler}
     return {"image": render_grid(to_uint8(x).numpy()), "start": render_grid(to_uint8(start).numpy()),
-            "settings_json": json.dumps(settings, indent=2)}
+            "settings_json": json.dumps(settings, indent=2), "share_query": cold_share_query(settings)}
 
 
-def build(registry, files, source, index, drawing, concurrency_id: str):
+# ---------------------------------------------------------------------------------------------
+# Settings JSON and share links: a result comes back from either
+
+
+COLD_FIELDS = {"cold_restore": ("degradation", "level", "index", "drawing"), "cold_generate": ("degradation", "seed", "n", "sampler")}
+
+
+def cold_view(registry, settings: dict) -> dict:
+    """A cold-diffusion settings object (``kind`` ``cold_restore`` or ``cold_generate``, as the panel
+    and the API write it) -> the same view: the same pixels."""
+    if not isinstance(settings, dict) or settings.get("kind") not in COLD_FIELDS:
+        raise ValueError(f"these settings are not a cold-diffusion result (expected a JSON object with kind {' or '.join(COLD_FIELDS)})")
+    kind = settings["kind"]
+    fields = {k: v for k, v in settings.items() if k != "kind"}
+    unknown = sorted(set(fields) - set(COLD_FIELDS[kind]))
+    if unknown:
+        raise ValueError(f"unknown {kind} settings {unknown}; expected some of {list(COLD_FIELDS[kind])}")
+    if kind == "cold_restore":
+        if fields.get("drawing") is not None and fields.get("index") is not None:
+            raise ValueError("give either an MNIST test digit index or a drawing")
+        return restore_view(registry, **fields)
+    return generate_view(registry, **fields)
+
+
+def cold_from_json(registry, text) -> dict:
+    """``cold_view`` of a settings JSON text (``ValueError`` with a clear message otherwise)."""
+    if not isinstance(text, str) or len(text) > 10_000:
+        raise ValueError("settings must be a JSON text of at most 10000 characters")
+    return cold_view(registry, parse_json(text, "cold-diffusion settings"))
+
+
+def cold_share_query(settings: dict) -> str:
+    """``?v=1&tab=cold&cold=restore|generate&...``: opens Explore's cold panel and reproduces the result."""
+    kind = settings["kind"]
+    fields = [(k, str(settings[k])) for k in COLD_FIELDS[kind] if settings.get(k) is not None]
+    return "?" + urlencode([("v", SHARE_VERSION), ("tab", "cold"), ("cold", kind.removeprefix("cold_"))] + fields, safe=":")
+
+
+def cold_settings_from_link(fields) -> dict:
+    """A cold link's fields (strings) -> the settings object it stands for, checked as far as can be
+    without the model (the view checks the rest); ``ValueError`` otherwise."""
+    what = fields.get("cold")
+    kind = f"cold_{what}" if isinstance(what, str) else None
+    if kind not in COLD_FIELDS:
+        raise ValueError(f"a cold link needs cold=restore or cold=generate, got {str(what)[:20]!r}")
+    stray = sorted(k for k in fields if k not in COLD_FIELDS[kind] + ("cold",))
+    if stray:
+        raise ValueError(f"{', '.join(stray)} {'does' if len(stray) == 1 else 'do'} not belong to a cold {what} link")
+    given = {k: fields[k] for k in COLD_FIELDS[kind] if k in fields}
+    degradation = degradation_name(given.get("degradation"))
+    if kind == "cold_restore":
+        if ("index" in given) == ("drawing" in given):
+            raise ValueError("a cold restore link needs either index or drawing")
+        cr = ColdRestore(degradation, given.get("level", BlurConfig.levels), given.get("index"), given.get("drawing")).validate(BlurConfig.levels)
+        return json.loads(cr.to_json())
+    sampler = str(given.get("sampler", "improved")).strip().lower()
+    if sampler not in COLD_SAMPLER_NAMES:
+        raise ValueError(f"unknown cold-diffusion sampler {sampler[:40]!r}; expected one of {', '.join(COLD_SAMPLER_NAMES)}")
+    return {"kind": kind, "degradation": degradation, "seed": Settings(seed=given.get("seed", 0)).validate().seed,
+            "n": _whole(given.get("n", 8), "number of images", 1, MAX_COLD_IMAGES), "sampler": sampler}
+
+
+def build(shared, source, index, drawing) -> dict:
     """The panel inside the Explore tab: its components and events (the digit comes from the tab's
-    ``source``, ``index`` and ``drawing``), and the endpoints ``/cold_restore`` and ``/cold_generate``."""
+    ``source``, ``index`` and ``drawing``), a share link for each result, the endpoints
+    ``/cold_restore``, ``/cold_generate`` and ``/cold_from_settings``, and a cold link's result on
+    page load (``on_page_load``)."""
+    from .controls import SAMPLING, SHARE_JS
     from .explore_tab import drawing_code
     from .files import png_files
     from .glue import user_errors
 
+    registry, files = shared.registry, shared.files
     gr.Markdown("#### Cold diffusion: blur the digit and let `cold_blur` undo it (Bansal et al. 2023)")
     with gr.Row(equal_height=True):
         c = BlurConfig()
@@ -142,12 +210,15 @@ def build(registry, files, source, index, drawing, concurrency_id: str):
     with gr.Row():
         start = gr.Image(label="Fully blurred starts", format="png", interactive=False, elem_id="cold_start", elem_classes="pixelated")
         grid = gr.Image(label="Restored", format="png", interactive=False, elem_id="cold_grid", elem_classes="pixelated")
-    settings = gr.Code(label="Settings JSON", language="json", interactive=False, max_lines=12, elem_id="cold_json")
+    with gr.Row():
+        settings = gr.Code(label="Settings JSON", language="json", interactive=False, max_lines=12, elem_id="cold_json")
+        link = gr.Textbox(label="Share link (opens this exact result)", buttons=["copy"], max_lines=2, elem_id="cold_link", interactive=False)
+    query = gr.Textbox(visible=False)
     with gr.Row(visible=False):
         a_index, a_image = gr.Number(value=0, precision=0), gr.Image(type="numpy", image_mode="RGBA")
         a_level, a_degradation = gr.Number(value=BlurConfig.levels, precision=0), gr.Textbox(value="blur")
         a_seed, a_n, a_sampler, a_deg2 = gr.Number(value=0, precision=0), gr.Number(value=8, precision=0), gr.Textbox(value="improved"), gr.Textbox(value="blur")
-        a_png, a_json = gr.Image(format="png"), gr.Textbox()
+        a_png, a_json, a_settings = gr.Image(format="png"), gr.Textbox(), gr.Textbox(label="settings_json")
 
     @user_errors
     def panel_restore(src, idx, drawn, lvl):
@@ -155,12 +226,12 @@ def build(registry, files, source, index, drawing, concurrency_id: str):
             raise ValueError("draw a digit on the sketchpad (or pick an MNIST test digit)")
         code = drawing_code(drawn) if src == "drawing" else None
         v = restore_view(registry, "blur", lvl, None if code else idx, code)
-        return png_files((v["image"], v["text"], v["settings_json"]), files)
+        return png_files((v["image"], v["text"], v["settings_json"], v["share_query"]), files)
 
     @user_errors
     def panel_generate(s, k, name):
         v = generate_view(registry, "blur", s, k, name)
-        return png_files((v["start"], v["image"], v["settings_json"]), files)
+        return png_files((v["start"], v["image"], v["settings_json"], v["share_query"]), files)
 
     @user_errors
     def cold_restore(index, image=None, level=20, degradation="blur"):
@@ -178,11 +249,46 @@ def build(registry, files, source, index, drawing, concurrency_id: str):
         v = generate_view(registry, degradation, seed, n, sampler)
         return files.write("cold_generate.png", png_bytes(v["image"])), v["settings_json"]
 
-    run.click(panel_restore, [source, index, drawing, level], [strip, text, settings], concurrency_id=concurrency_id, api_visibility="private")
-    gen.click(panel_generate, [seed, count, sampler], [start, grid, settings], concurrency_id=concurrency_id, api_visibility="private")
-    hidden = gr.Button(visible=False)
-    hidden.click(cold_restore, [a_index, a_image, a_level, a_degradation], [a_png, a_json], api_name="cold_restore", concurrency_id=concurrency_id)
-    hidden.click(cold_generate, [a_seed, a_n, a_sampler, a_deg2], [a_png, a_json], api_name="cold_generate",
-                 concurrency_id=concurrency_id)
-    return {"level": level, "run": run, "strip": strip, "text": text, "grid": grid, "start": start, "settings": settings}
+    @user_errors
+    def cold_from_settings(settings_json):
+        """Replay a cold-diffusion result from its settings JSON (kind cold_restore or cold_generate, as the panel shows it): the
+        same PNG (/cold_restore's strip or /cold_generate's grid) and the settings JSON."""
+        v = cold_from_json(registry, settings_json)
+        name = "cold.png" if json.loads(v["settings_json"])["kind"] == "cold_restore" else "cold_generate.png"
+        return files.write(name, png_bytes(v["image"])), v["settings_json"]
 
+    def load(request: gr.Request):
+        """On page load with a cold link: its controls and its result."""
+        link_ = shared.link(request)
+        skip = [gr.skip()] * 12
+        if link_ is None or link_.tab != "cold":
+            return skip
+        v = cold_view(registry, link_.cold)
+        d = json.loads(v["settings_json"])
+        if d["kind"] == "cold_restore":
+            src = "drawing" if d.get("drawing") else "mnist"
+            controls = [src, d.get("index", 0) if src == "mnist" else gr.skip(), d.get("drawing") or gr.skip(), d["level"],
+                        gr.skip(), gr.skip(), gr.skip()]
+            outputs = [v["image"], v["text"], gr.skip(), gr.skip()]
+        else:
+            controls = [gr.skip(), gr.skip(), gr.skip(), gr.skip(), d["seed"], d["n"], d["sampler"]]
+            outputs = [gr.skip(), gr.skip(), v["start"], v["image"]]
+        return png_files(controls + outputs + [v["settings_json"]], files)
+
+    run.click(panel_restore, [source, index, drawing, level], [strip, text, settings, query], concurrency_id=SAMPLING,
+              api_visibility="private").then(None, query, link, js=SHARE_JS, api_visibility="private")
+    gen.click(panel_generate, [seed, count, sampler], [start, grid, settings, query], concurrency_id=SAMPLING,
+              api_visibility="private").then(None, query, link, js=SHARE_JS, api_visibility="private")
+    hidden = gr.Button(visible=False)
+    hidden.click(cold_restore, [a_index, a_image, a_level, a_degradation], [a_png, a_json], api_name="cold_restore", concurrency_id=SAMPLING)
+    hidden.click(cold_generate, [a_seed, a_n, a_sampler, a_deg2], [a_png, a_json], api_name="cold_generate", concurrency_id=SAMPLING)
+    hidden.click(cold_from_settings, a_settings, [a_png, a_json], api_name="cold_from_settings", concurrency_id=SAMPLING)
+
+    def on_page_load(loaded):
+        loaded.success(load, None, [source, index, drawing, level, seed, count, sampler, strip, text, start, grid, settings],
+                       concurrency_id=SAMPLING, api_visibility="private").then(
+            lambda s: cold_share_query(json.loads(s)) if s else "", settings, query, api_visibility="private", queue=False).then(
+            None, query, link, js=SHARE_JS, api_visibility="private")
+
+    return {"level": level, "run": run, "strip": strip, "text": text, "grid": grid, "start": start, "settings": settings,
+            "on_page_load": on_page_load}

@@ -445,7 +445,7 @@ def build(shared, tab) -> dict:
             downloads = gr.File(label="Downloads: PNG, settings", file_count="multiple", interactive=False, elem_id="ex_files")
         gr.Markdown(f"Replay from the command line (the same PNG): `{sdedit_cli_command()}`")
     query = gr.Textbox(visible=False)
-    cold_panel.build(s.registry, s.files, source, index, drawing, SAMPLING)
+    cold = cold_panel.build(s, source, index, drawing)
 
     outputs = {"noisy": noisy, "denoised": denoised, "velocity": velocity_img, "status": status, "final": final,
                "strip": strip, "settings_json": settings_json, "share_query": query, "downloads": downloads}
@@ -508,6 +508,7 @@ def build(shared, tab) -> dict:
               show_progress="minimal", show_progress_on=[status]).then(None, query, link, js=SHARE_JS, api_visibility="private")
 
     def on_page_load(loaded):
+        cold["on_page_load"](loaded)
         loaded.success(load, s.edit_controls + inputs, list(outputs.values()), concurrency_id=SAMPLING, api_visibility="private",
                        show_progress="minimal", show_progress_on=[status]).then(None, query, link, js=SHARE_JS, api_visibility="private")
 

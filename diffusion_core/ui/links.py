@@ -3,7 +3,9 @@
 * a Generate link (``?v=1&model=...``, no ``tab``): the settings;
 * ``tab=compare``: the base settings, the axis and its values (the comparison's rows);
 * ``tab=explore``: the base settings and the SDEdit fields (``index`` or ``drawing``, ``level``,
-  ``region``).
+  ``region``);
+* ``tab=cold``: a cold-diffusion result of Explore's panel (``cold=restore`` with ``level`` and
+  ``index`` or ``drawing``; ``cold=generate`` with ``seed``, ``n``, ``sampler``), no base settings.
 
 Anything wrong raises ``ValueError("this share link is malformed: ...")``.
 """
@@ -14,12 +16,13 @@ from dataclasses import dataclass, field
 
 from .. import explore as ex
 from ..pipeline import Settings
+from .cold_panel import cold_settings_from_link
 from .common import SHARE_FIELDS, SHARE_VERSION, ModelInfo, parse_settings
 from .compare_tab import parse_compare, row_value
 from .explore_tab import edit_from_fields
 from .share import split_query
 
-TABS = ("generate", "compare", "explore")
+TABS = ("generate", "compare", "explore", "cold")
 
 
 @dataclass
@@ -30,11 +33,12 @@ class Link:
     values: list[str] = field(default_factory=list)
     rows: list[Settings] = field(default_factory=list)
     edit: ex.EditSettings | None = None  # explore
+    cold: dict | None = None  # cold: the settings object of cold_panel (kind cold_restore or cold_generate)
     notes: list[str] = field(default_factory=list)
 
     @property
     def is_plain(self) -> bool:
-        return self.settings is None and self.edit is None and not self.rows
+        return self.settings is None and self.edit is None and not self.rows and self.cold is None
 
 
 def parse_link(models: Mapping[str, ModelInfo], query, default_model: str | None = None) -> Link:
@@ -48,6 +52,11 @@ def parse_link(models: Mapping[str, ModelInfo], query, default_model: str | None
     tab = ours.pop("tab", "generate").strip().lower()
     if tab not in TABS:
         raise ValueError(f"this share link is malformed: unknown tab {tab[:20]!r}; expected one of {', '.join(TABS)}")
+    if tab == "cold":
+        try:
+            return Link(tab="cold", cold=cold_settings_from_link(ours), notes=notes)
+        except ValueError as e:
+            raise ValueError(f"this share link is malformed: {e}") from None
     own = {"compare": ("axis", "values"), "explore": ("index", "drawing", "level", "region")}
     stray = sorted(k for k in ours if k not in SHARE_FIELDS and k not in own.get(tab, ()))
     if stray:

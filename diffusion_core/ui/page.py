@@ -73,7 +73,8 @@ def wire_load(demo: gr.Blocks, shared: Shared, tabs: gr.Tabs, generate: dict, co
             upd += [gr.skip()] * 5
         if link.is_plain:  # leave the tab alone: a visitor may already have opened another one while the page loaded
             return upd + [gr.skip(), gr.skip()]
-        return upd + [gr.Tabs(selected=link.tab), link.tab]
+        tab = "explore" if link.tab == "cold" else link.tab  # the cold panel is in Explore
+        return upd + [gr.Tabs(selected=tab), tab]
 
     @user_errors
     def check_link(request: gr.Request):

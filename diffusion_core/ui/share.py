@@ -9,7 +9,7 @@ from urllib.parse import parse_qsl, urlencode
 from ..pipeline import Settings
 from .common import SHARE_FIELDS, SHARE_VERSION, ModelInfo, parse_settings
 
-LINK_FIELDS = ("tab", "axis", "values", "index", "drawing", "level", "region")  # the other tabs' fields
+LINK_FIELDS = ("tab", "axis", "values", "index", "drawing", "level", "region", "cold", "degradation")  # the other tabs' fields
 MAX_LINK_VALUE_CHARS = 4000  # the longest field (an encoded drawing) is about 1.1k characters
 
 
