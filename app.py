@@ -34,7 +34,6 @@ with gr.Blocks(title=page.TITLE, delete_cache=(3600, 3600)) as demo:
         with gr.Column(scale=1, min_width=300):
             shared = controls.build(registry, files)
         with gr.Column(scale=3):
-            shared.active_tab = gr.State("generate")  # the Explore view is computed only while its tab is open
             with gr.Tabs(selected="generate") as tabs:
                 with gr.Tab("Generate", id="generate") as tab:
                     generate = generate_tab.build(shared, tab)

@@ -9,7 +9,7 @@ that apply to the model and sampler.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import gradio as gr
 
@@ -68,7 +68,7 @@ class Shared:
     dice: gr.Button
     n: gr.Slider
     run: gr.Button
-    active_tab: gr.State = field(default=None)
+    active_tab: gr.State  # the open tab (Explore computes its view only while it is open)
 
     @property
     def controls(self) -> list:
@@ -134,7 +134,8 @@ def build(registry, files: OutputFiles) -> Shared:
         dice = gr.Button("Random", scale=1, min_width=70, size="lg", elem_id="dice")
     n = gr.Slider(1, MAX_IMAGES, value=d.n, step=1, label="Number of images", elem_id="n")
     run = gr.Button("Generate", variant="primary", size="lg", elem_id="run")
-    return Shared(registry, files, model, digit, guidance, autoguidance, guide, routing, sampler, steps, eta, seed, dice, n, run)
+    active_tab = gr.State("generate")
+    return Shared(registry, files, model, digit, guidance, autoguidance, guide, routing, sampler, steps, eta, seed, dice, n, run, active_tab)
 
 
 def control_updates(shared: Shared, model_name, sampler_name, routing_value=None) -> tuple:
