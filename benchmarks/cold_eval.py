@@ -99,7 +99,7 @@ def hardware() -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="cold_blur")
+    p.add_argument("--model", default="cold_blur_v2")
     p.add_argument("--images", type=int, default=1000, help="test digits to restore (the first N)")
     p.add_argument("--levels", type=int, nargs="+", default=[5, 10, 15, 20])
     p.add_argument("--samples", type=int, default=1000, help="generated images per sampler")

@@ -53,7 +53,7 @@ def dct_matrix(n: int) -> torch.Tensor:
 class BlurConfig:
     levels: int = 20  # degradation levels 1..levels (0 is the clean image)
     sigma_min: float = 0.5  # the blur's standard deviation (pixels) at level 1
-    sigma_max: float = 10.0  # ... and at the last level, geometric in between (30 px would leave a flat image)
+    sigma_max: float = 7.0  # ... and at the last level, geometric in between (30 px would leave a flat image; cold_blur has 10)
     size: int = 28
     train_noise: float = 0.01  # Gaussian noise added to the network's input in training (robustness to the start's noise)
 

@@ -288,10 +288,12 @@ class ColdTask(Task):
     for the blur levels s drawn uniformly from 1..levels, with the L1 loss of Bansal et al. The
     blur is computed in float32 outside autocast (its cosine transform needs the precision)."""
 
-    name = "cold_blur"
+    name = "cold_blur_v2"  # the first, cold_blur (blur to 10 px), stays for the links made with it
 
     def __init__(self, args):
         super().__init__(args)
+        if getattr(args, "name", None):
+            self.name = args.name
         try:
             self.degradation = BlurDegradation(BlurConfig(levels=args.levels, sigma_max=args.sigma_max, train_noise=args.train_noise))
         except (TypeError, ValueError) as e:

@@ -39,7 +39,7 @@ def test_level_zero_is_the_identity_and_the_mean_is_kept():
     torch.testing.assert_close(DEG(x, 0), x, atol=1e-5, rtol=0)
     for level in (1, 10, DEG.levels):
         torch.testing.assert_close(DEG(x, level).mean((1, 2, 3)), x.mean((1, 2, 3)), atol=1e-5, rtol=0)
-    assert DEG.sigmas[1] == pytest.approx(0.5) and DEG.sigmas[-1] == pytest.approx(10.0)
+    assert DEG.sigmas[1] == pytest.approx(0.5) and DEG.sigmas[-1] == pytest.approx(BlurConfig.sigma_max) == pytest.approx(7.0)
     # the strongest level keeps the coarse shape only: far smoother than the image, not flat
     strongest = DEG(x, DEG.levels)
     assert strongest.std((1, 2, 3)).max() < 0.3 * x.std((1, 2, 3)).min()
@@ -153,11 +153,13 @@ def test_a_single_gaussian_start_in_the_first_format_still_loads():
     assert one.sample(4, torch.Generator().manual_seed(0)).shape == (4, 1, 28, 28)
 
 
-def test_shipped_cold_blur_loads_and_a_corrupted_degradation_is_a_checkpoint_error(tmp_path):
-    model = load_model(ROOT / "checkpoints" / "cold_blur.safetensors")
+@pytest.mark.parametrize("name, sigma_max", [("cold_blur_v2", 7.0), ("cold_blur", 10.0)])
+def test_shipped_cold_blur_loads_and_a_corrupted_degradation_is_a_checkpoint_error(tmp_path, name, sigma_max):
+    model = load_model(ROOT / "checkpoints" / f"{name}.safetensors")
     assert model.kind == "cold" and model.restorer().degradation.levels == 20
+    assert float(model.restorer().degradation.sigmas[-1]) == pytest.approx(sigma_max)
     assert model.history is not None and {g["epoch"] for g in model.history["grids"]} == {1, 5, 8}
-    tensors, config = load_checkpoint(ROOT / "checkpoints" / "cold_blur.safetensors")
+    tensors, config = load_checkpoint(ROOT / "checkpoints" / f"{name}.safetensors")
     for bad in ({k: v for k, v in config.items() if k != "degradation"}, dict(config, degradation={"levels": 0})):
         path = tmp_path / "bad.safetensors"
         save_checkpoint(path, tensors, bad)

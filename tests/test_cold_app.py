@@ -1,6 +1,6 @@
 """Explore's cold-diffusion panel end to end: the endpoints through gradio_client (results equal the
 library's, bad input refused with a clear message while the server keeps serving), and in headless
-Chromium the panel's restoration and the Models tab's training history (the shipped cold_blur)."""
+Chromium the panel's restoration and the Models tab's training history (the shipped cold_blur_v2; the first, cold_blur, for old links)."""
 from __future__ import annotations
 
 import json
@@ -30,7 +30,8 @@ def checkpoints(tiny_checkpoints, tmp_path_factory):
     d = tmp_path_factory.mktemp("with_cold")
     for f in Path(tiny_checkpoints).glob("*.safetensors"):
         shutil.copy2(f, d / f.name)
-    shutil.copy2(ROOT / "checkpoints" / "cold_blur.safetensors", d / "cold_blur.safetensors")
+    for name in ("cold_blur_v2", "cold_blur"):
+        shutil.copy2(ROOT / "checkpoints" / f"{name}.safetensors", d / f"{name}.safetensors")
     return d
 
 
@@ -54,12 +55,14 @@ def test_cold_endpoints_equal_the_library(client, checkpoints):
     assert d["level"] == 12 and d["mse_improved"] == pytest.approx(expected["info"]["mse_improved"])
     path, settings = client.predict(seed=4, n=3, sampler="naive", degradation="blur", api_name="/cold_generate")
     assert np.array_equal(decode_png(Path(path).read_bytes()), cold_panel.generate_view(registry, "blur", 4, 3, "naive")["image"])
-    assert json.loads(settings) == {"kind": "cold_generate", "degradation": "blur", "seed": 4, "n": 3, "sampler": "naive"}
+    assert json.loads(settings) == {"kind": "cold_generate", "degradation": "blur", "seed": 4, "n": 3, "sampler": "naive", "model": "cold_blur_v2"}
+    path, _ = client.predict(seed=4, n=3, sampler="naive", degradation="blur", model="cold_blur", api_name="/cold_generate")
+    assert np.array_equal(decode_png(Path(path).read_bytes()), cold_panel.generate_view(registry, "blur", 4, 3, "naive", "cold_blur")["image"])
 
 
 def test_cold_from_settings_and_open_link_replay_the_same_bytes(client):
     restored, _ = client.predict(index=3, level=12, degradation="blur", api_name="/cold_restore")
-    settings = cold_panel.ColdRestore("blur", 12, 3).to_json()
+    settings = cold_panel.ColdRestore("blur", 12, 3, model="cold_blur_v2").to_json()
     again, js = client.predict(settings_json=settings, api_name="/cold_from_settings")
     assert Path(again).read_bytes() == Path(restored).read_bytes() and json.loads(js)["kind"] == "cold_restore"
     grid, gen_js = client.predict(seed=4, n=3, sampler="naive", degradation="blur", api_name="/cold_generate")
@@ -81,6 +84,9 @@ BAD = [
     ("/cold_from_settings", dict(settings_json="[" * 5000), "nested too deeply"),
     ("/cold_from_settings", dict(settings_json='{"kind": "cold_restore", "index": 1, "level": 30}'), "blur level must be between 0 and 20"),
     ("/open_link", dict(link="?v=1&tab=cold&cold=generate&n=99"), "number of images must be between 1 and 16"),
+    ("/cold_restore", dict(index=3, level=5, model="ddpm"), "unknown blur model 'ddpm'"),
+    ("/cold_generate", dict(seed=0, n=2, model="cold_blur_v9"), "unknown blur model 'cold_blur_v9'"),
+    ("/open_link", dict(link="?v=1&tab=cold&cold=generate&model=mcl"), "unknown blur model 'mcl'"),
 ]
 
 
@@ -109,7 +115,7 @@ def test_cold_panel_and_the_models_history_in_the_browser(server, page):
     page.locator("#cold_grid").scroll_into_view_if_needed()
     wait_image(page, "cold_grid")
     page.get_by_role("tab", name="Models").click()
-    card = page.locator(".model-card").filter(has_text="Cold diffusion (blur)")
+    card = page.locator(".model-card").filter(has_text="0.5 to 7 pixels")  # cold_blur_v2, the restorer Explore uses
     card.locator(".history-grid img").first.wait_for(timeout=TIMEOUT_MS)
     assert card.locator(".history-grid img").count() == 3
     assert card.locator(".history-grid img").first.evaluate("img => img.complete && img.naturalWidth > 0")
@@ -130,9 +136,15 @@ def test_a_cold_link_opens_explore_with_the_same_result(server, page, client):
     assert filled_textbox(page, "cold_link", containing="tab=cold").endswith(query)
     assert page.locator("#cold_seed input").input_value() == "5"
     restored, _ = client.predict(index=7, level=15, degradation="blur", api_name="/cold_restore")
-    page.goto(server + cold_panel.cold_share_query({"kind": "cold_restore", "degradation": "blur", "level": 15, "index": 7}))
+    page.goto(server + cold_panel.cold_share_query({"kind": "cold_restore", "degradation": "blur", "level": 15, "index": 7, "model": "cold_blur_v2"}))
     page.locator("#cold_strip img").wait_for(state="attached", timeout=TIMEOUT_MS)
     page.locator("#cold_strip").scroll_into_view_if_needed()
     wait_image(page, "cold_strip")
     assert np.array_equal(decode_png(image_bytes(page, "#cold_strip img")), decode_png(Path(restored).read_bytes()))
+    old, _ = client.predict(index=7, level=15, degradation="blur", model="cold_blur", api_name="/cold_restore")
+    page.goto(server + "?v=1&tab=cold&cold=restore&degradation=blur&level=15&index=7")  # a link from before cold_blur_v2
+    page.locator("#cold_text").filter(has_text="cold_blur, blur level 15").wait_for(timeout=TIMEOUT_MS)
+    page.locator("#cold_strip").scroll_into_view_if_needed()
+    wait_image(page, "cold_strip")
+    assert np.array_equal(decode_png(image_bytes(page, "#cold_strip img")), decode_png(Path(old).read_bytes()))
 

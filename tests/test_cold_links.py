@@ -48,7 +48,8 @@ def test_a_cold_result_comes_back_from_its_link_and_its_json(shipped, make):
     ("?v=1&tab=cold&cold=restore&index=3000&level=5", "digit index must be between 0 and 999"),
     ("?v=1&tab=cold&cold=generate&n=40", "number of images must be between 1 and 16"),
     ("?v=1&tab=cold&cold=generate&sampler=fancy", "unknown cold-diffusion sampler 'fancy'"),
-    ("?v=1&tab=cold&cold=restore&index=2&model=cfg", "model does not belong to a cold restore link"),
+    ("?v=1&tab=cold&cold=restore&index=2&model=cfg", "unknown blur model 'cfg'"),
+    ("?v=1&tab=cold&cold=restore&index=2&steps=3", "steps does not belong to a cold restore link"),
     ("?v=1&tab=cold&cold=generate&degradation=pixelate", "unknown degradation 'pixelate'"),
 ])
 def test_a_malformed_cold_link_is_refused_clearly(shipped, query, message):
@@ -63,9 +64,29 @@ def test_a_malformed_cold_link_is_refused_clearly(shipped, query, message):
     ('{"kind": "cold_restore", "index": 2, "drawing": "eJw"}', "either an MNIST test digit index or a drawing"),
     ('{"kind": "cold_generate", "n": 0}', "number of images must be between 1 and 16"),
     ('{"kind": "cold_generate", "steps": 3}', "unknown cold_generate settings ['steps']"),
+    ('{"kind": "cold_generate", "model": "ddpm"}', "unknown blur model 'ddpm'"),
+    ('{"kind": "cold_restore", "index": 1, "model": 7}', "unknown blur model '7'"),
     ("x" * 20_000, "at most 10000 characters"),
 ])
 def test_bad_cold_settings_json_is_refused_clearly(shipped, text, message):
     with pytest.raises(ValueError) as e:
         cp.cold_from_json(shipped[0], text)
     assert message in str(e.value)
+
+
+def test_the_current_restorer_is_the_default_and_the_first_stays_for_old_links(shipped):
+    """The panel and the API use cold_blur_v2 and say so in the settings; settings and links without
+    a model were written when cold_blur was the only restorer, so they still mean it (the share
+    regression test holds their bytes); naming either one gives that one."""
+    registry, models = shipped
+    new = cp.restore_view(registry, "blur", 20, 5)
+    assert json.loads(new["settings_json"])["model"] == "cold_blur_v2" == cp.COLD_MODELS["blur"][0]
+    assert "model=cold_blur_v2" in new["share_query"] and new["info"]["blur_sigma_px"] == pytest.approx(7.0)
+    old = cp.cold_from_json(registry, '{"kind": "cold_restore", "degradation": "blur", "level": 20, "index": 5}')
+    assert json.loads(old["settings_json"])["model"] == "cold_blur" and old["info"]["blur_sigma_px"] == pytest.approx(10.0)
+    assert not np.array_equal(old["image"], new["image"])
+    named = cp.cold_from_json(registry, '{"kind": "cold_restore", "level": 20, "index": 5, "model": "cold_blur"}')
+    assert np.array_equal(named["image"], old["image"])
+    link = parse_link(models, "?v=1&tab=cold&cold=generate&seed=1&n=2")
+    assert link.cold["model"] == "cold_blur"
+    assert np.array_equal(cp.cold_view(registry, link.cold)["image"], cp.generate_view(registry, "blur", 1, 2, "improved", "cold_blur")["image"])

@@ -7,6 +7,10 @@ before the house refactor (issue 18) and must never change: a change here breaks
 people have shared. Record again only for a deliberate, announced break:
 
     python tests/test_share_regression.py --record
+    python tests/test_share_regression.py --record-missing   # a newly added name only, recorded on the code before the change
+
+Cold diffusion's four were added when it got a second restorer (issue 19), recorded on the code
+before that change.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ HASHES = Path(__file__).resolve().parent / "data" / "share_hashes.json"
 sys.path.insert(0, str(ROOT))
 
 from diffusion_core.registry import ModelRegistry  # noqa: E402
+from diffusion_core.ui import cold_panel  # noqa: E402
 from diffusion_core.ui.common import available_models, settings_from_json  # noqa: E402
 from diffusion_core.ui.compare_tab import compare, compare_from_json  # noqa: E402
 from diffusion_core.ui.explore_tab import edit_from_json, sdedit_image  # noqa: E402
@@ -47,6 +52,9 @@ LINKS = {
     "explore_index": "?v=1&model=ddpm&sampler=dpmpp_2m&steps=8&seed=0&n=1&tab=explore&index=5&level=0.6&region=none",
     "explore_inpaint_cfg": "?v=1&model=cfg&digit=8&guidance=2.0&sampler=euler&steps=6&seed=1&n=1&tab=explore&index=12&level=0.8&region=top",
     "explore_flow": "?v=1&model=flow&digit=any&guidance=1.0&sampler=heun&steps=5&seed=7&n=1&tab=explore&index=3&level=0.5&region=left",
+    # cold diffusion's links from before it had a second restorer (no model: they mean cold_blur)
+    "cold_restore": "?v=1&tab=cold&cold=restore&degradation=blur&level=14&index=6",
+    "cold_generate": "?v=1&tab=cold&cold=generate&degradation=blur&seed=5&n=3&sampler=improved",
 }
 
 SETTINGS_JSON = {
@@ -58,6 +66,8 @@ SETTINGS_JSON = {
                     "region": "bottom"},
     "json_sdedit_cfg": {"kind": "sdedit", "model": "cfg", "digit": 3, "guidance": 2.0, "routing": "sampled", "eta": 0.0,
                         "sampler": "dpmpp_2m", "steps": 6, "seed": 5, "index": 9, "drawing": None, "level": 0.6, "region": "none"},
+    "json_cold_restore": {"kind": "cold_restore", "degradation": "blur", "level": 20, "index": 11},
+    "json_cold_generate": {"kind": "cold_generate", "degradation": "blur", "seed": 2, "n": 2, "sampler": "naive"},
 }
 
 
@@ -73,6 +83,8 @@ def render(registry, models, name: str) -> bytes:
     """The PNG the app shows for a link or a settings JSON."""
     if name in SETTINGS_JSON:
         text = json.dumps(SETTINGS_JSON[name])
+        if name.startswith("json_cold"):
+            return png_bytes(cold_panel.cold_from_json(registry, text)["image"])
         if name == "json_compare":
             base, axis, rows, columns = compare_from_json(models, text)
             return png_bytes(compare(registry, rows, axis, columns, base=base)[0])
@@ -83,6 +95,8 @@ def render(registry, models, name: str) -> bytes:
         return png_bytes(generate_image(registry, s, models[s.model]))
     query = _drawing_link() if name == "explore_drawing" else LINKS[name]
     link = parse_link(models, query)
+    if link.tab == "cold":
+        return png_bytes(cold_panel.cold_view(registry, link.cold)["image"])
     if link.tab == "compare":
         return png_bytes(compare(registry, link.rows, link.axis, base=link.settings)[0])
     if link.tab == "explore":
@@ -107,18 +121,20 @@ def test_an_old_share_link_reproduces_the_same_png(shipped, name):
     assert hashlib.sha256(render(*shipped, name)).hexdigest() == recorded[name]
 
 
-def record():
+def record(missing_only: bool = False):
+    """Record every hash, or (``missing_only``) only those of names added since, keeping the rest."""
     torch.set_num_threads(1)
     registry = ModelRegistry(ROOT / "checkpoints")
     models = available_models(registry)
-    hashes = {name: hashlib.sha256(render(registry, models, name)).hexdigest() for name in NAMES}
+    hashes = json.loads(HASHES.read_text()) if missing_only else {}
+    hashes.update({name: hashlib.sha256(render(registry, models, name)).hexdigest() for name in NAMES if name not in hashes})
     HASHES.parent.mkdir(exist_ok=True)
     HASHES.write_text(json.dumps(hashes, indent=2) + "\n")
     print(f"recorded {len(hashes)} hashes in {HASHES}")
 
 
 if __name__ == "__main__":
-    if "--record" in sys.argv:
-        record()
+    if "--record" in sys.argv or "--record-missing" in sys.argv:
+        record(missing_only="--record-missing" in sys.argv)
     else:
         raise SystemExit(__doc__)

@@ -28,7 +28,8 @@ from ..pipeline import Settings, parse_json, to_uint8
 from .common import SHARE_VERSION
 from .render import labelled_strip, png_bytes, render_grid
 
-COLD_MODELS = {"blur": "cold_blur"}  # degradation -> the checkpoint that undoes it
+COLD_MODELS = {"blur": ("cold_blur_v2", "cold_blur")}  # degradation -> the checkpoints that undo it, the current one first
+FIRST_COLD_MODEL = {"blur": "cold_blur"}  # what settings and links without a model mean (they were written before there were two)
 MAX_COLD_IMAGES = 16
 STRIP_SCALE = 6
 
@@ -52,11 +53,22 @@ def degradation_name(value) -> str:
     return name.strip().lower()
 
 
-def cold_model(registry, degradation):
-    """The loaded restoration model of ``degradation`` (``ValueError`` when its checkpoint is missing)."""
-    name = COLD_MODELS[degradation_name(degradation)]
+def cold_model_name(degradation, model=None) -> str:
+    """The restorer's name: ``model`` checked against the degradation's restorers, or its current one
+    when ``model`` is empty."""
+    names = COLD_MODELS[degradation_name(degradation)]
+    if model is None or (isinstance(model, str) and not model.strip()):
+        return names[0]
+    if not isinstance(model, str) or model.strip().lower() not in names:
+        raise ValueError(f"unknown {degradation_name(degradation)} model {str(model)[:40]!r}; expected one of {', '.join(names)}")
+    return model.strip().lower()
+
+
+def cold_model(registry, degradation, model=None):
+    """The loaded restoration model (``cold_model_name``; ``ValueError`` when its checkpoint is missing)."""
+    name = cold_model_name(degradation, model)
     if name not in registry.available():
-        raise ValueError(f"the {degradation} model ({name}.safetensors) is not installed")
+        raise ValueError(f"the {degradation_name(degradation)} model ({name}.safetensors) is not installed")
     return registry.get(name)
 
 
@@ -68,13 +80,15 @@ class ColdRestore:
     level: int = 20
     index: int | None = 0
     drawing: str | None = None
+    model: str | None = None  # the restorer (cold_model_name); empty: the degradation's current one
 
     def validate(self, levels: int) -> ColdRestore:
         if (self.index is None) == (self.drawing is None):
             raise ValueError("give either an MNIST test digit index or a drawing")
         self.digit() if self.index is None else ex.test_digit(self.index)  # a clear error for a bad index or drawing
         index = None if self.index is None else int(float(self.index))
-        return ColdRestore(degradation_name(self.degradation), _whole(self.level, "blur level", 0, levels), index, self.drawing)
+        return ColdRestore(degradation_name(self.degradation), _whole(self.level, "blur level", 0, levels), index, self.drawing,
+                           cold_model_name(self.degradation, self.model))
 
     def digit(self) -> np.ndarray:
         return ex.test_digit(self.index) if self.drawing is None else ex.decode_digit(self.drawing)
@@ -83,12 +97,13 @@ class ColdRestore:
         return json.dumps({"kind": "cold_restore", **{k: v for k, v in asdict(self).items() if v is not None}}, indent=2)
 
 
-def restore_view(registry, degradation=None, level=None, index=None, drawing=None) -> dict:
-    """The strip (clean, degraded, naive, improved) and the numbers of a validated restoration."""
-    model = cold_model(registry, degradation)
-    restorer = model.restorer()
+def restore_view(registry, degradation=None, level=None, index=None, drawing=None, model=None) -> dict:
+    """The strip (clean, degraded, naive, improved) and the numbers of a validated restoration
+    (``model``: the restorer, empty for the degradation's current one)."""
+    loaded = cold_model(registry, degradation, model)
+    restorer = loaded.restorer()
     cr = ColdRestore(degradation or "blur", restorer.degradation.levels if level is None else level,
-                     None if drawing is not None else (0 if index is None else index), drawing).validate(restorer.degradation.levels)
+                     None if drawing is not None else (0 if index is None else index), drawing, model).validate(restorer.degradation.levels)
     digit = cr.digit()
     x0 = ex.to_model_space(digit)
     x_s, out = degrade_and_restore(restorer, x0, cr.level)
@@ -97,26 +112,28 @@ def restore_view(registry, degradation=None, level=None, index=None, drawing=Non
     sigma = float(restorer.degradation.sigmas[cr.level])
     strip = labelled_strip([tiles], ["clean digit", f"blurred, level {cr.level}", "naive (Alg. 1)", "improved (Alg. 2)"], None,
                            scale=STRIP_SCALE)
-    info = {"degradation": cr.degradation, "level": cr.level, "levels": restorer.degradation.levels, "blur_sigma_px": sigma,
+    info = {"degradation": cr.degradation, "model": cr.model, "level": cr.level, "levels": restorer.degradation.levels, "blur_sigma_px": sigma,
             "mse_blurred": float(((x_s - x0) ** 2).mean()), "mse_naive": mse["naive"], "mse_improved": mse["improved"]}
-    text = (f"Blur level {cr.level} of {restorer.degradation.levels} (σ = {sigma:.2f} px). Mean squared error against the clean "
+    text = (f"`{cr.model}`, blur level {cr.level} of {restorer.degradation.levels} (σ = {sigma:.2f} px). Mean squared error against the clean "
             f"digit: blurred {info['mse_blurred']:.4f}, naive {mse['naive']:.4f}, improved {mse['improved']:.4f}. The naive "
             "sampler re-blurs its guess at every step, so its errors stay; the improved one adds only the change between two "
             "levels of its guess, so the next step corrects them.")
     return {"image": strip, "info": info, "text": text, "settings_json": cr.to_json(), "share_query": cold_share_query(json.loads(cr.to_json()))}
 
 
-def generate_view(registry, degradation=None, seed=0, n=8, sampler="improved") -> dict:
-    """``n`` digits restored from fully degraded starts drawn with ``seed``: a grid and the settings."""
+def generate_view(registry, degradation=None, seed=0, n=8, sampler="improved", model=None) -> dict:
+    """``n`` digits restored from fully degraded starts drawn with ``seed``: a grid and the settings
+    (``model``: the restorer, empty for the degradation's current one)."""
     degradation = degradation_name(degradation)
-    model = cold_model(registry, degradation)
+    name = cold_model_name(degradation, model)
+    model = cold_model(registry, degradation, name)
     seed = Settings(seed=seed).validate().seed
     n = _whole(n, "number of images", 1, MAX_COLD_IMAGES)
     if not isinstance(sampler, str) or sampler.strip().lower() not in COLD_SAMPLER_NAMES:
         raise ValueError(f"unknown cold-diffusion sampler {str(sampler)[:40]!r}; expected one of {', '.join(COLD_SAMPLER_NAMES)}")
     sampler = sampler.strip().lower()
     start, x = generate_cold(model.restorer(), StartDistribution.from_dict(model.config["generation"]), n, seed, sampler)
-    settings = {"kind": "cold_generate", "degradation": degradation, "seed": seed, "n": n, "sampler": sampler}
+    settings = {"kind": "cold_generate", "degradation": degradation, "seed": seed, "n": n, "sampler": sampler, "model": name}
     return {"image": render_grid(to_uint8(x).numpy()), "start": render_grid(to_uint8(start).numpy()),
             "settings_json": json.dumps(settings, indent=2), "share_query": cold_share_query(settings)}
 
@@ -125,12 +142,13 @@ def generate_view(registry, degradation=None, seed=0, n=8, sampler="improved") -
 # Settings JSON and share links: a result comes back from either
 
 
-COLD_FIELDS = {"cold_restore": ("degradation", "level", "index", "drawing"), "cold_generate": ("degradation", "seed", "n", "sampler")}
+COLD_FIELDS = {"cold_restore": ("degradation", "level", "index", "drawing", "model"), "cold_generate": ("degradation", "seed", "n", "sampler", "model")}
 
 
 def cold_view(registry, settings: dict) -> dict:
     """A cold-diffusion settings object (``kind`` ``cold_restore`` or ``cold_generate``, as the panel
-    and the API write it) -> the same view: the same pixels."""
+    and the API write it) -> the same view: the same pixels. Without a ``model`` the settings were
+    written when the degradation had one restorer, so they mean that one (``FIRST_COLD_MODEL``)."""
     if not isinstance(settings, dict) or settings.get("kind") not in COLD_FIELDS:
         raise ValueError(f"these settings are not a cold-diffusion result (expected a JSON object with kind {' or '.join(COLD_FIELDS)})")
     kind = settings["kind"]
@@ -138,6 +156,8 @@ def cold_view(registry, settings: dict) -> dict:
     unknown = sorted(set(fields) - set(COLD_FIELDS[kind]))
     if unknown:
         raise ValueError(f"unknown {kind} settings {unknown}; expected some of {list(COLD_FIELDS[kind])}")
+    if fields.get("model") is None:
+        fields["model"] = FIRST_COLD_MODEL[degradation_name(fields.get("degradation"))]
     if kind == "cold_restore":
         if fields.get("drawing") is not None and fields.get("index") is not None:
             raise ValueError("give either an MNIST test digit index or a drawing")
@@ -171,16 +191,17 @@ def cold_settings_from_link(fields) -> dict:
         raise ValueError(f"{', '.join(stray)} {'does' if len(stray) == 1 else 'do'} not belong to a cold {what} link")
     given = {k: fields[k] for k in COLD_FIELDS[kind] if k in fields}
     degradation = degradation_name(given.get("degradation"))
+    model = cold_model_name(degradation, given.get("model") or FIRST_COLD_MODEL[degradation])  # a link without one is older than the second
     if kind == "cold_restore":
         if ("index" in given) == ("drawing" in given):
             raise ValueError("a cold restore link needs either index or drawing")
-        cr = ColdRestore(degradation, given.get("level", BlurConfig.levels), given.get("index"), given.get("drawing")).validate(BlurConfig.levels)
+        cr = ColdRestore(degradation, given.get("level", BlurConfig.levels), given.get("index"), given.get("drawing"), model).validate(BlurConfig.levels)
         return json.loads(cr.to_json())
     sampler = str(given.get("sampler", "improved")).strip().lower()
     if sampler not in COLD_SAMPLER_NAMES:
         raise ValueError(f"unknown cold-diffusion sampler {sampler[:40]!r}; expected one of {', '.join(COLD_SAMPLER_NAMES)}")
     return {"kind": kind, "degradation": degradation, "seed": Settings(seed=given.get("seed", 0)).validate().seed,
-            "n": _whole(given.get("n", 8), "number of images", 1, MAX_COLD_IMAGES), "sampler": sampler}
+            "n": _whole(given.get("n", 8), "number of images", 1, MAX_COLD_IMAGES), "sampler": sampler, "model": model}
 
 
 def build(shared, source, index, drawing) -> dict:
@@ -194,7 +215,7 @@ def build(shared, source, index, drawing) -> dict:
     from .glue import user_errors
 
     registry, files = shared.registry, shared.files
-    gr.Markdown("#### Cold diffusion: blur the digit and let `cold_blur` undo it (Bansal et al. 2023)")
+    gr.Markdown(f"#### Cold diffusion: blur the digit and let `{COLD_MODELS['blur'][0]}` undo it (Bansal et al. 2023)")
     with gr.Row(equal_height=True):
         c = BlurConfig()
         level = gr.Slider(0, c.levels, value=c.levels, step=1, label=f"Blur level (0 clean, {c.levels}: σ = {c.sigma_max:g} px)", scale=3,
@@ -219,6 +240,7 @@ def build(shared, source, index, drawing) -> dict:
         a_level, a_degradation = gr.Number(value=BlurConfig.levels, precision=0), gr.Textbox(value="blur")
         a_seed, a_n, a_sampler, a_deg2 = gr.Number(value=0, precision=0), gr.Number(value=8, precision=0), gr.Textbox(value="improved"), gr.Textbox(value="blur")
         a_png, a_json, a_settings = gr.Image(format="png"), gr.Textbox(), gr.Textbox(label="settings_json")
+        a_model, a_model2 = gr.Textbox(value=""), gr.Textbox(value="")
 
     @user_errors
     def panel_restore(src, idx, drawn, lvl):
@@ -234,19 +256,19 @@ def build(shared, source, index, drawing) -> dict:
         return png_files((v["start"], v["image"], v["settings_json"], v["share_query"]), files)
 
     @user_errors
-    def cold_restore(index, image=None, level=20, degradation="blur"):
+    def cold_restore(index, image=None, level=20, degradation="blur", model=""):
         """Cold diffusion: blur the digit (test digit `index`, or `image`: a drawn digit) to `level` (0..20) with `degradation`
-        ("blur") and restore it with the naive and the improved sampler of Bansal et al. Returns the PNG strip (clean, blurred,
-        naive, improved) and JSON (mean squared errors)."""
+        ("blur") and restore it with the naive and the improved sampler of Bansal et al. (`model`: the restorer, cold_blur_v2 or
+        cold_blur; empty for the current one). Returns the PNG strip (clean, blurred, naive, improved) and JSON (mean squared errors)."""
         code = drawing_code(image) if image is not None else None
-        v = restore_view(registry, degradation, level, None if code else index, code)
+        v = restore_view(registry, degradation, level, None if code else index, code, model)
         return files.write("cold.png", png_bytes(v["image"])), json.dumps(v["info"], indent=2)
 
     @user_errors
-    def cold_generate(seed=0, n=8, sampler="improved", degradation="blur"):
-        """Cold diffusion: `n` (1..16) digits restored by `sampler` (naive or improved) from fully degraded starts drawn with `seed`.
-        Returns the grid PNG and its settings JSON."""
-        v = generate_view(registry, degradation, seed, n, sampler)
+    def cold_generate(seed=0, n=8, sampler="improved", degradation="blur", model=""):
+        """Cold diffusion: `n` (1..16) digits restored by `sampler` (naive or improved) from fully degraded starts drawn with `seed`
+        (`model`: the restorer, empty for the current one). Returns the grid PNG and its settings JSON."""
+        v = generate_view(registry, degradation, seed, n, sampler, model)
         return files.write("cold_generate.png", png_bytes(v["image"])), v["settings_json"]
 
     @user_errors
@@ -280,8 +302,8 @@ def build(shared, source, index, drawing) -> dict:
     gen.click(panel_generate, [seed, count, sampler], [start, grid, settings, query], concurrency_id=SAMPLING,
               api_visibility="private").then(None, query, link, js=SHARE_JS, api_visibility="private")
     hidden = gr.Button(visible=False)
-    hidden.click(cold_restore, [a_index, a_image, a_level, a_degradation], [a_png, a_json], api_name="cold_restore", concurrency_id=SAMPLING)
-    hidden.click(cold_generate, [a_seed, a_n, a_sampler, a_deg2], [a_png, a_json], api_name="cold_generate", concurrency_id=SAMPLING)
+    hidden.click(cold_restore, [a_index, a_image, a_level, a_degradation, a_model], [a_png, a_json], api_name="cold_restore", concurrency_id=SAMPLING)
+    hidden.click(cold_generate, [a_seed, a_n, a_sampler, a_deg2, a_model2], [a_png, a_json], api_name="cold_generate", concurrency_id=SAMPLING)
     hidden.click(cold_from_settings, a_settings, [a_png, a_json], api_name="cold_from_settings", concurrency_id=SAMPLING)
 
     def on_page_load(loaded):

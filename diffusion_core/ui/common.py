@@ -34,7 +34,7 @@ MODEL_LABELS = {
     "mcl": "MCL (ensemble of experts)",
     "mcl_shared": "MCL, experts on one network (score head)",
 }
-CARD_TITLES = dict(MODEL_LABELS, cold_blur="Cold diffusion (blur)", gating="Gating network", classifier="Classifier", classifier2="Second classifier",
+CARD_TITLES = dict(MODEL_LABELS, cold_blur_v2="Cold diffusion (blur)", cold_blur="Cold diffusion (blur), the first restorer", gating="Gating network", classifier="Classifier", classifier2="Second classifier",
                    ddpm_weak="Weak DDPM (autoguidance's guide)")
 MODEL_BLURBS = {
     "ddpm": "A denoising diffusion model trained on all digits; it draws a random digit.",
@@ -46,8 +46,11 @@ MODEL_BLURBS = {
     "mcl_shared": "Multiple Choice Learning on one network: five hypothesis heads on a shared UNet trunk, each the owner of a part "
                   "of the data (winner-takes-all per training image, over all its noise levels), and a score head that says which "
                   "expert owns the image being drawn. A study model (docs/mcl.md): its images are not yet as good as mcl's.",
-    "cold_blur": "Cold diffusion (Bansal et al. 2023): a UNet that undoes a Gaussian blur of 20 strengths (0.5 to 10 pixels) "
-                 "instead of noise. Explore restores a blurred digit with the paper's two samplers and generates from a full blur.",
+    "cold_blur_v2": "Cold diffusion (Bansal et al. 2023): a UNet that undoes a Gaussian blur of 20 strengths (0.5 to 7 pixels) "
+                    "instead of noise. Explore restores a blurred digit with the paper's two samplers and generates from a full blur.",
+    "cold_blur": "The first cold-diffusion restorer (blur of 0.5 to 10 pixels). At 10 pixels an 8 and a 3 leave the same blob, so "
+                 "generation from a full blur under-draws some digits; cold_blur_v2 replaced it. Kept so that links made with it "
+                 "keep their pixels.",
     "gating": "The gating network that routes mcl's experts (gated, sampled, soft, sticky, x0gate and scout routing); "
               "the app also draws its probabilities beside every MCL trajectory.",
     "classifier": "The MNIST classifier behind the quality metrics (accuracy, FID-style features).",
