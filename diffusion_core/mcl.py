@@ -1,12 +1,6 @@
-"""Multiple Choice Learning: K expert denoisers, winner-takes-all losses and routers.
+"""Multiple Choice Learning at sampling time: K expert denoisers behind a router.
 
-Training (Guzman-Rivera et al. 2012; Lee et al. 2016; Perera et al. 2024): every expert is scored
-on the same noisy batch, giving per-example losses L (B, K); the loss that is back-propagated is
-``sum_k w_k L_k`` with weights from ``wta_weights`` (detached):
-
-* ``hard``: only each example's best expert gets gradient (stochastic MCL);
-* ``relaxed``: the winner gets ``1 - eps``, the others share ``eps``;
-* ``annealed``: softmin weights ``softmax(-L / T)``; the mean at high temperature, hard WTA as T -> 0.
+The winner-takes-all losses that train the experts are ``diffusion_core/wta.py``.
 
 Sampling: ``MCLDenoiser`` routes every sample at every step to an expert (or a mixture of them)
 with a router, and remembers which expert served each sample (``last_expert``). The routings, by
@@ -18,7 +12,9 @@ it costs in expert evaluations per image per step):
 * per step, from an estimate of the clean image: ``x0gate`` (the previous step's), ``scout`` (one
   expert's, at most 2 evaluations);
 * once per trajectory: ``pooled`` (uniform), ``winrate`` (in proportion to training wins),
-  ``sticky`` / ``sticky:SIGMA`` (gated until the noise falls to SIGMA, then kept).
+  ``sticky`` / ``sticky:SIGMA`` (gated until the noise falls to SIGMA, then kept);
+* guidance by the expert's part of the data: ``guided`` / ``guided:W`` (winrate's expert, pushed
+  away from the score-weighted mixture of all experts by W, as classifier-free guidance).
 """
 from __future__ import annotations
 
@@ -31,57 +27,6 @@ import torch
 
 from .denoisers import Denoiser, as_sigma_batch
 from .nets import HypothesisNet, SharedMCLNet
-
-WTA_MODES = ("hard", "relaxed", "annealed")
-
-
-def wta_weights(losses: torch.Tensor, mode: str = "hard", eps: float = 0.05, temperature: float = 1.0) -> torch.Tensor:
-    """Weights (B, K) over experts from per-example losses (B, K); rows sum to 1, no gradient."""
-    losses = losses.detach().float()
-    b, k = losses.shape
-    winner = losses.argmin(dim=1)
-    if mode == "hard":
-        return torch.nn.functional.one_hot(winner, k).float()
-    if mode == "relaxed":
-        if k == 1:
-            return torch.ones_like(losses)
-        w = torch.full_like(losses, eps / (k - 1))
-        w[torch.arange(b), winner] = 1 - eps
-        return w
-    if mode == "annealed":
-        if temperature <= 0:
-            return torch.nn.functional.one_hot(winner, k).float()
-        return torch.softmax(-losses / temperature, dim=1)
-    raise ValueError(f"unknown WTA mode {mode!r}; expected one of {WTA_MODES}")
-
-
-def wta_loss(losses: torch.Tensor, mode: str = "hard", eps: float = 0.05, temperature: float = 1.0) -> torch.Tensor:
-    """Scalar MCL loss: the WTA-weighted per-example losses, averaged over the batch."""
-    return (wta_weights(losses, mode, eps, temperature) * losses).sum(dim=1).mean()
-
-
-def annealed_temperature(progress: float, t_start: float = 1.0, t_end: float = 1e-4) -> float:
-    """Exponential temperature schedule from ``t_start`` (progress 0) to ``t_end`` (progress 1)."""
-    progress = min(max(progress, 0.0), 1.0)
-    return t_start * (t_end / t_start) ** progress
-
-
-def wta_assignment(losses: torch.Tensor, mode: str = "hard", eps: float = 0.05, temperature: float = 1.0,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """One expert per example (B,) for routed MCL training: the winner for hard WTA, else a draw
-    with probabilities ``wta_weights``. Training example i through expert ``a_i`` alone has the
-    gradient of ``wta_loss`` in expectation (exactly, for hard WTA)."""
-    if mode == "hard":
-        return losses.detach().argmin(dim=1)
-    w = wta_weights(losses, mode, eps, temperature)
-    dev = generator.device if generator is not None else w.device
-    return torch.multinomial(w.to(dev), 1, generator=generator).squeeze(1).to(losses.device)
-
-
-def win_counts(losses: torch.Tensor) -> torch.Tensor:
-    """How many examples each expert wins (K,)."""
-    return torch.bincount(losses.detach().argmin(dim=1), minlength=losses.shape[1])
-
 
 # ---------------------------------------------------------------------------------------------
 # Routers
@@ -258,8 +203,33 @@ class WinRateRouter(_OncePerTrajectory):
 
     def reset(self, batch_size, num_experts, generator=None):
         p = self.rates(num_experts)
-        u = torch.rand(batch_size, generator=routing_generator(generator, self.name), dtype=torch.float64)
+        # salted "winrate" for guided too, so guided:1 draws winrate's experts and gives its images
+        u = torch.rand(batch_size, generator=routing_generator(generator, "winrate"), dtype=torch.float64)
         self.choice = draw_experts(p.expand(batch_size, -1), u)
+
+
+class PartGuidedRouter(WinRateRouter):
+    """Classifier-free guidance with each expert's part of the data as the label (Bao et al. 2022;
+    Hu et al., CVPR 2023, "Self-Guided Diffusion Models"): each sample keeps one expert k for its
+    whole trajectory, drawn as ``winrate`` draws it, and is served ``D_mix + w (D_k - D_mix)``,
+    where ``D_mix``, the score-weighted mixture of every expert (``soft``), is the posterior mean
+    of the whole data and ``D_k`` that of part k. ``w = 1`` is ``winrate``; ``w > 1`` pushes each
+    image further into its part, as CFG's scale does for a digit. On one shared trunk this costs
+    one pass; on separate experts, all K."""
+
+    name = "guided"
+    needs_gate = True
+
+    def __init__(self, scale: float = 1.5, win_rates=None):
+        super().__init__(win_rates)
+        self.scale = float(scale)
+
+    def __call__(self, x, sigma, mcl):
+        choice = super().__call__(x, sigma, mcl).index
+        probs = mcl.gate_probs(x, sigma)
+        onehot = torch.nn.functional.one_hot(choice.to(probs.device), probs.shape[1]).to(probs.dtype)
+        weights = (1.0 - self.scale) * probs + self.scale * onehot
+        return Route(choice, weights=weights, probs=probs)
 
 
 class EstimateGatedRouter(Router):
@@ -328,9 +298,10 @@ class StickyRouter(Router):
         return route
 
 
+GUIDED_SCALE = 1.5  # guided's default weight (guided:W for another)
 STICKY_SIGMA = 1.0  # sticky's default lock level: the digit is mostly decided by sigma = 1 (x0 and noise of equal scale)
 
-ROUTINGS = ("expert:K", "heuristic", "gated", "soft", "pooled", "sampled", "winrate", "x0gate", "scout", "sticky")
+ROUTINGS = ("expert:K", "heuristic", "gated", "soft", "pooled", "sampled", "winrate", "guided", "x0gate", "scout", "sticky")
 
 ROUTING_HELP = {
     "expert:K": "One expert, the same for every image and step; each expert draws mostly the few digits it won in training.",
@@ -340,13 +311,14 @@ ROUTING_HELP = {
     "pooled": "Each image gets one expert, drawn uniformly from the seed, for its whole trajectory.",
     "sampled": "Like gated, but the expert is drawn from the gating network's probabilities (with the seed) instead of always taking the most likely one.",
     "winrate": "Each image gets one expert for its whole trajectory, drawn in proportion to how often that expert won in training.",
+    "guided": "Like winrate, and each image is pushed from the average of all experts towards its own expert's part of the data, as CFG does for a digit (guided:W, 1.5 by default).",
     "x0gate": "The gating network looks at the previous step's guess of the clean image rather than at the noise; the first step is served by the expert that won most in training.",
     "scout": "The expert that won most in training guesses the clean image; the gating network picks an expert from that guess, which then predicts (up to 2 experts a step).",
     "sticky": "Like gated until the noise level falls to 1 (sticky:S for another level); from then on each image keeps the expert it had.",
 }
 
 ROUTING_COST = {"expert:K": "1", "heuristic": "1", "gated": "1", "soft": "K", "pooled": "1", "sampled": "1",
-                "winrate": "1", "x0gate": "1", "scout": "1 or 2", "sticky": "1"}
+                "winrate": "1", "guided": "K", "x0gate": "1", "scout": "1 or 2", "sticky": "1"}
 """Expert evaluations per image per step, for display (``routing_cost`` gives the number)."""
 
 
@@ -363,7 +335,7 @@ def routing_cost(spec: str, num_experts: int, shared: bool = False) -> int:
     base = _base(spec)
     if shared:
         return 2 if base == "scout" else 1
-    return num_experts if base == "soft" else 2 if base == "scout" else 1
+    return num_experts if base in ("soft", "guided") else 2 if base == "scout" else 1
 
 
 def routing_needs_gate(spec: str) -> bool:
@@ -373,7 +345,7 @@ def routing_needs_gate(spec: str) -> bool:
 
 def make_router(spec: str, num_experts: int | None, win_rates=None) -> Router:
     """A router from its name: ``expert:K``, ``heuristic``, ``gated``, ``soft``, ``pooled``,
-    ``sampled``, ``winrate``, ``x0gate``, ``scout`` or ``sticky`` / ``sticky:SIGMA`` (see
+    ``sampled``, ``winrate``, ``guided`` / ``guided:W``, ``x0gate``, ``scout`` or ``sticky`` / ``sticky:SIGMA`` (see
     ``ROUTING_HELP``). ``num_experts=None`` checks the spelling only (any K >= 0 is accepted).
     ``win_rates``: the experts' shares of training wins (``winrate``; the scout of ``x0gate`` and
     ``scout``); ``None`` means uniform."""
@@ -389,6 +361,15 @@ def make_router(spec: str, num_experts: int | None, win_rates=None) -> Router:
             bound = "be at least 0" if num_experts is None else f"be in 0..{num_experts - 1}"
             raise ValueError(f"bad routing {spec!r}: expert index must {bound}")
         return ExpertRouter(k)
+    if spec == "guided" or spec.startswith("guided:"):
+        level = spec.split(":", 1)[1] if ":" in spec else str(GUIDED_SCALE)
+        try:
+            scale = float(level)
+        except ValueError:
+            scale = float("nan")
+        if not (math.isfinite(scale) and 0 <= scale <= 10):
+            raise ValueError(f"bad routing {spec!r}: expected guided:W with W a weight from 0 to 10, e.g. guided:1.5")
+        return PartGuidedRouter(scale, win_rates)
     if spec == "sticky" or spec.startswith("sticky:"):
         level = spec.split(":", 1)[1] if ":" in spec else str(STICKY_SIGMA)
         try:

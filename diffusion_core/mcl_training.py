@@ -33,11 +33,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoints import CheckpointError
-from .mcl import WTA_MODES, ExpertRouter, GatedRouter, MCLDenoiser, SharedMCLDenoiser, annealed_temperature, win_counts, wta_assignment, wta_loss
+from .mcl import ExpertRouter, GatedRouter, MCLDenoiser, SharedMCLDenoiser
 from .models import load_model, save_model
 from .nets import GatingConfig, GatingNet, SharedMCLConfig, SharedMCLNet, UNet, route_each
 from .tasks import DiffusionTask, sample_fixed, save_grid, unwrap
 from .training import Task, fail
+from .wta import WTA_MODES, annealed_temperature, win_counts, wta_assignment, wta_loss
 
 MCL_ARCHS = ("separate", "shared")
 WTA_SCOPES = ("step", "example")

@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--digit", type=int, metavar="D", help="digit 0-9 for cfg (default: cycle 0-9)")
     p.add_argument("--guidance", type=float, metavar="G", help="cfg/flow guidance scale: 0 unconditional, 1 conditional, >1 guided (default: the app's, "
                    + ", ".join(f"{k} {g:g}" for k, g in APP_GUIDANCE.items()) + ")")
-    p.add_argument("--routing", metavar="{pooled,winrate,sampled,soft,gated,heuristic,x0gate,scout,sticky[:SIGMA],expert:K}", help=f"mcl routing (default {d.routing})")
+    p.add_argument("--routing", metavar="{pooled,winrate,guided[:W],sampled,soft,gated,heuristic,x0gate,scout,sticky[:SIGMA],expert:K}", help=f"mcl routing (default {d.routing})")
     p.add_argument("--eta", type=float, metavar="E", help=f"ddim stochasticity 0..1 (default {d.eta:g})")
     p.add_argument("--autoguidance", type=float, metavar="W",
                    help=f"guidance without labels for ddpm and mcl: D_bad + W (D - D_bad), 0..{MAX_AUTOGUIDANCE:g}; 1 is the model alone "

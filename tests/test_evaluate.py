@@ -101,7 +101,7 @@ def test_expand_routings_and_labels():
 def test_every_routing_gets_a_row_by_default():
     rows = config.main_rows(config.EvalConfig(models=("mcl",), n=10), num_experts=2)
     assert [r.name for r in rows] == ["mcl expert_0", "mcl expert_1", "mcl heuristic", "mcl gated", "mcl soft", "mcl pooled",
-                                      "mcl sampled", "mcl winrate", "mcl x0gate", "mcl scout", "mcl sticky"]
+                                      "mcl sampled", "mcl winrate", "mcl guided", "mcl x0gate", "mcl scout", "mcl sticky"]
     assert len({(r.settings.seed, r.settings.n, r.settings.sampler, r.settings.steps) for r in rows}) == 1  # same seed, same noise
     assert config.expand_routings(["all"], 2) == config.expand_routings(config.ALL_ROUTINGS, 2)
     assert config.expand_routings(["sticky:0.5", "pooled", "all"], 2)[:3] == ["sticky:0.5", "pooled", "expert:0"]

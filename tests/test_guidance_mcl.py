@@ -22,20 +22,17 @@ from diffusion_core.mcl import (
     SoftRouter,
     StickyRouter,
     WinRateRouter,
-    annealed_temperature,
     draw_experts,
     make_router,
     noise_bands,
     routing_cost,
     routing_generator,
     routing_needs_gate,
-    win_counts,
-    wta_loss,
-    wta_weights,
 )
 from diffusion_core.models import load_model
 from diffusion_core.pipeline import Settings, build_denoiser, generate
 from diffusion_core.samplers import get_sampler, karras_sigmas
+from diffusion_core.wta import annealed_temperature, win_counts, wta_loss, wta_weights
 
 B, K = 6, 3
 
@@ -694,8 +691,9 @@ def test_every_routing_has_help_cost_and_a_router():
     assert all(isinstance(t, str) and 20 < len(t) < 200 for t in ROUTING_HELP.values())
     specs = [r.replace("expert:K", "expert:1") for r in ROUTINGS]
     assert {s: routing_cost(s, 5) for s in specs} == {"expert:1": 1, "heuristic": 1, "gated": 1, "soft": 5, "pooled": 1, "sampled": 1,
-                                                       "winrate": 1, "x0gate": 1, "scout": 2, "sticky": 1}
-    assert [s for s in specs if routing_needs_gate(s)] == ["gated", "soft", "sampled", "x0gate", "scout", "sticky"]
+                                                       "winrate": 1, "guided": 5, "x0gate": 1, "scout": 2, "sticky": 1}
+    assert [s for s in specs if routing_needs_gate(s)] == ["gated", "soft", "sampled", "guided", "x0gate", "scout", "sticky"]
+    assert make_router("guided", K).scale == 1.5 and make_router(" Guided:2 ", K).scale == 2.0
     assert routing_needs_gate(" Sticky:0.5 ") and not routing_needs_gate("expert:7")
     assert isinstance(make_router("Sampled", K), SampledRouter) and isinstance(make_router("sticky:2.5", K), StickyRouter)
     assert make_router("sticky:2.5", K).lock_sigma == 2.5 and make_router("sticky", K).name == "sticky"
@@ -731,7 +729,7 @@ def test_expert_evaluations_per_image_per_step(routing, sampler):
     evaluated = sum(sum(e.calls) for e in experts)
     assert evaluated == mcl.expert_evals
     per_call = evaluated / sum(calls)
-    if routing == "soft":
+    if routing in ("soft", "guided"):  # a mixture of every expert
         assert per_call == K
     else:
         assert 1 <= per_call <= 2 == routing_cost("scout", K)

@@ -296,3 +296,34 @@ def test_bad_shared_flags_are_clear_errors(flags, message, tmp_path, mnist_root)
         cmd.append("--quick")
     proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("scale", [0.0, 1.0, 2.5])
+def test_part_guided_routing_is_cfg_with_the_part_as_label(scale):
+    """guided:W serves D_mix + W (D_k - D_mix): D_mix the score-weighted mixture of the hypotheses
+    (what soft serves), D_k the trajectory's own hypothesis, drawn as winrate draws it. W = 1 gives
+    winrate's images, W = 0 soft's."""
+    net = _net()
+    rates = [0.2, 0.5, 0.3]
+    x, sigma = torch.randn(8, 1, 28, 28, dtype=torch.float64) * 2, torch.full((8,), 1.5, dtype=torch.float64)
+    dens = {r: SharedMCLDenoiser(net, EpsilonObjective(), make_router(r, 3, win_rates=rates)) for r in (f"guided:{scale}", "winrate", "soft")}
+    for d in dens.values():
+        d.reset(8, torch.Generator().manual_seed(3))
+    guided = dens[f"guided:{scale}"](x, sigma)
+    k = dens["winrate"].router.choice
+    assert torch.equal(dens[f"guided:{scale}"].last_expert, k)  # the same draw as winrate's
+    preds = torch.stack([EpsilonObjective().denoiser(HypothesisNet(copy.deepcopy(net), j))(x, sigma) for j in range(3)], dim=1)
+    probs = torch.softmax(net(*EpsilonObjective().denoiser(net).net_inputs(x, sigma))[1].float(), dim=1).double()
+    mix = (probs[:, :, None, None, None] * preds).sum(dim=1)
+    expected = mix + scale * (preds[torch.arange(8), k] - mix)
+    torch.testing.assert_close(guided, expected, rtol=1e-5, atol=1e-6)
+    if scale == 1.0:
+        torch.testing.assert_close(guided, dens["winrate"](x, sigma), rtol=1e-5, atol=1e-6)
+    if scale == 0.0:
+        torch.testing.assert_close(guided, dens["soft"](x, sigma), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec", ["guided:-1", "guided:x", "guided:nan", "guided:11"])
+def test_bad_guided_specs_are_refused(spec):
+    with pytest.raises(ValueError, match="guided:W"):
+        make_router(spec, 3)

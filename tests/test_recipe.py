@@ -13,12 +13,12 @@ from test_training import check_run, metrics, run_script
 
 from diffusion_core import training
 from diffusion_core.denoisers import EDMDenoiser
-from diffusion_core.mcl import wta_assignment, wta_loss, wta_weights
 from diffusion_core.mcl_training import Ensemble, MCLTask
 from diffusion_core.models import load_model
 from diffusion_core.nets import UNet, UNetConfig
 from diffusion_core.objectives import EDMObjective, EpsilonObjective, FlowObjective, ScheduleConfig, objective_from_dict, teacher_target
 from diffusion_core.tasks import DiffusionTask, add_diffusion_args
+from diffusion_core.wta import wta_assignment, wta_loss, wta_weights
 
 # ----------------------------------------------------------------------------- precision, recipes
 

@@ -21,7 +21,7 @@ See diffusion_core/training.py for the loop and every shared flag (python train/
 """
 
 
-from diffusion_core.mcl import WTA_MODES
+from diffusion_core.wta import WTA_MODES
 from diffusion_core.mcl_training import MCL_ARCHS, WTA_SCOPES, MCLTask
 from diffusion_core.tasks import add_diffusion_args
 from diffusion_core.training import common_parser, parse_args, train
