@@ -52,6 +52,12 @@ ARMS = {
                                  command=SHARED.replace("hard", "annealed") + " --stop-at 468"),
     "step-annealed@468": dict(what="shared trunk, winners per noisy example, annealed WTA", run="step-annealed",
                               command="python train/mcl.py --mcl-arch shared --wta-scope step --wta annealed --epochs 2 --stop-at 468"),
+    # train/mcl.py's default (6 epochs, mcl_parts) and the K=1 model given the same CPU time (3,760 steps:
+    # 2,814 x 175 / 131), run one at a time on the whole machine, under --runs runs
+    "parts": dict(what="train/mcl.py's default (mcl_parts): shared trunk, per-image winners, hard WTA, 6 epochs", run="mcl_parts",
+                  command="python train/mcl.py --snapshot-every 938"),
+    "k1-parts": dict(what="K=1 baseline at parts' CPU time", run="mcl_k1", routings=("expert:0",),
+                     command="python train/mcl.py --experts 1 --wta-scope step --name mcl_k1 --epochs 9 --max-steps 3760"),
 }
 MCL_ROUTINGS = ("experts", "sampled", "winrate", "pooled", "soft", "gated")
 CLASSIFIERS = ("classifier", "classifier2")
@@ -79,19 +85,21 @@ def training_summary(run: Path, upto: int | None = None) -> dict:
     return out
 
 
-def evaluate_arm(arm: str, runs: Path, out: Path, n: int, checkpoints: Path, device: str, routings=None, diagnosis_n: int = 1000) -> dict:
+def evaluate_arm(arm: str, runs: Path, out: Path, n: int, checkpoints: Path, device: str, routings=None, diagnosis_n: int = 1000,
+                 autoguidance: tuple[float, ...] = ()) -> dict:
     ckpt = arm_checkpoint(runs, arm)
     if not ckpt.is_file():
         raise SystemExit(f"error: {ckpt} is missing; train the arm first: {ARMS[arm]['command']} --run-dir {arm_dir(runs, arm)} --out {ckpt}")
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        for name in CLASSIFIERS:
+        for name in CLASSIFIERS + (("ddpm_weak",) if autoguidance else ()):  # ddpm_weak: autoguidance's guide
             (d / f"{name}.safetensors").symlink_to((checkpoints / f"{name}.safetensors").resolve())
         (d / "mcl.safetensors").symlink_to(ckpt.resolve())
         routings = ARMS[arm].get("routings") or routings or MCL_ROUTINGS
         cfg = EvalConfig(models=("mcl",), routings=routings, n=n, sweep_n=0, diagnosis_n=diagnosis_n, checkpoint_dir=str(d),
-                         out_dir=str(out / arm), figures=False, device=device, batch_size=100)
+                         out_dir=str(out / arm), figures=False, device=device, batch_size=100, autoguidance=tuple(autoguidance))
         command = f"python benchmarks/mcl_study.py --arms {arm} --n {n} --routings {','.join(routings)} --diagnosis-n {diagnosis_n}"
+        command += f" --autoguidance {','.join(f'{w:g}' for w in autoguidance)}" if autoguidance else ""
         results = evaluate(cfg.validate(), command=command)
     rows = {}
     for r in results["rows"]:
@@ -99,7 +107,8 @@ def evaluate_arm(arm: str, runs: Path, out: Path, n: int, checkpoints: Path, dev
         m2 = m.get("second_classifier") or {}
         hist = m["histogram"]
         top = sorted(range(10), key=lambda c: -hist[c])[:3]
-        key = r["settings"]["routing"] if n == 1000 else f"{r['settings']['routing']} (n={n})"  # rows at other sample counts kept apart
+        key = r["settings"]["routing"] + (f" ag={r['settings']['autoguidance']:g}" if r["settings"].get("autoguidance", 1) != 1 else "")
+        key = key if n == 1000 else f"{key} (n={n})"  # rows at other sample counts kept apart
         rows[key] = {
             "fd_ratio": round(m["frechet_ratio"], 3), "entropy": round(m["entropy"], 4), "confident": round(m["confident"], 4),
             "fd_ratio_2": round(m2.get("frechet_ratio", float("nan")), 3), "entropy_2": round(m2.get("entropy", float("nan")), 4),
@@ -124,7 +133,7 @@ def study_markdown(arms: list[dict], n: int) -> str:
     for a in arms:
         t = a["training"]
         seen = t["steps"] * 128
-        for i, (routing, r) in enumerate((k, v) for k, v in a["rows"].items() if not k.startswith("expert:") or a["arm"] == "k1"):
+        for i, (routing, r) in enumerate((k, v) for k, v in a["rows"].items() if not k.startswith("expert:") or a["arm"].startswith("k1")):
             head = f"| {a['arm']} | {t['images_per_s']:.0f} | {seen:,} | {t['train_minutes']:.1f} |" if i == 0 else "| | | | |"
             head += f" {r.get('n', a.get('n', n))} |"
             lines.append(f"{head} {routing} | {_f(r['fd_ratio'])} / {_f(r['fd_ratio_2'])} | {_f(r['entropy'], '.3f')} / {_f(r['entropy_2'], '.3f')} "
@@ -133,7 +142,7 @@ def study_markdown(arms: list[dict], n: int) -> str:
               "the experts' shares of training wins (per step) and of the data (per example).", "",
               "| arm | expert | digits it draws | conf>0.9 | FD/floor | share of wins | share of data |", "|---|---:|---|---:|---:|---:|---:|"]
     for a in arms:
-        if a["arm"] == "k1":
+        if a["arm"].startswith("k1"):
             continue
         t = a["training"]
         for k in range(len(t["win_rates"] or [])):
@@ -147,7 +156,7 @@ def study_markdown(arms: list[dict], n: int) -> str:
               "cross-entropy (nats), and in brackets a predictor that sees only the noise level.", ""]
     for a in arms:
         s = a.get("score")
-        if not s or a["arm"] == "k1":
+        if not s or a["arm"].startswith("k1"):
             continue
         lines += [f"{a['arm']} (target: {a['score_target']}):", "", "| sigma | accuracy (noise only) | cross-entropy (noise only) |", "|---:|---:|---:|"]
         for i, sig in enumerate(a["diagnosis_sigmas"]):
@@ -210,7 +219,8 @@ def main(argv=None):
     p.add_argument("--routings", default=None, help="comma-separated MCL routings of the K=5 arms (default: "
                    + ",".join(MCL_ROUTINGS) + ")")
     p.add_argument("--diagnosis-n", type=int, default=1000, help="test images in the MCL diagnosis (the score head per noise level; 0: none)")
-    p.add_argument("--checkpoints", default="checkpoints", help="folder with classifier and classifier2")
+    p.add_argument("--checkpoints", default="checkpoints", help="folder with classifier and classifier2 (and ddpm_weak, for --autoguidance)")
+    p.add_argument("--autoguidance", default="", help="comma-separated autoguidance weights (guide ddpm_weak) for extra rows of the default routing")
     p.add_argument("--device", default="cpu")
     p.add_argument("--figure", default=None, metavar="ARM", help="also draw the score head along four trajectories of this arm "
                    "(<out>/fig_score_trajectories.png); with --arms '' only the figure")
@@ -225,7 +235,8 @@ def main(argv=None):
     done = {a["arm"]: a for a in previous}
     for arm in arms:
         routings = tuple(r for r in args.routings.split(",") if r) if args.routings else None
-        new = evaluate_arm(arm, Path(args.runs), out / f"n{args.n}", args.n, Path(args.checkpoints), args.device, routings, args.diagnosis_n)
+        ag = tuple(float(w) for w in args.autoguidance.split(",") if w.strip())
+        new = evaluate_arm(arm, Path(args.runs), out / f"n{args.n}", args.n, Path(args.checkpoints), args.device, routings, args.diagnosis_n, ag)
         if arm in done:  # another call's rows (other routings or sample counts) are kept
             new["rows"] = {**done[arm]["rows"], **new["rows"]}
             if new["score"] is None:  # a call without the diagnosis keeps the earlier one

@@ -89,8 +89,10 @@ class MCLTask(DiffusionTask):
     def __init__(self, args):
         super().__init__(args, name="mcl", conditional=False)
         self.arch = getattr(args, "mcl_arch", "separate")
-        if self.arch == "shared":  # its own run folder and checkpoint (runs/mcl_shared, checkpoints/mcl_shared.safetensors)
-            self.name = "mcl_shared"
+        if getattr(args, "name", None):  # the run folder and checkpoint: runs/<name>, checkpoints/<name>.safetensors
+            self.name = args.name
+        elif self.arch == "shared":
+            self.name = "mcl_parts"
         self.scope = getattr(args, "wta_scope", "step")
         if args.wta not in WTA_MODES:
             fail(f"--wta must be one of {WTA_MODES}", status=2)

@@ -32,7 +32,8 @@ MODEL_LABELS = {
     "cfg": "CFG (choose a digit)",
     "flow": "Flow matching (choose a digit)",
     "mcl": "MCL (ensemble of experts)",
-    "mcl_shared": "MCL, experts on one network (score head)",
+    "mcl_parts": "MCL, experts that own parts of the data (score head)",
+    "mcl_shared": "MCL, experts on one network (2-epoch study model)",
 }
 CARD_TITLES = dict(MODEL_LABELS, cold_blur_v2="Cold diffusion (blur)", cold_blur="Cold diffusion (blur), the first restorer", gating="Gating network", classifier="Classifier", classifier2="Second classifier",
                    ddpm_weak="Weak DDPM (autoguidance's guide)")
@@ -43,6 +44,9 @@ MODEL_BLURBS = {
             "that carries noise to a digit along straight lines (x_t = (1 - t) x0 + t noise).",
     "mcl": "Multiple Choice Learning: several expert denoisers, each specialised by winner-takes-all training (here by digit: "
            "each expert draws two or three digits); a router picks the expert for each image and step.",
+    "mcl_parts": "Multiple Choice Learning on one network, trained by python train/mcl.py: five hypothesis heads on a shared UNet "
+                 "trunk, each the owner of a part of the data (winner-takes-all per training image), and a score head that says "
+                 "which expert owns the image being drawn; six epochs from the ddpm. Its measurements are in docs/mcl.md.",
     "mcl_shared": "Multiple Choice Learning on one network: five hypothesis heads on a shared UNet trunk, each the owner of a part "
                   "of the data (winner-takes-all per training image, over all its noise levels), and a score head that says which "
                   "expert owns the image being drawn. A study model (docs/mcl.md): its images are not yet as good as mcl's.",
@@ -87,6 +91,7 @@ ROUTING_LABELS = {
     "heuristic": "heuristic: by noise level",
     "pooled": "pooled: one random expert per image",
     "winrate": "winrate: one expert per image, by training wins",
+    "guided": "guided: winrate, guided towards the expert's part",
     "x0gate": "x0gate: the gate reads the clean-image guess",
     "scout": "scout: gate on a scout expert's guess",
     "sticky": "sticky: gated, then each image keeps its expert",
