@@ -343,6 +343,19 @@ def routing_needs_gate(spec: str) -> bool:
     return make_router(spec, None).needs_gate
 
 
+def _spec_number(spec: str, default: float, ok: Callable[[float], bool], expected: str) -> float:
+    """The number after ``name:`` in a routing spec (``default`` without one); ``ValueError`` naming
+    ``expected`` when it is not a finite number that ``ok`` accepts."""
+    text = spec.split(":", 1)[1] if ":" in spec else str(default)
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and ok(value)):
+        raise ValueError(f"bad routing {spec!r}: expected {expected}")
+    return value
+
+
 def make_router(spec: str, num_experts: int | None, win_rates=None) -> Router:
     """A router from its name: ``expert:K``, ``heuristic``, ``gated``, ``soft``, ``pooled``,
     ``sampled``, ``winrate``, ``guided`` / ``guided:W``, ``x0gate``, ``scout`` or ``sticky`` / ``sticky:SIGMA`` (see
@@ -362,23 +375,10 @@ def make_router(spec: str, num_experts: int | None, win_rates=None) -> Router:
             raise ValueError(f"bad routing {spec!r}: expert index must {bound}")
         return ExpertRouter(k)
     if spec == "guided" or spec.startswith("guided:"):
-        level = spec.split(":", 1)[1] if ":" in spec else str(GUIDED_SCALE)
-        try:
-            scale = float(level)
-        except ValueError:
-            scale = float("nan")
-        if not (math.isfinite(scale) and 0 <= scale <= 10):
-            raise ValueError(f"bad routing {spec!r}: expected guided:W with W a weight from 0 to 10, e.g. guided:1.5")
+        scale = _spec_number(spec, GUIDED_SCALE, lambda w: 0 <= w <= 10, "guided:W with W a weight from 0 to 10, e.g. guided:1.5")
         return PartGuidedRouter(scale, win_rates)
     if spec == "sticky" or spec.startswith("sticky:"):
-        level = spec.split(":", 1)[1] if ":" in spec else str(STICKY_SIGMA)
-        try:
-            lock = float(level)
-        except ValueError:
-            lock = float("nan")
-        if not (math.isfinite(lock) and lock > 0):
-            raise ValueError(f"bad routing {spec!r}: expected sticky:SIGMA with SIGMA a positive noise level, e.g. sticky:1")
-        return StickyRouter(lock)
+        return StickyRouter(_spec_number(spec, STICKY_SIGMA, lambda s: s > 0, "sticky:SIGMA with SIGMA a positive noise level, e.g. sticky:1"))
     routers = {
         "heuristic": HeuristicRouter, "gated": GatedRouter, "soft": SoftRouter, "pooled": PooledRouter, "sampled": SampledRouter,
         "winrate": lambda: WinRateRouter(win_rates), "x0gate": lambda: EstimateGatedRouter(False, win_rates),
