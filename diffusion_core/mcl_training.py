@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -81,6 +81,19 @@ def kmeans_distances(images: torch.Tensor, k: int, seed: int = 0, iterations: in
     return torch.cdist(x, centers).square()
 
 
+def _gather_rows(idx: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's (indices, rows) of this step, concatenated, so that each process keeps the
+    same per-example table (the ranks' batches are disjoint slices of one permutation and equal
+    in size, training.shard_indices). One process: returned unchanged."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return idx, rows
+    world = dist.get_world_size()
+    all_idx, all_rows = [torch.empty_like(idx) for _ in range(world)], [torch.empty_like(rows) for _ in range(world)]
+    dist.all_gather(all_idx, idx.contiguous())
+    dist.all_gather(all_rows, rows.contiguous())
+    return torch.cat(all_idx), torch.cat(all_rows)
+
+
 class MCLTask(DiffusionTask):
     """K hypotheses with a winner-takes-all loss on the same noisy batch (see the module docstring)."""
 
@@ -113,8 +126,6 @@ class MCLTask(DiffusionTask):
             fail(f"--score-weight must be a non-negative number (got {weight})", status=2)
         if self.arch == "separate" and getattr(args, "mcl_update", "routed") == "full" and self.scope == "example":
             fail("--wta-scope example trains each example through its own expert: use --mcl-update routed", status=2)
-        if self.scope == "example" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            fail("--wta-scope example keeps one table of per-example losses in one process; it does not run under torchrun", status=2)
         self.table: torch.Tensor | None = None  # (N, K) relative losses per training example (scope example); NaN: not visited yet
 
     # -- the networks
@@ -165,7 +176,9 @@ class MCLTask(DiffusionTask):
         scores = torch.where(seen[:, None], row, rel)  # a first visit ranks by its own losses
         chosen = wta_assignment(scores, a.wta, eps=a.relax_eps, temperature=temperature, generator=generator)
         owner = scores.argmin(dim=1)
-        self.table[idx] = torch.where(seen[:, None], (1 - self.momentum) * row + self.momentum * rel, rel).detach().cpu()
+        new = torch.where(seen[:, None], (1 - self.momentum) * row + self.momentum * rel, rel).detach()
+        idx, new = _gather_rows(index.to(rel.device), new)  # under torchrun every rank writes every rank's rows
+        self.table[idx.cpu()] = new.cpu()
         return chosen, owner
 
     @property

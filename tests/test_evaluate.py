@@ -304,7 +304,7 @@ def test_small_run_rows_metrics_and_figures(small_run, capsys):
     assert on_disk == json.loads(json.dumps(results))
     names = [r["name"] for r in on_disk["rows"]]
     assert names == ["ddpm", "cfg g=0", f"cfg g={G}", "flow g=0", f"flow g={G}", "mcl expert_0", "mcl expert_1", "mcl expert_2",
-                     "mcl heuristic", "mcl gated", "mcl soft", "mcl pooled", "mcl sampled", "mcl winrate", "mcl x0gate", "mcl scout", "mcl sticky"]
+                     "mcl heuristic", "mcl gated", "mcl soft", "mcl pooled", "mcl sampled", "mcl winrate", "mcl guided", "mcl x0gate", "mcl scout", "mcl sticky"]
     mcl_rows = [r for r in on_disk["rows"] if r["group"] == "mcl"]
     assert [r["expert_evals_per_step"] for r in mcl_rows] == [1, 1, 1, 1, 1, 3, 1, 1, 1, 1, 2, 1]
     diag = on_disk["mcl_diagnosis"]

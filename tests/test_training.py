@@ -23,6 +23,8 @@ import torch
 from PIL import Image
 
 from diffusion_core.checkpoints import load_checkpoint
+from diffusion_core.data import load_mnist
+from diffusion_core.mcl_training import kmeans_distances
 from diffusion_core.models import load_model
 from diffusion_core.training import lr_factor, shard_indices
 
@@ -245,8 +247,17 @@ def test_torchrun_two_processes_gloo(tmp_path, mnist_root):
     assert sum(rec["wins"]) == 2 * 64 * 2  # win counts summed over both processes
     assert len(metrics(run_dir, "step")) == 2
     # the resume state keeps every rank's own random generators (each rank draws different noise)
-    ranks = torch.load(run_dir / "state.pt", weights_only=True)["ranks"]
+    state = torch.load(run_dir / "state.pt", weights_only=True)
+    ranks = state["ranks"]
     assert len(ranks) == 2 and not torch.equal(ranks[0]["gen"], ranks[1]["gen"])
+    # the default per-image assignment: the table rank 0 saves holds the rows both ranks visited
+    # (every one of the 256 images, half of them on rank 1), not only its own half
+    assert training["wta_scope"] == "example"
+    images, _ = load_mnist(mnist_root, train=True)
+    d = kmeans_distances(images[:256], 2, seed=0)
+    start = d / d.mean(dim=1, keepdim=True)
+    table = state["task"]["table"]
+    assert table.shape == (256, 2) and bool((table - start).abs().amax(dim=1).gt(1e-6).all())
 
 
 # ----------------------------------------------------------------------------- helpers and errors

@@ -8,7 +8,7 @@
     python train/mcl.py --recipe gpu             # the GPU recipe (the default where CUDA is available)
     python train/mcl.py --experts 3 --wta hard   # hard (stochastic) MCL
     python train/mcl.py --quick                  # a smoke run on 512 images
-    torchrun --nproc_per_node 2 train/mcl.py     # DDP; win counts are summed over processes
+    torchrun --nproc_per_node 2 train/mcl.py     # DDP; win counts summed, the per-image table kept equal, over processes
 
 Every expert is scored on the same noisy batch; --wta picks how the per-example losses are
 weighted (see diffusion_core/mcl.py), --wta-scope where the winner is decided (per noisy example or
