@@ -26,6 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from diffusion_core.models import load_model
 from diffusion_core.evaluate.config import EvalConfig
 from diffusion_core.evaluate.run import evaluate
 
@@ -71,7 +72,17 @@ def arm_checkpoint(runs: Path, arm: str) -> Path:
     return arm_dir(runs, arm) / ARMS[arm].get("checkpoint", "mcl.safetensors")
 
 
-def training_summary(run: Path, upto: int | None = None) -> dict:
+def training_summary(run: Path, upto: int | None = None, checkpoint: Path | None = None) -> dict:
+    """The run's epochs from its metrics.jsonl; where that is gone (a run folder rebuilt from a
+    shipped checkpoint) the totals and the last epoch record the checkpoint's config keeps."""
+    if not (run / "metrics.jsonl").is_file() and upto is None and checkpoint is not None:
+        t = load_model(checkpoint).config.get("training") or {}
+        last = t.get("final") or {}
+        out = {"epochs": t.get("epochs"), "steps": t.get("steps"), "train_minutes": round(t["train_time_s"] / 60, 1),
+               "images_per_s": round(t["images_seen"] / t["train_time_s"], 1), "win_rates": last.get("win_rates"),
+               "owned_rates": last.get("owned_rates"), "source": "checkpoint config (no metrics.jsonl)"}
+        out.update({k: round(last[k], 4) for k in ("score_accuracy", "score_ce", "denoise_loss") if k in last})
+        return out
     epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"type": "epoch"' in line]
     epochs = [r for r in epochs if upto is None or r["step"] <= upto]
     last = epochs[-1]
@@ -86,7 +97,7 @@ def training_summary(run: Path, upto: int | None = None) -> dict:
 
 
 def evaluate_arm(arm: str, runs: Path, out: Path, n: int, checkpoints: Path, device: str, routings=None, diagnosis_n: int = 1000,
-                 autoguidance: tuple[float, ...] = ()) -> dict:
+                 autoguidance: tuple[float, ...] = (), ag_routings: tuple[str, ...] = ()) -> dict:
     ckpt = arm_checkpoint(runs, arm)
     if not ckpt.is_file():
         raise SystemExit(f"error: {ckpt} is missing; train the arm first: {ARMS[arm]['command']} --run-dir {arm_dir(runs, arm)} --out {ckpt}")
@@ -97,9 +108,11 @@ def evaluate_arm(arm: str, runs: Path, out: Path, n: int, checkpoints: Path, dev
         (d / "mcl.safetensors").symlink_to(ckpt.resolve())
         routings = ARMS[arm].get("routings") or routings or MCL_ROUTINGS
         cfg = EvalConfig(models=("mcl",), routings=routings, n=n, sweep_n=0, diagnosis_n=diagnosis_n, checkpoint_dir=str(d),
-                         out_dir=str(out / arm), figures=False, device=device, batch_size=100, autoguidance=tuple(autoguidance))
+                         out_dir=str(out / arm), figures=False, device=device, batch_size=100, autoguidance=tuple(autoguidance),
+                         autoguidance_routings=tuple(ag_routings))
         command = f"python benchmarks/mcl_study.py --arms {arm} --n {n} --routings {','.join(routings)} --diagnosis-n {diagnosis_n}"
         command += f" --autoguidance {','.join(f'{w:g}' for w in autoguidance)}" if autoguidance else ""
+        command += f" --ag-routings {','.join(ag_routings)}" if autoguidance and ag_routings else ""
         results = evaluate(cfg.validate(), command=command)
     rows = {}
     for r in results["rows"]:
@@ -117,7 +130,7 @@ def evaluate_arm(arm: str, runs: Path, out: Path, n: int, checkpoints: Path, dev
     diag = results.get("mcl_diagnosis") or {}
     score = diag.get("score_vs_owner") or diag.get("gate")
     return {"arm": arm, "n": n, "what": ARMS[arm]["what"], "command": ARMS[arm]["command"],
-            "training": training_summary(arm_dir(runs, arm), ARMS[arm].get("upto")), "rows": rows,
+            "training": training_summary(arm_dir(runs, arm), ARMS[arm].get("upto"), ckpt), "rows": rows,
             "diagnosis_sigmas": diag.get("sigmas"), "score": score, "score_target": "owner" if diag.get("score_vs_owner") else "winner",
             "owner_share_by_digit": diag.get("owner_share_by_digit"), "winner_share_by_digit": diag.get("winner_share_by_digit")}
 
@@ -221,6 +234,7 @@ def main(argv=None):
     p.add_argument("--diagnosis-n", type=int, default=1000, help="test images in the MCL diagnosis (the score head per noise level; 0: none)")
     p.add_argument("--checkpoints", default="checkpoints", help="folder with classifier and classifier2 (and ddpm_weak, for --autoguidance)")
     p.add_argument("--autoguidance", default="", help="comma-separated autoguidance weights (guide ddpm_weak) for extra rows of the default routing")
+    p.add_argument("--ag-routings", default="", help="comma-separated routings of those autoguidance rows (default: the default routing)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--figure", default=None, metavar="ARM", help="also draw the score head along four trajectories of this arm "
                    "(<out>/fig_score_trajectories.png); with --arms '' only the figure")
@@ -236,7 +250,8 @@ def main(argv=None):
     for arm in arms:
         routings = tuple(r for r in args.routings.split(",") if r) if args.routings else None
         ag = tuple(float(w) for w in args.autoguidance.split(",") if w.strip())
-        new = evaluate_arm(arm, Path(args.runs), out / f"n{args.n}", args.n, Path(args.checkpoints), args.device, routings, args.diagnosis_n, ag)
+        agr = tuple(r for r in args.ag_routings.split(",") if r.strip())
+        new = evaluate_arm(arm, Path(args.runs), out / f"n{args.n}", args.n, Path(args.checkpoints), args.device, routings, args.diagnosis_n, ag, agr)
         if arm in done:  # another call's rows (other routings or sample counts) are kept
             new["rows"] = {**done[arm]["rows"], **new["rows"]}
             if new["score"] is None:  # a call without the diagnosis keeps the earlier one

@@ -206,6 +206,21 @@ def test_column_steps():
     assert cols[0] == 0 and cols[-1] == 15 and len(cols) == 8 and cols == sorted(set(cols))
 
 
+def test_autoguidance_rows_follow_the_routings_they_are_given():
+    """MCL autoguidance rows: one per weight of the default routing, or of each routing named in
+    ``autoguidance_routings``, each with that routing, the weight and the guide in its settings."""
+    cfg = config.EvalConfig(models=("mcl",), routings=("soft",), n=10, autoguidance=(1.0, 2.5))
+    assert [(r.name, r.settings.routing) for r in config.main_rows(cfg, num_experts=2)] == [
+        ("mcl soft", "soft"), ("mcl sampled ag=2.5 ddpm_weak", "sampled")]
+    cfg = replace(cfg, autoguidance_routings=("winrate", "soft"))
+    rows = config.main_rows(cfg, num_experts=2)
+    assert [r.name for r in rows] == ["mcl soft", "mcl winrate ag=2.5 ddpm_weak", "mcl soft ag=2.5 ddpm_weak"]
+    assert [(r.settings.routing, r.settings.autoguidance, r.settings.guide) for r in rows[1:]] == [
+        ("winrate", 2.5, "ddpm_weak"), ("soft", 2.5, "ddpm_weak")]
+    with pytest.raises(ValueError, match="unknown routing"):
+        config.main_rows(replace(cfg, autoguidance_routings=("best",)), num_experts=2)
+
+
 def test_main_rows_names_and_settings():
     cfg = config.EvalConfig(guidance_scales=(1.0, 3.0), routings=("experts", "soft"), n=20, steps=5, samplers=("heun", "ddim"))
     rows = config.main_rows(cfg, num_experts=2)

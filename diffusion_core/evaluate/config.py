@@ -45,6 +45,7 @@ class EvalConfig:
     guidance_scales: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0, 5.0)
     autoguidance: tuple[float, ...] = ()  # weights of the autoguidance rows of ddpm and mcl (none by default)
     guides: tuple[str, ...] = ("ddpm_weak",)  # the bad models those rows compare: names in the checkpoint folder, or paths
+    autoguidance_routings: tuple[str, ...] = ()  # the MCL routings of its autoguidance rows (none given: Settings' default routing)
     classifier2: str | None = "classifier2"  # the second, independently trained classifier (its columns), left out when its checkpoint is missing
     routings: tuple[str, ...] = ALL_ROUTINGS
     n: int = 10000  # samples per main row
@@ -181,7 +182,8 @@ def main_rows(cfg: EvalConfig, num_experts: int | None = None) -> list[Row]:
                 raise ValueError("MCL rows need the number of experts")
             for r in expand_routings(cfg.routings, num_experts):
                 rows.append(Row(f"mcl {routing_label(r)}", "mcl", replace(base, model="mcl", routing=r), cfg.batch_size))
-            rows += autoguidance_rows(cfg, replace(base, model="mcl"), f"mcl {routing_label(base.routing)}")
+            for r in expand_routings(cfg.autoguidance_routings, num_experts) if cfg.autoguidance_routings else (base.routing,):
+                rows += autoguidance_rows(cfg, replace(base, model="mcl", routing=r), f"mcl {routing_label(r)}")
     return rows
 
 
