@@ -362,6 +362,17 @@ def test_benchmark_loop_smoke(tmp_path, mnist_root):
     assert report["results"][1]["speedup_vs_plain"] == 1.0
 
 
+def test_benchmark_loop_runs_only_the_mcl_loops_asked_for(tmp_path, mnist_root):
+    out = tmp_path / "bench.json"
+    base = [sys.executable, str(ROOT / "train" / "benchmark_loop.py"), "--device", "cpu", "--steps", "1", "--warmup", "0", "--channels", "8",
+            "--batch-size", "8", "--mcl-experts", "2", "--precision", "fp32", "--data-dir", str(mnist_root), "--json", str(out)]
+    proc = subprocess.run([*base, "--mcl-loops", "shared"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [r["loop"] for r in json.loads(out.read_text())["results"]] == ["ours", "plain", "mcl-shared"]
+    bad = subprocess.run([*base, "--mcl-loops", "shared,gated"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
+    assert bad.returncode == 2 and "--mcl-loops must be some of shared,routed,full" in bad.stderr
+
+
 def test_init_from_cfg_gives_its_unconditional_branch_exactly(tiny_checkpoints):
     """--init converts a CFG network into an unconditional UNet computing the same function as the
     CFG denoiser at guidance 0 (the null class folded into the time-embedding bias)."""

@@ -17,7 +17,7 @@ other in one process; each runs ``--warmup`` untimed steps (torch.compile compil
   through a shuffling ``torch.utils.data.DataLoader`` (``--num-workers``, default 0 as in
   DataLoader), each batch copied to the device, fp32, AdamW, no clipping, no EMA;
 * MCL (``--mcl-experts K``, 0 to skip): our loop on K unconditional hypotheses of the same UNet:
-  mcl_shared's command (``mcl-shared``: one trunk with K heads and a score head, see
+  train/mcl.py's default, which made mcl_parts and mcl_shared (``mcl-shared``: one trunk with K heads and a score head, see
   diffusion_core/mcl_training.py), then an ensemble of K separate UNets with annealed WTA, once
   with the routed update (a no-grad pass scores every expert, then each example trains one expert)
   and once with the full update (every expert forward and backward on every example).
@@ -49,6 +49,7 @@ from diffusion_core.training import (
     shard_indices,
 )
 
+MCL_LOOPS = ("shared", "routed", "full")
 SHARED = {"wta": "hard", "wta_scope": "example", "head_blocks": 1}  # mcl_shared's command: train/mcl.py --mcl-arch shared --wta-scope example --wta hard
 
 
@@ -65,12 +66,17 @@ def parse_args(argv=None):
     p.add_argument("--objective", choices=["ddpm_eps", "edm", "rectified_flow"], default=None,
                    help="default: train/cfg.py's recipe, edm on CPU, ddpm_eps on CUDA")
     p.add_argument("--mcl-experts", type=int, default=5, help="K for the MCL rows (0: no MCL rows)")
+    p.add_argument("--mcl-loops", default=",".join(MCL_LOOPS), help=f"comma-separated MCL rows, some of {','.join(MCL_LOOPS)} "
+                   "(shared: train/mcl.py's default; routed and full: the separate ensemble's updates)")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers of the plain loop")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--data-dir", default=None, help="torchvision MNIST root (default $MNIST_DIR or ./data)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="runs/benchmark_loop.json", help="where to write the results")
     args = p.parse_args(argv)
+    args.mcl_loops = [x.strip() for x in args.mcl_loops.split(",") if x.strip()]
+    if not args.mcl_loops or any(x not in MCL_LOOPS for x in args.mcl_loops):
+        p.error(f"--mcl-loops must be some of {','.join(MCL_LOOPS)}")
     if args.steps < 1 or args.warmup < 0 or (args.batch_size is not None and args.batch_size < 1) or args.mcl_experts < 0:
         p.error("--steps and --batch-size must be at least 1, --warmup and --mcl-experts at least 0")
     return args
@@ -217,8 +223,9 @@ def main(argv=None):
         args.objective = recipe.get("objective", "ddpm_eps")
     results = [our_loop(args, device), plain_loop(args, device)]
     if args.mcl_experts:
-        results += [our_loop(args, device, mcl_task_for(args, "routed", "shared"), "mcl-shared")]
-        results += [our_loop(args, device, mcl_task_for(args, u), f"mcl-{u}") for u in ("routed", "full")]
+        if "shared" in args.mcl_loops:
+            results += [our_loop(args, device, mcl_task_for(args, "routed", "shared"), "mcl-shared")]
+        results += [our_loop(args, device, mcl_task_for(args, u), f"mcl-{u}") for u in ("routed", "full") if u in args.mcl_loops]
     ours, plain = results[0]["images_per_s"], results[1]["images_per_s"]
     for r in results:
         r["speedup_vs_plain"] = r["images_per_s"] / plain
