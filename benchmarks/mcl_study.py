@@ -97,7 +97,7 @@ def training_summary(run: Path, upto: int | None = None, checkpoint: Path | None
 
 
 def evaluate_arm(arm: str, runs: Path, out: Path, n: int, checkpoints: Path, device: str, routings=None, diagnosis_n: int = 1000,
-                 autoguidance: tuple[float, ...] = (), ag_routings: tuple[str, ...] = ()) -> dict:
+                 autoguidance: tuple[float, ...] = (), ag_routings: tuple[str, ...] = (), autoguide: str = "output") -> dict:
     ckpt = arm_checkpoint(runs, arm)
     if not ckpt.is_file():
         raise SystemExit(f"error: {ckpt} is missing; train the arm first: {ARMS[arm]['command']} --run-dir {arm_dir(runs, arm)} --out {ckpt}")
@@ -109,10 +109,11 @@ def evaluate_arm(arm: str, runs: Path, out: Path, n: int, checkpoints: Path, dev
         routings = ARMS[arm].get("routings") or routings or MCL_ROUTINGS
         cfg = EvalConfig(models=("mcl",), routings=routings, n=n, sweep_n=0, diagnosis_n=diagnosis_n, checkpoint_dir=str(d),
                          out_dir=str(out / arm), figures=False, device=device, batch_size=100, autoguidance=tuple(autoguidance),
-                         autoguidance_routings=tuple(ag_routings))
+                         autoguidance_routings=tuple(ag_routings), autoguide=autoguide)
         command = f"python benchmarks/mcl_study.py --arms {arm} --n {n} --routings {','.join(routings)} --diagnosis-n {diagnosis_n}"
         command += f" --autoguidance {','.join(f'{w:g}' for w in autoguidance)}" if autoguidance else ""
         command += f" --ag-routings {','.join(ag_routings)}" if autoguidance and ag_routings else ""
+        command += f" --autoguide {autoguide}" if autoguidance and autoguide != "output" else ""
         results = evaluate(cfg.validate(), command=command)
     rows = {}
     for r in results["rows"]:
@@ -121,6 +122,7 @@ def evaluate_arm(arm: str, runs: Path, out: Path, n: int, checkpoints: Path, dev
         hist = m["histogram"]
         top = sorted(range(10), key=lambda c: -hist[c])[:3]
         key = r["settings"]["routing"] + (f" ag={r['settings']['autoguidance']:g}" if r["settings"].get("autoguidance", 1) != 1 else "")
+        key += " of mixture" if r["settings"].get("autoguide") == "mixture" else ""
         key = key if n == 1000 else f"{key} (n={n})"  # rows at other sample counts kept apart
         rows[key] = {
             "fd_ratio": round(m["frechet_ratio"], 3), "entropy": round(m["entropy"], 4), "confident": round(m["confident"], 4),
@@ -234,6 +236,8 @@ def main(argv=None):
     p.add_argument("--diagnosis-n", type=int, default=1000, help="test images in the MCL diagnosis (the score head per noise level; 0: none)")
     p.add_argument("--checkpoints", default="checkpoints", help="folder with classifier and classifier2 (and ddpm_weak, for --autoguidance)")
     p.add_argument("--autoguidance", default="", help="comma-separated autoguidance weights (guide ddpm_weak) for extra rows of the default routing")
+    p.add_argument("--autoguide", choices=("output", "mixture"), default="output",
+                   help="those rows compare the guide with the output, or with the experts' mixture (guidance.AutoguidanceDenoiser)")
     p.add_argument("--ag-routings", default="", help="comma-separated routings of those autoguidance rows (default: the default routing)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--figure", default=None, metavar="ARM", help="also draw the score head along four trajectories of this arm "
@@ -251,7 +255,7 @@ def main(argv=None):
         routings = tuple(r for r in args.routings.split(",") if r) if args.routings else None
         ag = tuple(float(w) for w in args.autoguidance.split(",") if w.strip())
         agr = tuple(r for r in args.ag_routings.split(",") if r.strip())
-        new = evaluate_arm(arm, Path(args.runs), out / f"n{args.n}", args.n, Path(args.checkpoints), args.device, routings, args.diagnosis_n, ag, agr)
+        new = evaluate_arm(arm, Path(args.runs), out / f"n{args.n}", args.n, Path(args.checkpoints), args.device, routings, args.diagnosis_n, ag, agr, args.autoguide)
         if arm in done:  # another call's rows (other routings or sample counts) are kept
             new["rows"] = {**done[arm]["rows"], **new["rows"]}
             if new["score"] is None:  # a call without the diagnosis keeps the earlier one

@@ -52,15 +52,30 @@ class AutoguidanceDenoiser(Denoiser):
     bad one (each then costs one pass); otherwise a step costs both networks, as CFG does.
     What the good denoiser reports about a step (an MCL ensemble's expert and gate probabilities)
     passes through, since the image is still served by it.
+
+    ``of="mixture"`` (MCL on one trunk): the guide is compared with the experts' score-weighted
+    mixture ``D_mix`` (the posterior mean of the whole data, which a weak version of a single model
+    resembles) rather than with the served expert ``D_k``, and the expert's own offset passes
+    unscaled: ``D_bad + w (D_mix - D_bad) + (D_k - D_mix) = D_k + (w - 1) (D_mix - D_bad)``. Scaling
+    ``D_k - D_bad`` instead would also scale ``D_k - D_mix``, pushing each image further into its
+    expert's part (the ``guided:W`` routing). It reads ``good.last_mixture``, which
+    ``mcl.SharedMCLDenoiser`` records from the same pass, so it costs what ``of="output"`` does.
     """
 
-    def __init__(self, good: Denoiser, bad: Denoiser, weight: float):
+    OF = ("output", "mixture")
+
+    def __init__(self, good: Denoiser, bad: Denoiser, weight: float, of: str = "output"):
         super().__init__()
         if not math.isfinite(weight):
             raise ValueError(f"autoguidance weight must be a finite number, got {weight}")
+        if of not in self.OF:
+            raise ValueError(f"autoguidance acts on one of {', '.join(self.OF)}, got {of!r}")
+        if of == "mixture" and not getattr(good, "records_mixture", False):
+            raise ValueError("autoguidance of the experts' mixture needs an MCL model with its experts on one network (mcl_parts, mcl_shared)")
         self.good = good
         self.bad = bad
         self.weight = float(weight)
+        self.of = of
         self.serve_range_of(good)
 
     def reset(self, batch_size, generator=None):
@@ -70,10 +85,13 @@ class AutoguidanceDenoiser(Denoiser):
     def forward(self, x, sigma, label=None):
         if self.weight == 1:
             return self.good(x, sigma, label)
-        if self.weight == 0:
+        if self.weight == 0 and self.of == "output":
             return self.bad(x, sigma, label)
         bad = self.bad(x, sigma, label)
-        return bad + self.weight * (self.good(x, sigma, label) - bad)
+        good = self.good(x, sigma, label)
+        if self.of == "mixture":
+            return good + (self.weight - 1.0) * (self.good.last_mixture - bad)
+        return bad + self.weight * (good - bad)
 
     # the good model's per-step records (MCL routing), for the samplers' Step
     @property

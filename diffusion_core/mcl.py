@@ -509,6 +509,7 @@ class SharedMCLDenoiser(MCLDenoiser):
     denoiser."""
 
     shared = True
+    records_mixture = True  # last_mixture: the score-weighted mixture of this call's hypotheses (autoguidance of="mixture")
 
     def __init__(self, net: SharedMCLNet, objective, router: Router):
         super().__init__(hypothesis_denoisers(net, objective), router, gate=ScoreGate(net, objective))
@@ -543,4 +544,5 @@ class SharedMCLDenoiser(MCLDenoiser):
             out = (route.weights[:, :, None, None, None].to(x.dtype) * preds).sum(dim=1)
         else:
             out = preds[torch.arange(b, device=x.device), route.index.to(x.device)]
+        self.last_mixture = (probs[:, :, None, None, None].to(x.dtype) * preds).sum(dim=1)  # D_mix, the score-weighted mean
         return self._remember(route, probs, out, b + sum(len(v) for v in (route.computed or {}).values()))

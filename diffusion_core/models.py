@@ -107,12 +107,14 @@ class LoadedModel:
         return self
 
     def denoiser(self, guidance: float | None = None, routing: str | None = None, gate: nn.Module | None = None,
-                 autoguidance: float = 1.0, guide: LoadedModel | None = None):
+                 autoguidance: float = 1.0, guide: LoadedModel | None = None, autoguide: str = "output"):
         """The model as a denoiser: CFG-wrapped for class-conditional models (guidance scale
         ``guidance``), routed for MCL ensembles (``routing``; the routings that use the gating
         network need ``gate``; the checkpoint's training win rates reach the router), and, for
         unconditional models, autoguided by ``guide`` with weight ``autoguidance`` (1: off;
-        a class-conditional guide serves its unconditional branch)."""
+        a class-conditional guide serves its unconditional branch; ``autoguide="mixture"``: of an
+        MCL model on one trunk, the guide is compared with its experts' mixture, see
+        ``guidance.AutoguidanceDenoiser``)."""
         if self.objective is None:
             raise ValueError(f"a {self.kind} model is not a diffusion model")
         if self.shared:
@@ -130,7 +132,7 @@ class LoadedModel:
                                  f"the {self.kind} model has classifier-free guidance")
             if guide is None:
                 raise ValueError("autoguidance needs a guide model (the bad version of this one)")
-            den = AutoguidanceDenoiser(den, guide.guide_denoiser(), autoguidance)
+            den = AutoguidanceDenoiser(den, guide.guide_denoiser(), autoguidance, of=autoguide)
         return den
 
     def guide_denoiser(self):

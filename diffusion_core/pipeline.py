@@ -34,6 +34,8 @@ DEFAULT_GUIDES = {"ddpm": "ddpm_weak", "mcl": "ddpm_weak"}
 # (docs/autoguidance.md); Settings' own default stays 1 (off), so settings saved before autoguidance
 # existed give the same images.
 APP_AUTOGUIDANCE = {"ddpm": 2.5, "mcl": 1.0}
+# What autoguidance compares the guide with (guidance.AutoguidanceDenoiser's ``of``).
+AUTOGUIDE_OF = ("output", "mixture")
 
 
 def app_defaults(kind: str, conditional: bool) -> tuple[float, float]:
@@ -58,6 +60,7 @@ class Settings:
     eta: float = 0.0  # DDIM stochasticity
     autoguidance: float = 1.0  # unconditional models: D_bad + w (D - D_bad); 1 is the model alone (off), 0 the guide alone
     guide: str = ""  # the bad model of autoguidance: a checkpoint name ("": DEFAULT_GUIDES for the model's kind)
+    autoguide: str = "output"  # what autoguidance compares the guide with: the denoiser's "output", or (MCL on one trunk) its experts' "mixture"
 
     def validate(self, max_n: int = 10000, num_experts: int | None = None) -> Settings:
         """Check every field; raise ValueError with a message a person can act on."""
@@ -111,6 +114,8 @@ class Settings:
         if not isinstance(self.guide, str) or len(self.guide) > 200:
             raise ValueError(f"guide must be a checkpoint name, got {self.guide!r}")
         self.guide = self.guide.strip()
+        if self.autoguide not in AUTOGUIDE_OF:
+            raise ValueError(f"autoguide must be one of {', '.join(AUTOGUIDE_OF)}, got {str(self.autoguide)[:40]!r}")
         if not isinstance(self.sampler, str) or self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; expected one of {', '.join(SAMPLERS)}")
         if not isinstance(self.model, str) or not self.model:
@@ -120,7 +125,10 @@ class Settings:
         return self
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["autoguide"] == "output":  # the settings of before it keep their JSON, byte for byte
+            del d["autoguide"]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -184,7 +192,7 @@ def build_denoiser(settings: Settings, model, gate=None, guide=None):
         if routing_needs_gate(settings.routing) and gate is None and not getattr(model, "shared", False):  # a shared model's score head is its gate
             raise ValueError(f"routing {settings.routing!r} needs the gating checkpoint, which is not available")
     return model.denoiser(guidance=settings.guidance, routing=settings.routing, gate=gate,
-                          autoguidance=settings.autoguidance, guide=guide)
+                          autoguidance=settings.autoguidance, guide=guide, autoguide=settings.autoguide)
 
 
 def initial_noise(settings: Settings) -> tuple[torch.Tensor, torch.Generator]:

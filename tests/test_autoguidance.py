@@ -178,3 +178,77 @@ def test_cli_autoguidance_and_its_bad_values(tiny_checkpoints, tmp_path, capsys)
 def test_malformed_autoguidance_links_say_why(models, query, message):
     with pytest.raises(ValueError, match=f"this share link is malformed: {message}"):
         settings_from_query(models, query)
+
+
+# ----------------------------------------------------------------------------- of the experts' mixture
+
+
+class _Fixed(Denoiser):
+    """A denoiser that returns a fixed tensor (and, as an MCL on one trunk does, records a mixture)."""
+
+    def __init__(self, out, mixture=None):
+        super().__init__()
+        self.out, self.records_mixture = out, mixture is not None
+        self.last_mixture = mixture
+
+    def forward(self, x, sigma, label=None):
+        return self.out
+
+
+def test_autoguidance_of_the_mixture_scales_only_the_mixture_against_the_guide():
+    g = torch.Generator().manual_seed(3)
+    d_k, d_mix, d_bad = (torch.randn(2, 1, 4, 4, generator=g) for _ in range(3))
+    x, sigma = torch.zeros(2, 1, 4, 4), torch.tensor([1.0, 2.0])
+    for w in (0.0, 1.5, 2.5):
+        out = AutoguidanceDenoiser(_Fixed(d_k, d_mix), _Fixed(d_bad), w, of="mixture")(x, sigma)
+        # D_bad + w (D_mix - D_bad), plus the expert's offset D_k - D_mix unscaled
+        assert torch.allclose(out, d_bad + w * (d_mix - d_bad) + (d_k - d_mix), atol=1e-6)
+        plain = AutoguidanceDenoiser(_Fixed(d_k, d_mix), _Fixed(d_bad), w)(x, sigma)
+        assert torch.allclose(plain, d_bad + w * (d_k - d_bad), atol=1e-6)
+    # where the expert is the mixture (soft routing), both are ordinary autoguidance
+    same = AutoguidanceDenoiser(_Fixed(d_mix, d_mix), _Fixed(d_bad), 2.0, of="mixture")(x, sigma)
+    assert torch.allclose(same, d_bad + 2.0 * (d_mix - d_bad), atol=1e-6)
+    with pytest.raises(ValueError, match="experts on one network"):
+        AutoguidanceDenoiser(_Fixed(d_k), _Fixed(d_bad), 2.0, of="mixture")
+    with pytest.raises(ValueError, match="acts on one of output, mixture"):
+        AutoguidanceDenoiser(_Fixed(d_k, d_mix), _Fixed(d_bad), 2.0, of="image")
+
+
+def test_autoguidance_of_the_mixture_on_a_shared_mcl_against_its_hypotheses(registry):
+    """The test mcl_shared: one expert served, guided through the score-weighted mixture of all
+    hypotheses, each evaluated on its own (the heads alone, the score head for the weights)."""
+    good, bad = registry.get("mcl_shared"), registry.get("ddpm_weak")
+    x, sigma = _batch(seed=4)
+    w = 2.5
+    den = build_denoiser(Settings(model="mcl_shared", routing="expert:2", autoguidance=w, guide="ddpm_weak", autoguide="mixture"),
+                         good, None, guide=bad)
+    heads = [e(x, sigma) for e in good.denoiser(routing="expert:0").experts]
+    probs = good.denoiser(routing="soft").gate_probs(x, sigma)
+    mixture = sum(probs[:, k, None, None, None] * heads[k] for k in range(len(heads)))
+    expected = heads[2] + (w - 1) * (mixture - bad.denoiser()(x, sigma))
+    assert torch.allclose(den(x, sigma), expected, atol=1e-4)
+
+
+def test_autoguide_in_settings_links_and_json(registry, models):
+    old = Settings(model="mcl_shared", autoguidance=2.5, guide="ddpm_weak")
+    assert "autoguide" not in old.to_json()  # the settings of before it keep their JSON
+    s = parse_settings(models, model="mcl_shared", autoguidance=2.5, autoguide="mixture", n=2, steps=4)
+    assert s.autoguide == "mixture" and '"autoguide": "mixture"' in s.to_json()
+    from diffusion_core.ui.share import share_query
+
+    query = share_query(s, models["mcl_shared"])
+    assert "autoguide=mixture" in query
+    back, _ = settings_from_query(models, query)
+    assert back == s
+    assert "autoguide" not in share_query(parse_settings(models, model="mcl_shared", autoguidance=2.5, n=2), models["mcl_shared"])
+    # off without autoguidance; refused where there is no mixture
+    assert parse_settings(models, model="mcl_shared", autoguide="mixture").autoguide == "output"
+    with pytest.raises(ValueError, match="experts' mixture of an MCL model on one network"):
+        parse_settings(models, model="ddpm", autoguidance=2.5, autoguide="mixture")
+    with pytest.raises(ValueError, match="autoguide must be one of output, mixture"):
+        parse_settings(models, model="mcl_shared", autoguidance=2.5, autoguide="image")
+    a = generate(s, registry.get("mcl_shared"), None, guide=registry.get("ddpm_weak")).images
+    b = generate(Settings.from_json(s.to_json()), registry.get("mcl_shared"), None, guide=registry.get("ddpm_weak")).images
+    plain = generate(parse_settings(models, model="mcl_shared", autoguidance=2.5, n=2, steps=4), registry.get("mcl_shared"), None,
+                     guide=registry.get("ddpm_weak")).images
+    assert torch.equal(a, b) and not torch.equal(a, plain)

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--routings", type=_csv(str), default=d.routings, help=f"MCL rows: {ROUTING_CHOICES} (default: all)")
     p.add_argument("--autoguidance", type=_csv(float), default=d.autoguidance, metavar="W,...",
                    help="autoguidance weights: a ddpm row (and an mcl row with the default routing) for each weight and guide (default: none)")
+    p.add_argument("--autoguide", choices=("output", "mixture"), default=d.autoguide,
+                   help="the mcl autoguidance rows compare the guide with the output, or with the experts' mixture (MCL on one trunk; "
+                        "guidance.AutoguidanceDenoiser) (default output)")
     p.add_argument("--guides", type=_csv(str), default=d.guides, metavar="NAME,...",
                    help=f"the bad models of the autoguidance rows: checkpoint names or .safetensors paths (default {','.join(d.guides)})")
     p.add_argument("--classifier2", default=d.classifier2, help="the second classifier's checkpoint (its columns; 'none': without it; "
@@ -76,7 +79,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     for name in QUICK:
         v = getattr(args, name)
         sizes[name] = v if v is not None else (QUICK[name] if args.quick else getattr(d, name))
-    as_given = ("steps", "sweep_steps", "sweep_model", "guidance_scales", "autoguidance", "guides", "routings", "seed", "checkpoint_dir",
+    as_given = ("steps", "sweep_steps", "sweep_model", "guidance_scales", "autoguidance", "autoguide", "guides", "routings", "seed", "checkpoint_dir",
                 "data_dir", "out_dir", "figures", "fid_inception", "record_quality", "diagnosis_levels")
     return EvalConfig(
         models=tuple(m.lower() for m in args.models),

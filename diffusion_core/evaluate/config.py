@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..mcl import ROUTINGS, make_router, routing_needs_gate
-from ..pipeline import MAX_AUTOGUIDANCE, Settings
+from ..pipeline import AUTOGUIDE_OF, MAX_AUTOGUIDANCE, Settings
 from ..samplers import NFE_PER_STEP, SAMPLERS
 
 DIFFUSION_MODELS = ("ddpm", "cfg", "flow", "mcl")
@@ -46,6 +46,7 @@ class EvalConfig:
     autoguidance: tuple[float, ...] = ()  # weights of the autoguidance rows of ddpm and mcl (none by default)
     guides: tuple[str, ...] = ("ddpm_weak",)  # the bad models those rows compare: names in the checkpoint folder, or paths
     autoguidance_routings: tuple[str, ...] = ()  # the MCL routings of its autoguidance rows (none given: Settings' default routing)
+    autoguide: str = "output"  # MCL autoguidance rows: compare the guide with the output, or with the experts' "mixture" (one trunk)
     classifier2: str | None = "classifier2"  # the second, independently trained classifier (its columns), left out when its checkpoint is missing
     routings: tuple[str, ...] = ALL_ROUTINGS
     n: int = 10000  # samples per main row
@@ -80,6 +81,8 @@ class EvalConfig:
             raise ValueError("guidance scales must be between 0 and 20")
         if any(not 0 <= w <= MAX_AUTOGUIDANCE for w in self.autoguidance):
             raise ValueError(f"autoguidance weights must be between 0 and {MAX_AUTOGUIDANCE:g}")
+        if self.autoguide not in AUTOGUIDE_OF:
+            raise ValueError(f"--autoguide must be one of {', '.join(AUTOGUIDE_OF)}")
         if self.autoguidance and not self.guides:
             raise ValueError("autoguidance rows need at least one --guides model")
         if self.n < max(2, self.k + 1):
@@ -183,7 +186,7 @@ def main_rows(cfg: EvalConfig, num_experts: int | None = None) -> list[Row]:
             for r in expand_routings(cfg.routings, num_experts):
                 rows.append(Row(f"mcl {routing_label(r)}", "mcl", replace(base, model="mcl", routing=r), cfg.batch_size))
             for r in expand_routings(cfg.autoguidance_routings, num_experts) if cfg.autoguidance_routings else (base.routing,):
-                rows += autoguidance_rows(cfg, replace(base, model="mcl", routing=r), f"mcl {routing_label(r)}")
+                rows += autoguidance_rows(cfg, replace(base, model="mcl", routing=r, autoguide=cfg.autoguide), f"mcl {routing_label(r)}")
     return rows
 
 
@@ -197,7 +200,8 @@ def guide_label(guide: str) -> str:
 
 def autoguidance_rows(cfg: EvalConfig, base: Settings, name: str) -> list[Row]:
     """``<name> ag=<w> <guide>``: ``base`` autoguided by each of ``cfg.guides`` at each weight of ``cfg.autoguidance``."""
-    return [Row(f"{name} ag={w:g} {guide_label(g)}", base.model, replace(base, autoguidance=float(w), guide=g), cfg.batch_size)
+    of = " of mixture" if base.autoguide == "mixture" else ""
+    return [Row(f"{name} ag={w:g} {guide_label(g)}{of}", base.model, replace(base, autoguidance=float(w), guide=g), cfg.batch_size)
             for g in cfg.guides for w in cfg.autoguidance if w != 1]
 
 

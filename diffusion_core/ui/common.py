@@ -24,7 +24,7 @@ SCALE = 8  # final images: each 28x28 sample becomes 224x224
 GAP = 4  # pixels between tiles of a grid (after upscaling)
 BACKGROUND = 255  # grid gaps
 SHARE_VERSION = "1"
-SHARE_FIELDS = ("model", "digit", "guidance", "sampler", "steps", "eta", "routing", "seed", "n", "autoguidance", "guide")
+SHARE_FIELDS = ("model", "digit", "guidance", "sampler", "steps", "eta", "routing", "seed", "n", "autoguidance", "guide", "autoguide")
 MAX_VALUE_CHARS = 64  # longer strings in a field are refused before parsing
 
 MODEL_LABELS = {
@@ -300,7 +300,7 @@ def guide_names(models: Mapping[str, ModelInfo]) -> list[str]:
 
 
 def parse_settings(models: Mapping[str, ModelInfo], *, model=None, sampler=None, steps=None, seed=None, n=None,
-                   digit=None, guidance=None, routing=None, eta=None, autoguidance=None, guide=None) -> Settings:
+                   digit=None, guidance=None, routing=None, eta=None, autoguidance=None, guide=None, autoguide=None) -> Settings:
     """Raw values from the controls, the API or a share link -> validated, canonical ``Settings``.
 
     ``None`` means the default. Raises ``ValueError`` with a clear message. Settings that do not
@@ -309,7 +309,7 @@ def parse_settings(models: Mapping[str, ModelInfo], *, model=None, sampler=None,
     """
     d = Settings()
     raw = dict(model=model, sampler=sampler, steps=steps, seed=seed, n=n, digit=digit, guidance=guidance, routing=routing, eta=eta,
-               autoguidance=autoguidance, guide=guide)
+               autoguidance=autoguidance, guide=guide, autoguide=autoguide)
     for k, v in raw.items():
         _check_length(k, v)
     model = d.model if model is None else _name(model, "model")
@@ -329,6 +329,7 @@ def parse_settings(models: Mapping[str, ModelInfo], *, model=None, sampler=None,
         eta=d.eta if eta is None else eta,
         autoguidance=d.autoguidance if autoguidance is None or autoguidance == "" else autoguidance,
         guide=d.guide if guide is None else _name(guide, "guide"),
+        autoguide=d.autoguide if autoguide is None or autoguide == "" else _name(autoguide, "autoguide"),
     )
     if isinstance(s.steps, (int, float)) and not isinstance(s.steps, bool) and math.isfinite(s.steps) and not float(s.steps).is_integer():
         raise ValueError(f"steps must be a whole number, got {s.steps!r}")
@@ -340,8 +341,11 @@ def parse_settings(models: Mapping[str, ModelInfo], *, model=None, sampler=None,
     if s.sampler != "ddim":
         s.eta = d.eta
     if info.conditional or s.autoguidance == 1:
-        s.autoguidance, s.guide = d.autoguidance, d.guide
+        s.autoguidance, s.guide, s.autoguide = d.autoguidance, d.guide, d.autoguide
     else:
+        if s.autoguide == "mixture" and not info.shared:
+            raise ValueError(f"autoguide=mixture compares the guide with the experts' mixture of an MCL model on one network "
+                             f"(mcl_parts, mcl_shared); {model} has none: use autoguide=output")
         s.guide = s.guide or DEFAULT_GUIDES.get(info.kind, "")
         allowed = guide_names(models)
         if s.guide not in allowed:

@@ -29,6 +29,8 @@ def share_query(s: Settings, info: ModelInfo) -> str:
         params.append(("routing", s.routing))
     if not info.conditional and s.autoguidance != 1:  # a link without it is the model alone, as before autoguidance
         params += [("autoguidance", _fmt_float(s.autoguidance)), ("guide", s.guide)]
+        if s.autoguide != "output":  # a link without it compares the guide with the output, as before it existed
+            params.append(("autoguide", s.autoguide))
     params += [("seed", str(s.seed)), ("n", str(s.n))]
     return "?" + urlencode(params, safe=":")
 
