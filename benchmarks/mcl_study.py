@@ -107,10 +107,11 @@ def evaluate_arm(arm: str, runs: Path, out: Path, n: int, checkpoints: Path, dev
             (d / f"{name}.safetensors").symlink_to((checkpoints / f"{name}.safetensors").resolve())
         (d / "mcl.safetensors").symlink_to(ckpt.resolve())
         routings = ARMS[arm].get("routings") or routings or MCL_ROUTINGS
+        routings = () if tuple(routings) == ("none",) else routings  # only the autoguidance rows (of --ag-routings)
         cfg = EvalConfig(models=("mcl",), routings=routings, n=n, sweep_n=0, diagnosis_n=diagnosis_n, checkpoint_dir=str(d),
                          out_dir=str(out / arm), figures=False, device=device, batch_size=100, autoguidance=tuple(autoguidance),
                          autoguidance_routings=tuple(ag_routings), autoguide=autoguide)
-        command = f"python benchmarks/mcl_study.py --arms {arm} --n {n} --routings {','.join(routings)} --diagnosis-n {diagnosis_n}"
+        command = f"python benchmarks/mcl_study.py --arms {arm} --n {n} --routings {','.join(routings) or 'none'} --diagnosis-n {diagnosis_n}"
         command += f" --autoguidance {','.join(f'{w:g}' for w in autoguidance)}" if autoguidance else ""
         command += f" --ag-routings {','.join(ag_routings)}" if autoguidance and ag_routings else ""
         command += f" --autoguide {autoguide}" if autoguidance and autoguide != "output" else ""
@@ -232,7 +233,7 @@ def main(argv=None):
     p.add_argument("--out", default="assets/mcl_study", help="where study.json, study.md and each arm's evaluation go")
     p.add_argument("--n", type=int, default=1000, help="samples per row")
     p.add_argument("--routings", default=None, help="comma-separated MCL routings of the K=5 arms (default: "
-                   + ",".join(MCL_ROUTINGS) + ")")
+                   + ",".join(MCL_ROUTINGS) + "; none: only the autoguidance rows)")
     p.add_argument("--diagnosis-n", type=int, default=1000, help="test images in the MCL diagnosis (the score head per noise level; 0: none)")
     p.add_argument("--checkpoints", default="checkpoints", help="folder with classifier and classifier2 (and ddpm_weak, for --autoguidance)")
     p.add_argument("--autoguidance", default="", help="comma-separated autoguidance weights (guide ddpm_weak) for extra rows of the default routing")

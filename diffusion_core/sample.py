@@ -33,7 +33,7 @@ from .samplers import SAMPLERS
 
 PROG = "python -m diffusion_core.sample"
 # flag -> Settings field, for the flags that are settings
-SETTING_FLAGS = ("model", "sampler", "steps", "seed", "n", "digit", "guidance", "routing", "eta", "autoguidance", "guide")
+SETTING_FLAGS = ("model", "sampler", "steps", "seed", "n", "digit", "guidance", "routing", "eta", "autoguidance", "guide", "autoguide")
 
 
 class UsageError(Exception):
@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guide", metavar="NAME|PATH",
                    help="the bad model of --autoguidance: a ddpm, cfg or flow checkpoint (a class-conditional one guides with its "
                         f"unconditional branch; default {DEFAULT_GUIDES['ddpm']})")
+    p.add_argument("--autoguide", choices=("output", "mixture"),
+                   help="what --autoguidance compares the guide with: the output, or an MCL on one trunk's experts' mixture, "
+                        "D_k + (W - 1) (D_mix - D_bad) (default output)")
     p.add_argument("--out", metavar="FILE.npz", help="where to write the images (this, --grid or both)")
     p.add_argument("--grid", metavar="FILE.png", help="write the images as a PNG grid (for compare/sdedit settings: the app's PNG)")
     p.add_argument("--list-models", action="store_true", help="list the models whose checkpoints exist, and exit")

@@ -167,6 +167,18 @@ def test_cli_autoguidance_and_its_bad_values(tiny_checkpoints, tmp_path, capsys)
     capsys.readouterr()
     cond = ["--checkpoint-dir", str(tiny_checkpoints), "--model", "cfg", "--autoguidance", "2", "--out", str(out)]
     assert sample_main(cond) == 2 and "unconditional models" in capsys.readouterr().err
+    # --autoguide mixture: an MCL on one trunk, the same images as generate; refused where there is no mixture
+    mix = ["--checkpoint-dir", str(tiny_checkpoints), "--model", "mcl_shared", "--steps", "3", "--n", "2", "--autoguidance", "2",
+           "--autoguide", "mixture", "--out", str(out)]
+    assert sample_main(mix) == 0
+    with np.load(out) as z:
+        s = Settings.from_json(str(z["settings"]))
+        images = z["images"]
+    assert s.autoguide == "mixture"
+    assert np.array_equal(images, generate(s, registry.get("mcl_shared"), guide=registry.get("ddpm_weak")).images.numpy())
+    capsys.readouterr()
+    assert sample_main(common + ["--autoguidance", "2", "--autoguide", "mixture", "--out", str(out)]) == 2
+    assert "experts on one network" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("query, message", [
