@@ -26,9 +26,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from diffusion_core.models import load_model
 from diffusion_core.evaluate.config import EvalConfig
 from diffusion_core.evaluate.run import evaluate
+from diffusion_core.models import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 

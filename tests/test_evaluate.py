@@ -321,7 +321,7 @@ def test_small_run_rows_metrics_and_figures(small_run, capsys):
     assert names == ["ddpm", "cfg g=0", f"cfg g={G}", "flow g=0", f"flow g={G}", "mcl expert_0", "mcl expert_1", "mcl expert_2",
                      "mcl heuristic", "mcl gated", "mcl soft", "mcl pooled", "mcl sampled", "mcl winrate", "mcl guided", "mcl x0gate", "mcl scout", "mcl sticky"]
     mcl_rows = [r for r in on_disk["rows"] if r["group"] == "mcl"]
-    assert [r["expert_evals_per_step"] for r in mcl_rows] == [1, 1, 1, 1, 1, 3, 1, 1, 1, 1, 2, 1]
+    assert [r["expert_evals_per_step"] for r in mcl_rows] == [1, 1, 1, 1, 1, 3, 1, 1, 1, 3, 1, 2, 1]
     diag = on_disk["mcl_diagnosis"]
     assert diag["n"] == 30 and len(diag["sigmas"]) == 3 and sum(diag["digit_counts"]) == 30
     assert all(sum(row) == pytest.approx(1) for row in diag["winner_share"] + diag["gate"]["mean_probs"])
@@ -351,7 +351,7 @@ def test_small_run_rows_metrics_and_figures(small_run, capsys):
     assert on_disk["inception"] == {"enabled": True, "note": "stand-in features"}
     assert all(math.isfinite(r["metrics"]["fid_inception"]) for r in on_disk["rows"])
     assert all("fid_inception" not in r["metrics"] for r in on_disk["sweep"])
-    assert (out / "results.md").read_text().count("| mcl ") == 2 * 12  # the main table and the InceptionV3 FID table
+    assert (out / "results.md").read_text().count("| mcl ") == 2 * 13  # the main table and the InceptionV3 FID table
     assert "MCL diagnosis: 30 MNIST test images noised at 3 levels" in (out / "results.md").read_text()
 
 
@@ -389,7 +389,7 @@ def test_small_run_prints_markdown_table(small_run, capsys):
     text = report.results_markdown(results)
     table = [ln for ln in text.splitlines() if ln.startswith("|")]
     assert table[0].startswith("| row | sampler | steps | NFE | FD | FD floor | FD/floor")
-    assert len(table) == 5 * 2 + 17 + 17 + 4 + 3 + 3  # headers + rules; rows; InceptionV3 FID rows; sweep rows; diagnosis levels; the gate against the noise-level-only predictor
+    assert len(table) == 5 * 2 + 18 + 18 + 4 + 3 + 3  # headers + rules; rows; InceptionV3 FID rows; sweep rows; diagnosis levels; the gate against the noise-level-only predictor
 
 
 @pytest.mark.slow  # the small evaluation run (small_run)
