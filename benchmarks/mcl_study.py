@@ -28,6 +28,7 @@ from pathlib import Path
 
 from diffusion_core.evaluate.config import EvalConfig
 from diffusion_core.evaluate.run import evaluate
+from diffusion_core.guidance import AUTOGUIDE_OF
 from diffusion_core.models import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -237,7 +238,7 @@ def main(argv=None):
     p.add_argument("--diagnosis-n", type=int, default=1000, help="test images in the MCL diagnosis (the score head per noise level; 0: none)")
     p.add_argument("--checkpoints", default="checkpoints", help="folder with classifier and classifier2 (and ddpm_weak, for --autoguidance)")
     p.add_argument("--autoguidance", default="", help="comma-separated autoguidance weights (guide ddpm_weak) for extra rows of the default routing")
-    p.add_argument("--autoguide", choices=("output", "mixture"), default="output",
+    p.add_argument("--autoguide", choices=AUTOGUIDE_OF, default="output",
                    help="those rows compare the guide with the output, or with the experts' mixture (guidance.AutoguidanceDenoiser)")
     p.add_argument("--ag-routings", default="", help="comma-separated routings of those autoguidance rows (default: the default routing)")
     p.add_argument("--device", default="cpu")

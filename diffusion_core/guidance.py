@@ -7,6 +7,9 @@ import torch
 
 from .denoisers import Denoiser, as_sigma_batch
 
+# What autoguidance compares the guide with (AutoguidanceDenoiser's ``of``; Settings.autoguide).
+AUTOGUIDE_OF = ("output", "mixture")
+
 
 class CFGDenoiser(Denoiser):
     """``D_g(x, sigma, y) = D(x, sigma, null) + g * (D(x, sigma, y) - D(x, sigma, null))``.
@@ -59,17 +62,15 @@ class AutoguidanceDenoiser(Denoiser):
     unscaled: ``D_bad + w (D_mix - D_bad) + (D_k - D_mix) = D_k + (w - 1) (D_mix - D_bad)``. Scaling
     ``D_k - D_bad`` instead would also scale ``D_k - D_mix``, pushing each image further into its
     expert's part (the ``guided:W`` routing). It reads ``good.last_mixture``, which
-    ``mcl.SharedMCLDenoiser`` records from the same pass, so it costs what ``of="output"`` does.
+    ``mcl.SharedMCLDenoiser`` derives from the same pass, so it costs what ``of="output"`` does.
     """
-
-    OF = ("output", "mixture")
 
     def __init__(self, good: Denoiser, bad: Denoiser, weight: float, of: str = "output"):
         super().__init__()
         if not math.isfinite(weight):
             raise ValueError(f"autoguidance weight must be a finite number, got {weight}")
-        if of not in self.OF:
-            raise ValueError(f"autoguidance acts on one of {', '.join(self.OF)}, got {of!r}")
+        if of not in AUTOGUIDE_OF:
+            raise ValueError(f"autoguidance acts on one of {', '.join(AUTOGUIDE_OF)}, got {of!r}")
         if of == "mixture" and not getattr(good, "records_mixture", False):
             raise ValueError("autoguidance of the experts' mixture needs an MCL model with its experts on one network (mcl_parts, mcl_shared)")
         self.good = good

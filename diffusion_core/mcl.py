@@ -509,13 +509,14 @@ class SharedMCLDenoiser(MCLDenoiser):
     denoiser."""
 
     shared = True
-    records_mixture = True  # last_mixture: the score-weighted mixture of this call's hypotheses (autoguidance of="mixture")
+    records_mixture = True  # last_mixture: the score-weighted mixture of the last call's hypotheses (autoguidance of="mixture")
 
     def __init__(self, net: SharedMCLNet, objective, router: Router):
         super().__init__(hypothesis_denoisers(net, objective), router, gate=ScoreGate(net, objective))
         self.net = net
         self.base = objective.denoiser(net)  # its net_inputs and from_output
         self._pass = None
+        self._last_hypotheses = None  # (preds, probs) of the last call, for last_mixture
 
     def hypotheses(self, x, sigma) -> tuple[torch.Tensor, torch.Tensor]:
         """(every hypothesis's estimate of the clean image (B, K, C, H, W), the score head's
@@ -524,6 +525,12 @@ class SharedMCLDenoiser(MCLDenoiser):
         outs, logits = self.net(*self.base.net_inputs(x, sigma))
         preds = torch.stack([self.base.from_output(x, sigma, outs[:, k]) for k in range(outs.shape[1])], dim=1)
         return preds, torch.softmax(logits.float(), dim=1)
+
+    @property
+    def last_mixture(self) -> torch.Tensor:
+        """``D_mix``, the score-weighted mean of the last call's hypotheses (computed when asked for)."""
+        preds, probs = self._last_hypotheses
+        return (probs[:, :, None, None, None].to(preds.dtype) * preds).sum(dim=1)
 
     def gate_probs(self, x, sigma):
         if self._pass is not None and self._pass[0] is x:
@@ -544,5 +551,5 @@ class SharedMCLDenoiser(MCLDenoiser):
             out = (route.weights[:, :, None, None, None].to(x.dtype) * preds).sum(dim=1)
         else:
             out = preds[torch.arange(b, device=x.device), route.index.to(x.device)]
-        self.last_mixture = (probs[:, :, None, None, None].to(x.dtype) * preds).sum(dim=1)  # D_mix, the score-weighted mean
+        self._last_hypotheses = (preds, probs)
         return self._remember(route, probs, out, b + sum(len(v) for v in (route.computed or {}).values()))

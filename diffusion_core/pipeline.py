@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from .guidance import AUTOGUIDE_OF
 from .mcl import make_router, routing_needs_gate
 from .samplers import SAMPLERS, Step, get_sampler, get_sigmas
 
@@ -34,8 +35,6 @@ DEFAULT_GUIDES = {"ddpm": "ddpm_weak", "mcl": "ddpm_weak"}
 # (docs/autoguidance.md); Settings' own default stays 1 (off), so settings saved before autoguidance
 # existed give the same images.
 APP_AUTOGUIDANCE = {"ddpm": 2.5, "mcl": 1.0}
-# What autoguidance compares the guide with (guidance.AutoguidanceDenoiser's ``of``).
-AUTOGUIDE_OF = ("output", "mixture")
 
 
 def app_defaults(kind: str, conditional: bool) -> tuple[float, float]:

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoints import DIR_ENV, CheckpointError
+from .guidance import AUTOGUIDE_OF
 from .pipeline import APP_AUTOGUIDANCE, APP_GUIDANCE, DEFAULT_GUIDES, MAX_AUTOGUIDANCE, Settings, app_defaults, generate
 from .samplers import SAMPLERS
 
@@ -70,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guide", metavar="NAME|PATH",
                    help="the bad model of --autoguidance: a ddpm, cfg or flow checkpoint (a class-conditional one guides with its "
                         f"unconditional branch; default {DEFAULT_GUIDES['ddpm']})")
-    p.add_argument("--autoguide", choices=("output", "mixture"),
+    p.add_argument("--autoguide", choices=AUTOGUIDE_OF,
                    help="what --autoguidance compares the guide with: the output, or an MCL on one trunk's experts' mixture, "
                         "D_k + (W - 1) (D_mix - D_bad) (default output)")
     p.add_argument("--out", metavar="FILE.npz", help="where to write the images (this, --grid or both)")

@@ -8,6 +8,7 @@ import sys
 import torch
 
 from ..data import MNISTNotFound
+from ..guidance import AUTOGUIDE_OF
 from .config import ROUTING_CHOICES, EvalConfig
 from .report import results_markdown
 from .run import evaluate
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--routings", type=_csv(str), default=d.routings, help=f"MCL rows: {ROUTING_CHOICES} (default: all)")
     p.add_argument("--autoguidance", type=_csv(float), default=d.autoguidance, metavar="W,...",
                    help="autoguidance weights: a ddpm row (and an mcl row with the default routing) for each weight and guide (default: none)")
-    p.add_argument("--autoguide", choices=("output", "mixture"), default=d.autoguide,
+    p.add_argument("--autoguide", choices=AUTOGUIDE_OF, default=d.autoguide,
                    help="the mcl autoguidance rows compare the guide with the output, or with the experts' mixture (MCL on one trunk; "
                         "guidance.AutoguidanceDenoiser) (default output)")
     p.add_argument("--guides", type=_csv(str), default=d.guides, metavar="NAME,...",

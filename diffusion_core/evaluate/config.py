@@ -7,8 +7,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ..guidance import AUTOGUIDE_OF
 from ..mcl import ROUTINGS, make_router, routing_needs_gate
-from ..pipeline import AUTOGUIDE_OF, MAX_AUTOGUIDANCE, Settings
+from ..pipeline import MAX_AUTOGUIDANCE, Settings
 from ..samplers import NFE_PER_STEP, SAMPLERS
 
 DIFFUSION_MODELS = ("ddpm", "cfg", "flow", "mcl")
