@@ -7,26 +7,31 @@ components and wires its own events.
 
 Environment: ``DIFFUSION_CHECKPOINT_DIR`` (where checkpoints are looked up, default checkpoints/),
 ``APP_CONCURRENCY`` (sampling requests run at once, default 2), ``APP_QUEUE_SIZE`` (requests
-waiting at most, default 64), ``APP_TORCH_THREADS`` (CPU threads per request, default all cores),
+waiting at most, default 64), ``APP_TORCH_THREADS`` (torch CPU threads, default 2: the thread count
+share links are defined at, ``diffusion_core.reproducible``),
 ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT``.
 """
 from __future__ import annotations
 
 import os
 
-import gradio as gr
-import torch
+from diffusion_core import reproducible
 
-from diffusion_core.registry import ModelRegistry
-from diffusion_core.ui import api, compare_tab, controls, explore_tab, generate_tab, models_tab, page
-from diffusion_core.ui.files import OutputFiles
+reproducible.pin_kernels()  # before anything computes: AVX2 kernels, so a share link gives the same bytes on any x86 machine
+
+import gradio as gr  # noqa: E402
+import torch  # noqa: E402
+
+from diffusion_core.registry import ModelRegistry  # noqa: E402
+from diffusion_core.ui import api, compare_tab, controls, explore_tab, generate_tab, models_tab, page  # noqa: E402
+from diffusion_core.ui.files import OutputFiles  # noqa: E402
 
 registry = ModelRegistry()
 files = OutputFiles()
 QUEUE_SIZE = int(os.environ.get("APP_QUEUE_SIZE", "64"))
-# Each request may use every core: a lone visitor (the usual case) gets the fastest images, and two
-# requests at once still share the cores well (docs/benchmarks.md: measured against one thread each).
-torch.set_num_threads(int(os.environ.get("APP_TORCH_THREADS", os.cpu_count() or 1)))
+# Two threads, the free Space's cores: share links are defined at this count (oneDNN's reduction order
+# follows it), and each request may use both (docs/benchmarks.md: measured against one thread each).
+torch.set_num_threads(int(os.environ.get("APP_TORCH_THREADS", reproducible.THREADS)))
 
 with gr.Blocks(title=page.TITLE, delete_cache=(3600, 3600)) as demo:
     gr.Markdown(page.INTRO)
@@ -55,4 +60,5 @@ demo.queue(default_concurrency_limit=controls.CONCURRENCY, max_size=QUEUE_SIZE)
 LAUNCH_KWARGS = dict(css=page.CSS, theme=gr.themes.Soft(primary_hue="indigo"), footer_links=["api", "gradio"], show_error=True)
 
 if __name__ == "__main__":
+    print(f"numerics: {reproducible.describe()}", flush=True)
     demo.launch(**LAUNCH_KWARGS)

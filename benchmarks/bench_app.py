@@ -34,6 +34,7 @@ import time
 
 import torch
 
+from diffusion_core import reproducible
 from diffusion_core.pipeline import Settings, generate
 from diffusion_core.registry import ModelRegistry
 from diffusion_core.ui.common import available_models, default_autoguidance, parse_settings
@@ -199,15 +200,14 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint-dir", help="default $DIFFUSION_CHECKPOINT_DIR or checkpoints/")
     p.add_argument("--model", default="cfg")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default the app's, diffusion_core.reproducible.THREADS)")
     p.add_argument("--url", help="also time /generate through a running app (gradio_client)")
     p.add_argument("--browser", action="store_true", help="with --url: also time the page in headless Chromium (Playwright)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     args = p.parse_args(argv)
     if args.browser and not args.url:
         p.error("--browser needs --url")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    numerics = reproducible.pin(args.threads)  # the app's kernels and threads
     registry = ModelRegistry(args.checkpoint_dir)
     rows = bench(registry, args.repeats, args.model)
     if args.url:
@@ -235,7 +235,7 @@ def main(argv=None) -> int:
     s = one["settings"]
     print(f"model {args.model} ({registry.directory}), {s['sampler']}, {s['steps']} steps, guidance {s['guidance']:g}, "
           f"autoguidance {s['autoguidance']:g}{' (' + s['guide'] + ')' if s['guide'] else ''}; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; median of {args.repeats}")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; median of {args.repeats}\n{numerics}")
     print(f"{'case':<36}{'seconds':>10}{'target':>9}  ok")
     for name, value, target in checks:
         print(f"{name:<36}{value:>10.3f}{target:>9.2f}  {'yes' if value <= target else 'NO'}")
@@ -244,6 +244,7 @@ def main(argv=None) -> int:
         "targets_s": TARGETS,
         "passed": all(v <= t for _, v, t in checks),
         "machine": machine_info(),
+        "numerics": numerics,
         "checkpoint_dir": str(registry.directory),
     }
     if args.json:

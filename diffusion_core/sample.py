@@ -11,7 +11,8 @@
 The ``.npz`` holds ``images`` (N, 28, 28) uint8, ``labels`` (N,) for class-conditional models,
 ``experts`` (steps, N) for MCL ensembles (the expert that served each image at each step) and
 ``settings``: the JSON of the settings used, which ``--settings`` replays to the identical images
-(on the same kind of device). Flags given alongside ``--settings`` override it. A comparison's or an
+(on the same kind of device; on an x86 CPU the command uses the app's numerics,
+``diffusion_core.reproducible``). Flags given alongside ``--settings`` override it. A comparison's or an
 SDEdit result's settings JSON from the app (``"kind": "compare"`` / ``"sdedit"``) replays to the
 app's own PNG (``--grid``, byte for byte) and an ``.npz`` (``--out``) with its images and settings.
 Bad input exits with status 2 and a one-line message.
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import reproducible
 from .checkpoints import DIR_ENV, CheckpointError
 from .guidance import AUTOGUIDE_OF
 from .pipeline import APP_AUTOGUIDANCE, APP_GUIDANCE, DEFAULT_GUIDES, MAX_AUTOGUIDANCE, Settings, app_defaults, generate
@@ -79,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-models", action="store_true", help="list the models whose checkpoints exist, and exit")
     p.add_argument("--settings", metavar="FILE.json", help="start from saved settings (a JSON file, or an .npz written by this command)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="(default cpu; images are bit-identical across runs on CPU)")
+    p.add_argument("--threads", type=int, metavar="T", default=reproducible.THREADS,
+                   help=f"torch CPU threads (default {reproducible.THREADS}, the app's: its share links' bytes are defined at this count)")
     p.add_argument("--checkpoint-dir", metavar="DIR", help=f"where model names are looked up (default ${DIR_ENV} or checkpoints/)")
     return p
 
@@ -235,6 +239,9 @@ def run_app_settings(args: argparse.Namespace, kind: str, d: dict, out: Path | N
 
 
 def run(args: argparse.Namespace) -> Path | None:
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {args.threads}")
+    reproducible.pin(args.threads)  # the app's numerics (AVX2 kernels unless something computed already, its threads)
     import torch
 
     from .registry import ModelRegistry

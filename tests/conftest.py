@@ -4,12 +4,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+from diffusion_core import reproducible
 
-from diffusion_core.models import save_model
-from diffusion_core.nets import Classifier, ClassifierConfig, GatingConfig, GatingNet, SharedMCLNet, UNet, UNetConfig
-from diffusion_core.objectives import EpsilonObjective
+reproducible.pin_kernels()  # the app's kernels (AVX2) before anything computes: the share-link tests compare exact bytes
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from diffusion_core.models import save_model  # noqa: E402
+from diffusion_core.nets import Classifier, ClassifierConfig, GatingConfig, GatingNet, SharedMCLNet, UNet, UNetConfig  # noqa: E402
+from diffusion_core.objectives import EpsilonObjective  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_MNIST = ROOT.parent / "shared" / "mnist"
@@ -54,6 +58,15 @@ def make_tiny_checkpoints(directory: Path, num_experts: int = 3, seed: int = 0) 
     clf = Classifier(ClassifierConfig(channels=8, feature_dim=32)).eval()
     save_model(directory / "classifier.safetensors", "classifier", [clf], {"network": {"kind": "classifier", "config": clf.config.to_dict()}, "training": {}})
     return directory
+
+
+@pytest.fixture(scope="module")
+def app_threads():
+    """The app's torch threads (``reproducible.THREADS``), at which share links' bytes are defined."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(reproducible.THREADS)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ Debian's chromium), against ``python app.py`` on tiny random checkpoints plus a 
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from app_server import ROOT, running_app  # noqa: E402
 from browser_support import UPDATE_ASSETS, browser, fetch, filled_textbox, image_bytes, new_page, page, set_number, shipped_checkpoints, wait_image  # noqa: E402, F401  (browser, page: fixtures)
 from explore_fixtures import checkpoints_with_flow  # noqa: E402
 
-from diffusion_core import sample  # noqa: E402
+from diffusion_core import reproducible, sample  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]  # tiers: python -m pytest -m "not slow and not browser" leaves these out
 
@@ -36,7 +35,7 @@ def checkpoints(tiny_checkpoints, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(checkpoints, tmp_path_factory):
-    with running_app(checkpoints, tmp_path_factory.mktemp("app") / "app.log") as url:
+    with running_app(checkpoints, tmp_path_factory.mktemp("app") / "app.log", threads=reproducible.THREADS) as url:
         yield url
 
 
@@ -74,8 +73,7 @@ def test_compare_share_link_reproduces_the_grid(server, page, checkpoints, tmp_p
     (tmp_path / "compare.json").write_bytes(settings)
     out = tmp_path / "grid.png"
     threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)  # as many threads as the app server uses (an earlier test may have left fewer)
-    try:
+    try:  # the CLI runs at the app's thread count by default, as the server does
         assert sample.main(["--settings", str(tmp_path / "compare.json"), "--grid", str(out), "--checkpoint-dir", str(checkpoints)]) == 0
     finally:
         torch.set_num_threads(threads)

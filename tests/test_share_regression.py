@@ -10,7 +10,10 @@ people have shared. Record again only for a deliberate, announced break:
     python tests/test_share_regression.py --record-missing   # a newly added name only, recorded on the code before the change
 
 Cold diffusion's four were added when it got a second restorer (issue 19), recorded on the code
-before that change.
+before that change. All were recorded again once, when the app's numerics were pinned to AVX2
+kernels and two threads (``diffusion_core.reproducible``): before that the bytes depended on the
+machine's vector width and thread count; 7 of the 26 changed, by one grey level in at most 324
+pixels of a grid (docs/app.md, "Reproducible bytes").
 """
 from __future__ import annotations
 
@@ -20,12 +23,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 HASHES = Path(__file__).resolve().parent / "data" / "share_hashes.json"
 sys.path.insert(0, str(ROOT))
 
+from diffusion_core import reproducible  # noqa: E402
 from diffusion_core.registry import ModelRegistry  # noqa: E402
 from diffusion_core.ui import cold_panel  # noqa: E402
 from diffusion_core.ui.common import available_models, settings_from_json  # noqa: E402
@@ -113,7 +116,7 @@ def shipped():
     return registry, available_models(registry)
 
 
-@pytest.mark.usefixtures("one_torch_thread")  # the app's results are bitwise stable at a fixed thread count; the record used one
+@pytest.mark.usefixtures("app_threads")  # the app's numerics: AVX2 kernels (conftest) and its thread count
 @pytest.mark.parametrize("name", NAMES)
 def test_an_old_share_link_reproduces_the_same_png(shipped, name):
     recorded = json.loads(HASHES.read_text())
@@ -123,7 +126,7 @@ def test_an_old_share_link_reproduces_the_same_png(shipped, name):
 
 def record(missing_only: bool = False):
     """Record every hash, or (``missing_only``) only those of names added since, keeping the rest."""
-    torch.set_num_threads(1)
+    reproducible.pin()
     registry = ModelRegistry(ROOT / "checkpoints")
     models = available_models(registry)
     hashes = json.loads(HASHES.read_text()) if missing_only else {}
