@@ -20,7 +20,6 @@ from diffusion_core import reproducible
 reproducible.pin_kernels()  # before anything computes: AVX2 kernels, so a share link gives the same bytes on any x86 machine
 
 import gradio as gr  # noqa: E402
-import torch  # noqa: E402
 
 from diffusion_core.registry import ModelRegistry  # noqa: E402
 from diffusion_core.ui import api, compare_tab, controls, explore_tab, generate_tab, models_tab, page  # noqa: E402
@@ -31,7 +30,7 @@ files = OutputFiles()
 QUEUE_SIZE = int(os.environ.get("APP_QUEUE_SIZE", "64"))
 # Two threads, the free Space's cores: share links are defined at this count (oneDNN's reduction order
 # follows it), and each request may use both (docs/benchmarks.md: measured against one thread each).
-torch.set_num_threads(int(os.environ.get("APP_TORCH_THREADS", reproducible.THREADS)))
+reproducible.pin(int(os.environ.get("APP_TORCH_THREADS", reproducible.THREADS)))
 
 with gr.Blocks(title=page.TITLE, delete_cache=(3600, 3600)) as demo:
     gr.Markdown(page.INTRO)

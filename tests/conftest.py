@@ -60,23 +60,25 @@ def make_tiny_checkpoints(directory: Path, num_experts: int = 3, seed: int = 0) 
     return directory
 
 
+def _torch_threads(n: int):
+    """Run with ``n`` torch threads, then restore the count found."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def app_threads():
     """The app's torch threads (``reproducible.THREADS``), at which share links' bytes are defined."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(reproducible.THREADS)
-    yield
-    torch.set_num_threads(n)
+    yield from _torch_threads(reproducible.THREADS)
 
 
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One torch thread for a module of tests on tiny tensors: there thread-pool overhead dominates,
     badly so on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    yield from _torch_threads(1)
 
 
 @pytest.fixture(scope="session")
