@@ -37,7 +37,7 @@ import torch
 from diffusion_core import reproducible
 from diffusion_core.pipeline import Settings, generate
 from diffusion_core.registry import ModelRegistry
-from diffusion_core.ui.common import available_models, default_autoguidance, parse_settings
+from diffusion_core.ui.common import available_models, default_autoguidance, default_autoguide, parse_settings
 from diffusion_core.ui.generate_tab import stream
 
 from .report import machine_info, write_json
@@ -68,10 +68,10 @@ def bench(registry, repeats: int = 5, model: str = "cfg") -> dict:
     if model not in models:
         raise SystemExit(f"model {model!r} not found in {registry.directory} (found: {', '.join(models) or 'none'})")
     info = models[model]
-    ag = default_autoguidance(info)  # the app's autoguidance for an unconditional model (two networks a step)
-    one = parse_settings(models, model=model, autoguidance=ag)  # the app's defaults: one image
-    ten = parse_settings(models, model=model, n=10, autoguidance=ag)  # digits 0..9 when the model is conditional
-    sixteen = parse_settings(models, model=model, n=16, autoguidance=ag)  # the Generate tab's largest grid people compare models on
+    ag, of = default_autoguidance(info), default_autoguide(info)  # the app's autoguidance for an unconditional model (two networks a step)
+    one = parse_settings(models, model=model, autoguidance=ag, autoguide=of)  # the app's defaults: one image
+    ten = parse_settings(models, model=model, n=10, autoguidance=ag, autoguide=of)  # digits 0..9 when the model is conditional
+    sixteen = parse_settings(models, model=model, n=16, autoguidance=ag, autoguide=of)  # the Generate tab's largest grid people compare models on
     m, gate = registry.for_settings(one)
     guide = registry.guide_for(one, m)
     for s in (one, ten, sixteen):  # warm up (first calls allocate)
@@ -112,7 +112,7 @@ def bench_http(url: str, repeats: int = 5, model: str = "cfg") -> dict:
     # what the page sees: the streaming event, first update (the noise frame) and the final image
     d = Settings()
     info = available_models(ModelRegistry()).get(model)
-    args = (model, "any", d.guidance, d.sampler, d.steps, d.eta, d.routing, str(d.seed), d.n, default_autoguidance(info), "")
+    args = (model, "any", d.guidance, d.sampler, d.steps, d.eta, d.routing, str(d.seed), d.n, default_autoguidance(info), "", default_autoguide(info))
     firsts, finals = [], []
     for i in range(repeats + 1):
         t0 = time.perf_counter()

@@ -12,6 +12,7 @@ import json
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
 
 import torch
 
@@ -35,15 +36,27 @@ DEFAULT_GUIDES = {"ddpm": "ddpm_weak", "mcl": "ddpm_weak"}
 # (docs/autoguidance.md); Settings' own default stays 1 (off), so settings saved before autoguidance
 # existed give the same images.
 APP_AUTOGUIDANCE = {"ddpm": 2.5, "mcl": 1.0}
+# A checkpoint whose own sweep chose otherwise than its kind: name -> (weight, what the guide is
+# compared with). mcl_parts guided at 3 on its experts' mixture reads an FD of 1.51 times the real
+# floor against 3.35 alone (docs/mcl.md, benchmarks/mcl_study.py).
+APP_AUTOGUIDANCE_OF_MODEL = {"mcl_parts": (3.0, "mixture")}
 
 
-def app_defaults(kind: str, conditional: bool) -> tuple[float, float]:
-    """(guidance, autoguidance) the app starts a model of this kind from: ``APP_GUIDANCE`` for a
-    class-conditional model (Settings' default for other kinds), ``APP_AUTOGUIDANCE`` for an
-    unconditional one; the other value is the one that does not apply (1 for autoguidance)."""
+class AppDefaults(NamedTuple):
+    guidance: float  # classifier-free guidance (class-conditional models)
+    autoguidance: float  # autoguidance's weight (unconditional models; 1 is off)
+    autoguide: str  # what the guide is compared with (Settings.autoguide)
+
+
+def app_defaults(kind: str, conditional: bool, name: str = "") -> AppDefaults:
+    """The guidance the app starts a model from: ``APP_GUIDANCE`` for a class-conditional model
+    (Settings' default for other kinds); for an unconditional one the checkpoint's own
+    ``APP_AUTOGUIDANCE_OF_MODEL``, else its kind's ``APP_AUTOGUIDANCE``. The values that do not
+    apply are Settings' defaults (1, off, for autoguidance)."""
     if conditional:
-        return float(APP_GUIDANCE.get(kind, APP_GUIDANCE["cfg"])), 1.0
-    return float(APP_GUIDANCE["cfg"]), float(APP_AUTOGUIDANCE.get(kind, 1.0))
+        return AppDefaults(float(APP_GUIDANCE.get(kind, APP_GUIDANCE["cfg"])), 1.0, "output")
+    weight, of = APP_AUTOGUIDANCE_OF_MODEL.get(name, (APP_AUTOGUIDANCE.get(kind, 1.0), "output"))
+    return AppDefaults(float(APP_GUIDANCE["cfg"]), float(weight), of)
 
 
 @dataclass

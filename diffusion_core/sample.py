@@ -31,7 +31,7 @@ import numpy as np
 from . import reproducible
 from .checkpoints import DIR_ENV, CheckpointError
 from .guidance import AUTOGUIDE_OF
-from .pipeline import APP_AUTOGUIDANCE, APP_GUIDANCE, DEFAULT_GUIDES, MAX_AUTOGUIDANCE, Settings, app_defaults, generate
+from .pipeline import APP_AUTOGUIDANCE, APP_AUTOGUIDANCE_OF_MODEL, APP_GUIDANCE, DEFAULT_GUIDES, MAX_AUTOGUIDANCE, Settings, app_defaults, generate
 from .samplers import SAMPLERS
 
 PROG = "python -m diffusion_core.sample"
@@ -69,13 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, metavar="E", help=f"ddim stochasticity 0..1 (default {d.eta:g})")
     p.add_argument("--autoguidance", type=float, metavar="W",
                    help=f"guidance without labels for ddpm and mcl: D_bad + W (D - D_bad), 0..{MAX_AUTOGUIDANCE:g}; 1 is the model alone "
-                        f"(default: the app's, {', '.join(f'{k} {w:g}' for k, w in APP_AUTOGUIDANCE.items())}; a --settings file's own value)")
+                        f"(default: the app's, {', '.join(f'{k} {w:g}' for k, w in APP_AUTOGUIDANCE.items())}, "
+                        f"{', '.join(f'{k} {w:g} of the {of}' for k, (w, of) in APP_AUTOGUIDANCE_OF_MODEL.items())}; a --settings file's own value)")
     p.add_argument("--guide", metavar="NAME|PATH",
                    help="the bad model of --autoguidance: a ddpm, cfg or flow checkpoint (a class-conditional one guides with its "
                         f"unconditional branch; default {DEFAULT_GUIDES['ddpm']})")
     p.add_argument("--autoguide", choices=AUTOGUIDE_OF,
                    help="what --autoguidance compares the guide with: the output, or an MCL on one trunk's experts' mixture, "
-                        "D_k + (W - 1) (D_mix - D_bad) (default output)")
+                        "D_k + (W - 1) (D_mix - D_bad) (default output; with neither flag, the app's for the model)")
     p.add_argument("--out", metavar="FILE.npz", help="where to write the images (this, --grid or both)")
     p.add_argument("--grid", metavar="FILE.png", help="write the images as a PNG grid (for compare/sdedit settings: the app's PNG)")
     p.add_argument("--list-models", action="store_true", help="list the models whose checkpoints exist, and exit")
@@ -267,9 +268,11 @@ def run(args: argparse.Namespace) -> Path | None:
     registry = ModelRegistry(args.checkpoint_dir, device=args.device)
     model, gate = registry.for_settings(settings)
     if not args.settings:  # the app's defaults for this model, where no flag says otherwise
-        guidance, autoguidance = app_defaults(model.kind, bool(model.num_classes))
-        settings.guidance = guidance if args.guidance is None else settings.guidance
-        settings.autoguidance = autoguidance if args.autoguidance is None else settings.autoguidance
+        app = app_defaults(model.kind, bool(model.num_classes), settings.model)
+        settings.guidance = app.guidance if args.guidance is None else settings.guidance
+        if args.autoguidance is None:
+            settings.autoguidance = app.autoguidance
+            settings.autoguide = app.autoguide if args.autoguide is None else settings.autoguide
     settings.validate(num_experts=model.num_experts if model.kind == "mcl" else None)
     guide = registry.guide_for(settings, model)
     ignored = {

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from diffusion_core import reproducible
@@ -66,6 +67,17 @@ def _torch_threads(n: int):
     torch.set_num_threads(n)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints_with_parts(tiny_checkpoints, tmp_path_factory) -> Path:
+    """The tiny folder plus ``mcl_parts`` (the tiny ``mcl_shared`` under the name whose app defaults
+    differ from its kind's: ``pipeline.APP_AUTOGUIDANCE_OF_MODEL``)."""
+    directory = tmp_path_factory.mktemp("tiny_checkpoints_with_parts")
+    for f in tiny_checkpoints.glob("*.safetensors"):
+        shutil.copy(f, directory / f.name)
+    shutil.copy(tiny_checkpoints / "mcl_shared.safetensors", directory / "mcl_parts.safetensors")
+    return directory
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from gradio_client import Client  # noqa: E402
 
 from diffusion_core.pipeline import (  # noqa: E402
     APP_AUTOGUIDANCE,  # noqa: E402
+    APP_AUTOGUIDANCE_OF_MODEL,
     Settings,
     generate,
 )
@@ -33,8 +34,8 @@ def app_log(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def client(tiny_checkpoints, app_log, tmp_path_factory):
-    with running_app(tiny_checkpoints, app_log) as url:
+def client(tiny_checkpoints_with_parts, app_log, tmp_path_factory):
+    with running_app(tiny_checkpoints_with_parts, app_log) as url:
         yield Client(url, verbose=False, download_files=str(tmp_path_factory.mktemp("downloads")))
 
 
@@ -43,8 +44,8 @@ def _log_tail(path: Path, chars: int = 4000) -> str:
 
 
 @pytest.fixture(scope="module")
-def registry(tiny_checkpoints):
-    return ModelRegistry(tiny_checkpoints)
+def registry(tiny_checkpoints_with_parts):
+    return ModelRegistry(tiny_checkpoints_with_parts)
 
 
 def _expected(registry, settings: Settings) -> np.ndarray:
@@ -56,7 +57,7 @@ def test_named_endpoints(client):
     api = client.view_api(print_info=False, return_format="dict")
     assert {"/generate", "/generate_from_settings", "/compare"} <= set(api["named_endpoints"])
     params = [p["parameter_name"] for p in api["named_endpoints"]["/generate"]["parameters"]]
-    assert params == ["model", "digit", "guidance", "sampler", "steps", "eta", "routing", "seed", "n", "autoguidance", "guide"]
+    assert params == ["model", "digit", "guidance", "sampler", "steps", "eta", "routing", "seed", "n", "autoguidance", "guide", "autoguide"]
 
 
 def test_generate_defaults_are_deterministic_and_exact(client, registry):
@@ -98,7 +99,7 @@ def test_compare(client, kwargs, rows):
 
 
 def test_streaming_endpoint_yields_frames(client, app_log):
-    job = client.submit("cfg", "3", 2.0, "euler", 6, 0.0, "gated", "5", 1, 2.0, "ddpm_weak", api_name="/generate_stream")
+    job = client.submit("cfg", "3", 2.0, "euler", 6, 0.0, "gated", "5", 1, 2.0, "ddpm_weak", "output", api_name="/generate_stream")
     try:
         job.result(timeout=120)
     except Exception as e:  # noqa: BLE001 - show what the server said
@@ -160,6 +161,31 @@ def test_autoguidance_through_the_api(client, registry):
     assert Path(path2).read_bytes() == Path(path).read_bytes()
     png, cjs = client.predict(axis="autoguidance", values="1, 3", model="ddpm", steps=3, api_name="/compare")
     assert [r["autoguidance"] for r in json.loads(cjs)["rows"]] == [1.0, 3.0]
+
+
+def test_autoguide_through_the_api(client, registry):
+    """mcl_parts' app defaults are its own (weight 3 of its experts' mixture), not its kind's: an empty
+    autoguidance gives both; a weight given without autoguide is of the output, as before autoguide
+    existed; the settings JSON replays; mixture on a model without one is refused."""
+    w, of = APP_AUTOGUIDANCE_OF_MODEL["mcl_parts"]
+    path, js = client.predict(model="mcl_parts", steps=3, seed=4, n=2, api_name="/generate")
+    s = Settings.from_json(js)
+    assert (s.autoguidance, s.autoguide, s.guide) == (w, of, "ddpm_weak")
+    assert np.array_equal(split_grid(decode_png(Path(path).read_bytes()), 2), _expected(registry, s))
+    _, js_mcl = client.predict(model="mcl_shared", steps=3, seed=4, n=2, api_name="/generate")  # the kind's default: off
+    assert Settings.from_json(js_mcl).autoguidance == APP_AUTOGUIDANCE["mcl"] == 1.0
+    path_out, js_out = client.predict(model="mcl_parts", steps=3, seed=4, n=2, autoguidance=w, api_name="/generate")
+    assert Settings.from_json(js_out).autoguide == "output" and Path(path_out).read_bytes() != Path(path).read_bytes()
+    _, js_mix = client.predict(model="mcl_parts", steps=3, seed=4, n=2, autoguidance=2, autoguide="mixture", api_name="/generate")
+    assert (Settings.from_json(js_mix).autoguidance, Settings.from_json(js_mix).autoguide) == (2.0, "mixture")
+    path2, _ = client.predict(settings_json=js, api_name="/generate_from_settings")
+    assert Path(path2).read_bytes() == Path(path).read_bytes()
+    _, cjs = client.predict(axis="autoguidance", values="1, 2", model="mcl_parts", steps=3, autoguide="mixture", api_name="/compare")
+    assert [(r["autoguidance"], r.get("autoguide", "output")) for r in json.loads(cjs)["rows"]] == [(1.0, "output"), (2.0, "mixture")]
+    for kwargs, message in [(dict(model="ddpm", autoguidance=2, autoguide="mixture"), "use autoguide=output"),
+                            (dict(model="mcl_parts", autoguidance=2, autoguide="both"), "autoguide must be one of")]:
+        with pytest.raises(Exception, match=message):
+            client.predict(**dict({"steps": 2}, **kwargs), api_name="/generate")
 
 
 def test_settings_json_replays_with_the_sampling_cli(client, tiny_checkpoints, tmp_path):

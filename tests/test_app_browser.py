@@ -3,6 +3,7 @@ controls, generate, watch streamed frames and the final image, open the share li
 pixel-identical image, save a screenshot (``UPDATE_ASSETS=1`` also writes assets/app_screenshot.png)."""
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -16,20 +17,21 @@ from browser_support import TIMEOUT_MS, UPDATE_ASSETS, browser, filled_textbox, 
 
 from diffusion_core.pipeline import (  # noqa: E402
     APP_AUTOGUIDANCE,  # noqa: E402
+    APP_AUTOGUIDANCE_OF_MODEL,
     Settings,
     generate,
 )
 from diffusion_core.registry import ModelRegistry  # noqa: E402
-from diffusion_core.ui.common import AUTOGUIDANCE_HELP, MENU_ROUTINGS, MODEL_LABELS, routing_help, routing_label  # noqa: E402
+from diffusion_core.ui.common import AUTOGUIDANCE_HELP, AUTOGUIDE_HELP, MENU_ROUTINGS, MODEL_LABELS, routing_help, routing_label  # noqa: E402
 from diffusion_core.ui.render import decode_png, split_grid  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]  # tiers: python -m pytest -m "not slow and not browser" leaves these out
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tiny_checkpoints):
-    """Tiny random checkpoints; the shipped ones with UPDATE_ASSETS=1 (see ``shipped_checkpoints``)."""
-    return shipped_checkpoints() or tiny_checkpoints
+def checkpoints(tiny_checkpoints_with_parts):
+    """Tiny random checkpoints (with an ``mcl_parts``); the shipped ones with UPDATE_ASSETS=1 (see ``shipped_checkpoints``)."""
+    return shipped_checkpoints() or tiny_checkpoints_with_parts
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +179,42 @@ def test_autoguidance_control_and_its_share_link(server, page, checkpoints):
     sync_api.expect(other.locator("#autoguidance input[type=number]")).to_have_value("2.5")
     assert image_bytes(other, "#final img") == final
     other.close()
+
+
+def test_autoguide_control_follows_the_model(server, page, checkpoints):
+    """mcl_parts picked by hand starts from its own guidance (weight 3 of its experts' mixture): the
+    control says what the guide is compared with, the image is that guided one, and its share link
+    reproduces it. The control shows only for an MCL on one network and falls back to the output."""
+    w, of = APP_AUTOGUIDANCE_OF_MODEL["mcl_parts"]
+    page.goto(server + "?v=1&model=ddpm&sampler=dpmpp_2m&steps=3&seed=1&n=1")
+    wait_done(page, "3 steps")
+    assert page.locator("#autoguidance").is_visible() and not page.locator("#autoguide").is_visible()
+    page.locator("#model label", has_text=MODEL_LABELS["mcl_parts"]).click()
+    page.locator("#autoguide").wait_for(state="visible")
+    sync_api.expect(page.locator("#autoguidance input[type=number]")).to_have_value(f"{w:g}")
+    sync_api.expect(page.locator("#autoguide input:checked")).to_have_value(of)
+    assert AUTOGUIDE_HELP[:40] in page.locator("#autoguide").inner_text()
+    set_number(page, "n", 2)
+    set_number(page, "steps", 4)
+    page.locator("#run").click()
+    wait_done(page, "4 steps")
+    final = image_bytes(page, "#final img")
+    settings = Settings(model="mcl_parts", steps=4, seed=1, n=2, autoguidance=w, guide="ddpm_weak", autoguide=of)
+    assert np.array_equal(split_grid(decode_png(final), 2), expected_images(checkpoints, settings))
+    link = filled_textbox(page, "share_link", f"autoguide={of}")
+    assert f"autoguidance={float(w)!r}" in link
+    other = page.context.new_page()
+    other.goto(link)
+    wait_done(other, "4 steps")
+    sync_api.expect(other.locator("#autoguide input:checked")).to_have_value(of)
+    assert image_bytes(other, "#final img") == final
+    other.close()
+    page.locator("#autoguide label", has_text="output").click()  # the same weight on the chosen expert's output: another image
+    page.locator("#run").click()
+    sync_api.expect(page.locator("#share_link textarea, #share_link input").first).not_to_have_value(re.compile("autoguide="), timeout=TIMEOUT_MS)
+    assert image_bytes(page, "#final img") != final
+    page.locator("#model label", has_text=MODEL_LABELS["ddpm"]).click()
+    page.locator("#autoguide").wait_for(state="hidden")
 
 
 def test_malformed_share_link_shows_error_and_app_still_works(server, page):

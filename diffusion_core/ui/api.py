@@ -10,7 +10,7 @@ import json
 
 import gradio as gr
 
-from .common import default_autoguidance, default_guidance, settings_from_json
+from .common import default_autoguidance, default_autoguide, default_guidance, settings_from_json
 from .compare_tab import (
     compare_files,
     compare_from_json,
@@ -36,8 +36,8 @@ from .render import png_bytes
 API_DOC = """
 ### API
 Named endpoints, callable with `gradio_client` (see *Use via API* at the bottom of the page):
-`/generate` (settings → final image PNG + settings JSON; `autoguidance` and `guide` for the
-unconditional models; an empty `guidance` or `autoguidance` is the app's for the model),
+`/generate` (settings → final image PNG + settings JSON; `autoguidance`, `guide` and `autoguide`
+for the unconditional models; an empty `guidance` or `autoguidance` is the app's for the model),
 `/generate_from_settings` (settings JSON → the same), `/compare` (one seed, several samplers /
 routings / guidance scales / autoguidance weights / DDIM etas → grid PNG + JSON; empty `values`: the
 axis's defaults, as the Compare tab shows them), `/compare_from_settings` (that JSON → the same grid),
@@ -81,6 +81,7 @@ def build(shared: Shared) -> None:
         a_routing = gr.Textbox(value=DEFAULTS.routing, label="routing")
         a_autoguidance = gr.Textbox(value="", label="autoguidance (empty: the app's weight for the model)")
         a_guide = gr.Textbox(value="", label="guide")
+        a_autoguide = gr.Textbox(value="", label="autoguide (output or mixture; empty: with an empty autoguidance the app's for the model, else output)")
         a_seed = gr.Number(value=DEFAULTS.seed, label="seed")
         a_n = gr.Number(value=DEFAULTS.n, label="n")
         a_axis = gr.Textbox(value="sampler", label="axis")
@@ -96,22 +97,25 @@ def build(shared: Shared) -> None:
         a_tab = gr.Textbox(label="tab")
         a_T = gr.Number(value=1000, label="T", precision=0)
         button = gr.Button()
-    controls = [a_model, a_digit, a_guidance, a_sampler, a_steps, a_eta, a_routing, a_seed, a_n, a_autoguidance, a_guide]
+    controls = [a_model, a_digit, a_guidance, a_sampler, a_steps, a_eta, a_routing, a_seed, a_n, a_autoguidance, a_guide, a_autoguide]
     compare_controls = controls[:8] + controls[9:]
     edit_controls = controls[:8]
 
-    def settings(models, model, digit, guidance, sampler, steps, eta, routing, seed, n, autoguidance=None, guide=""):
+    def settings(models, model, digit, guidance, sampler, steps, eta, routing, seed, n, autoguidance=None, guide="", autoguide=""):
         guidance = _or_default(models, model, guidance, default_guidance)
+        if _or_default(models, model, autoguidance, lambda info: None) is None:  # the app's guidance without labels: weight and what it acts on
+            autoguide = _or_default(models, model, autoguide, default_autoguide)
         autoguidance = _or_default(models, model, autoguidance, default_autoguidance)
-        return s.settings(models, model, digit, guidance, sampler, steps, eta, routing, seed, n, autoguidance, guide)
+        return s.settings(models, model, digit, guidance, sampler, steps, eta, routing, seed, n, autoguidance, guide, autoguide)
 
     @user_errors
-    def generate(model, digit, guidance, sampler, steps, eta, routing, seed, n, autoguidance=None, guide=""):
+    def generate(model, digit, guidance, sampler, steps, eta, routing, seed, n, autoguidance=None, guide="", autoguide=""):
         """Generate images: the final image (a PNG grid, 224x224 pixels per image, 4 pixels apart) and the settings JSON.
-        `autoguidance` (unconditional models: 1 is the model alone; empty: the app's weight) and `guide` (its weak model;
-        empty: the default) steer without labels."""
+        `autoguidance` (unconditional models: 1 is the model alone; empty: the app's weight), `guide` (its weak model;
+        empty: the default) and `autoguide` (what the guide is compared with: `output`, or `mixture` for an MCL on one
+        network; empty: the app's with an empty `autoguidance`, else `output`) steer without labels."""
         models = s.models()
-        st = settings(models, model, digit, guidance, sampler, steps, eta, routing, seed, n, autoguidance, guide)
+        st = settings(models, model, digit, guidance, sampler, steps, eta, routing, seed, n, autoguidance, guide, autoguide)
         return png_files(generate_image(s.registry, st, models[st.model]), s.files), st.to_json()
 
     @user_errors
@@ -122,12 +126,12 @@ def build(shared: Shared) -> None:
         return png_files(generate_image(s.registry, st, models[st.model]), s.files), st.to_json()
 
     @user_errors
-    def run_compare(axis, values, model, digit, guidance, sampler, steps, eta, routing, seed, autoguidance=None, guide=""):
+    def run_compare(axis, values, model, digit, guidance, sampler, steps, eta, routing, seed, autoguidance=None, guide="", autoguide=""):
         """Compare strategies from one seed: rows are the values of `axis` (sampler, routing, guidance, autoguidance or eta: DDIM etas,
         and 'ddpm' for DDPM's sampler; empty `values`: the axis's defaults), columns are denoising steps. Returns the grid PNG and the
         comparison's settings JSON."""
         models = s.models()
-        base = settings(models, model, digit, guidance, sampler, steps, eta, routing, seed, 1, autoguidance, guide)
+        base = settings(models, model, digit, guidance, sampler, steps, eta, routing, seed, 1, autoguidance, guide, autoguide)
         rows = parse_compare(models, base, axis, values)
         png, text, _, _ = compare_files(s.registry, s.files, models, base, axis, rows)
         return png, text

@@ -106,6 +106,10 @@ COMPARE_AXES = ("sampler", "routing", "guidance", "eta", "autoguidance")
 # Guidance without labels: the sentence under its slider (the app's weight: pipeline.APP_AUTOGUIDANCE).
 AUTOGUIDANCE_HELP = ("Autoguidance steers the model away from a smaller, less trained version of itself: "
                      "D_bad + w (D - D_bad). 1 is the model alone, 0 the weak model alone; two network calls a step, as CFG.")
+AUTOGUIDE_CHOICES = [("the expert's output", "output"), ("the experts' mixture", "mixture")]
+AUTOGUIDE_HELP = ("The output: D_bad + w (D_k - D_bad), on the chosen expert's image. The mixture: D_k + (w - 1) (D_mix - D_bad), "
+                  "the chosen expert's image moved by how far the score-weighted mixture of all experts (the posterior mean) "
+                  "is from the weak model, so the expert still decides the digit and guidance only sharpens it.")
 DEFAULT_GUIDANCES = "0, 1, 2, 4, 8"
 
 
@@ -239,6 +243,7 @@ class Visibility:
     digit: bool
     guidance: bool
     autoguidance: bool
+    autoguide: bool  # what autoguidance compares the guide with: an MCL on one network only
     routing: bool
     eta: bool
     num_experts: int
@@ -247,7 +252,7 @@ class Visibility:
 def visibility(info: ModelInfo | None, sampler: str | None) -> Visibility:
     cond = bool(info and info.conditional)
     mcl = bool(info and info.is_mcl)
-    return Visibility(digit=cond, guidance=cond, autoguidance=bool(info) and not cond, routing=mcl, eta=sampler == "ddim", num_experts=info.num_experts if mcl else 0)
+    return Visibility(digit=cond, guidance=cond, autoguidance=bool(info) and not cond, autoguide=bool(info and info.shared), routing=mcl, eta=sampler == "ddim", num_experts=info.num_experts if mcl else 0)
 
 
 def random_seed() -> int:
@@ -284,12 +289,17 @@ def _name(value, what: str) -> str:
 
 def default_guidance(info: ModelInfo | None) -> float:
     """The app's classifier-free guidance for a model (``pipeline.app_defaults``)."""
-    return app_defaults(info.kind, info.conditional)[0] if info is not None else float(Settings().guidance)
+    return app_defaults(info.kind, info.conditional, info.name).guidance if info is not None else float(Settings().guidance)
 
 
 def default_autoguidance(info: ModelInfo | None) -> float:
     """The app's autoguidance weight for a model (``pipeline.app_defaults``; 1, off, for class-conditional models)."""
-    return app_defaults(info.kind, info.conditional)[1] if info is not None else 1.0
+    return app_defaults(info.kind, info.conditional, info.name).autoguidance if info is not None else 1.0
+
+
+def default_autoguide(info: ModelInfo | None) -> str:
+    """What the app's autoguidance compares the guide with for a model (``pipeline.app_defaults``)."""
+    return app_defaults(info.kind, info.conditional, info.name).autoguide if info is not None else Settings().autoguide
 
 
 def guide_names(models: Mapping[str, ModelInfo]) -> list[str]:

@@ -1,5 +1,5 @@
 """The controls on the left of the page, which every tab reads: model, digit, guidance,
-autoguidance and its guide, routing, sampler, steps, eta, seed and the number of images.
+autoguidance with its guide and what the guide is compared with, routing, sampler, steps, eta, seed and the number of images.
 
 ``build(registry, files)`` lays them out and returns ``Shared``: the components, the registry and
 the output files, and the helpers every tab's handlers use (the model menu, settings from the
@@ -22,9 +22,12 @@ from ..pipeline import (
 )
 from .common import (
     AUTOGUIDANCE_HELP,
+    AUTOGUIDE_CHOICES,
+    AUTOGUIDE_HELP,
     MAX_IMAGES,
     available_models,
     default_autoguidance,
+    default_autoguide,
     default_guidance,
     digit_choices,
     guide_names,
@@ -60,6 +63,7 @@ class Shared:
     guidance: gr.Slider
     autoguidance: gr.Slider
     guide: gr.Dropdown
+    autoguide: gr.Radio  # what autoguidance compares the guide with (an MCL on one network)
     routing: gr.Dropdown
     sampler: gr.Dropdown
     steps: gr.Slider
@@ -74,7 +78,7 @@ class Shared:
     def controls(self) -> list:
         """The controls in the order of ``settings``' arguments."""
         return [self.model, self.digit, self.guidance, self.sampler, self.steps, self.eta, self.routing, self.seed, self.n,
-                self.autoguidance, self.guide]
+                self.autoguidance, self.guide, self.autoguide]
 
     @property
     def edit_controls(self) -> list:
@@ -87,9 +91,10 @@ class Shared:
     def default_model(self, models) -> str | None:
         return DEFAULTS.model if DEFAULTS.model in models else next(iter(models), None)
 
-    def settings(self, models, model, digit, guidance, sampler, steps, eta, routing, seed, n, autoguidance=None, guide=None) -> Settings:
+    def settings(self, models, model, digit, guidance, sampler, steps, eta, routing, seed, n, autoguidance=None, guide=None,
+                 autoguide=None) -> Settings:
         return parse_settings(models, model=model, digit=digit, guidance=guidance, sampler=sampler, steps=steps, eta=eta,
-                              routing=routing, seed=seed, n=n, autoguidance=autoguidance, guide=guide)
+                              routing=routing, seed=seed, n=n, autoguidance=autoguidance, guide=guide, autoguide=autoguide)
 
     def link(self, request):
         """The page's share link, parsed (``links.Link``; None when it is malformed: the page reports that)."""
@@ -123,6 +128,8 @@ def build(registry, files: OutputFiles) -> Shared:
                              info=AUTOGUIDANCE_HELP, visible=v0.autoguidance, elem_id="autoguidance")
     guide = gr.Dropdown(guide_names(models), value=DEFAULT_GUIDES["ddpm"], label="Weak model (the guide)",
                         visible=v0.autoguidance, elem_id="guide", allow_custom_value=True)  # parse_settings validates it
+    autoguide = gr.Radio(AUTOGUIDE_CHOICES, value=default_autoguide(info0), label="Autoguidance acts on", info=AUTOGUIDE_HELP,
+                         visible=v0.autoguidance and v0.autoguide, elem_id="autoguide")
     routing = gr.Dropdown(routing_choices(v0.num_experts), value=d.routing, label="Routing (which expert denoises)",
                           info=routing_help(d.routing, _shared_head(info0)), visible=v0.routing, elem_id="routing",
                           allow_custom_value=True)  # any routing by name (API, links); parse_settings validates it
@@ -135,12 +142,13 @@ def build(registry, files: OutputFiles) -> Shared:
     n = gr.Slider(1, MAX_IMAGES, value=d.n, step=1, label="Number of images", elem_id="n")
     run = gr.Button("Generate", variant="primary", size="lg", elem_id="run")
     active_tab = gr.State("generate")
-    return Shared(registry, files, model, digit, guidance, autoguidance, guide, routing, sampler, steps, eta, seed, dice, n, run, active_tab)
+    return Shared(registry, files, model, digit, guidance, autoguidance, guide, autoguide, routing, sampler, steps, eta, seed, dice, n, run, active_tab)
 
 
 def control_updates(shared: Shared, model_name, sampler_name, routing_value=None) -> tuple:
     """Show only the controls that apply to the model and sampler: digit, guidance, routing, eta,
-    the flow views' visibility, autoguidance and the guide."""
+    the flow views' visibility, autoguidance, the guide and what it is compared with (reset to the
+    output where the model has no experts' mixture, so a hidden value never refuses a request)."""
     models = shared.models()
     info = models.get(model_name)
     v = visibility(info, sampler_name)
@@ -150,12 +158,13 @@ def control_updates(shared: Shared, model_name, sampler_name, routing_value=None
     return (gr.update(visible=v.digit), gr.update(visible=v.guidance),
             gr.update(visible=v.routing, choices=choices, value=routing_value, info=routing_help(routing_value, _shared_head(info))),
             gr.update(visible=v.eta), gr.update(visible=bool(info and info.is_flow)),
-            gr.update(visible=v.autoguidance), gr.update(visible=v.autoguidance, choices=guide_names(models)))
+            gr.update(visible=v.autoguidance), gr.update(visible=v.autoguidance, choices=guide_names(models)),
+            gr.update(visible=v.autoguidance and v.autoguide) if v.autoguide else gr.update(visible=False, value=DEFAULTS.autoguide))
 
 
 def visibility_outputs(shared: Shared, flow_view) -> list:
     """The components ``control_updates`` sets, in its order (``flow_view``: Generate's velocity image)."""
-    return [shared.digit, shared.guidance, shared.routing, shared.eta, flow_view, shared.autoguidance, shared.guide]
+    return [shared.digit, shared.guidance, shared.routing, shared.eta, flow_view, shared.autoguidance, shared.guide, shared.autoguide]
 
 
 def wire(shared: Shared, flow_views: list) -> None:
@@ -171,8 +180,9 @@ def wire(shared: Shared, flow_views: list) -> None:
 
     s.model.change(updates, [s.model, s.sampler, s.routing], outputs, api_visibility="private", queue=False)
     s.sampler.change(updates, [s.model, s.sampler, s.routing], outputs, api_visibility="private", queue=False)
-    s.model.input(lambda m: (default_guidance(s.models().get(m)), default_autoguidance(s.models().get(m))), s.model,
-                  [s.guidance, s.autoguidance], api_visibility="private", queue=False)  # a model picked by hand starts from its own defaults
+    s.model.input(lambda m: (default_guidance(s.models().get(m)), default_autoguidance(s.models().get(m)), default_autoguide(s.models().get(m))),
+                  s.model, [s.guidance, s.autoguidance, s.autoguide], api_visibility="private",
+                  queue=False)  # a model picked by hand starts from its own defaults
     s.dice.click(random_seed, None, s.seed, api_visibility="private", queue=False)
     s.routing.change(lambda r, m: gr.update(info=routing_help(r, _shared_head(s.models().get(m)))), [s.routing, s.model], s.routing,
                      api_visibility="private", queue=False)

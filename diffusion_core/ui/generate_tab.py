@@ -209,13 +209,13 @@ def build(shared, tab) -> dict:
         settings = s.settings(models, *values)
         yield from streamed(updates(settings, models[settings.model]), s.files)
 
-    def load_generate(model, digit, guidance, sampler, steps, eta, routing, seed, n, autoguidance, guide, request: gr.Request):
+    def load_generate(model, digit, guidance, sampler, steps, eta, routing, seed, n, autoguidance, guide, autoguide, request: gr.Request):
         """On page load: generate, unless the link opens another tab."""
         link_ = s.link(request)
         if link_ is None or link_.tab != "generate":
             yield {status: gr.skip()}
             return
-        yield from generate_stream(model, digit, guidance, sampler, steps, eta, routing, seed, n, autoguidance, guide)
+        yield from generate_stream(model, digit, guidance, sampler, steps, eta, routing, seed, n, autoguidance, guide, autoguide)
 
     all_outputs = list(outputs.values()) + [chart]
     s.run.click(generate_stream, s.controls, all_outputs, concurrency_id=SAMPLING, show_progress="minimal", show_progress_on=[status],

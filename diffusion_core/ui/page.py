@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from ..pipeline import DEFAULT_GUIDES, Settings
-from .common import default_autoguidance, default_guidance, model_choices
+from .common import default_autoguidance, default_autoguide, default_guidance, model_choices
 from .controls import Shared, control_updates, visibility_outputs
 from .glue import user_errors
 from .links import Link, parse_link
@@ -60,9 +60,10 @@ def wire_load(demo: gr.Blocks, shared: Shared, tabs: gr.Tabs, generate: dict, co
         plain = link.settings is None  # a plain visit: the app's defaults for the model; a link: its own values
         ag = default_autoguidance(models.get(st.model)) if plain else st.autoguidance
         g = default_guidance(models.get(st.model)) if plain else st.guidance
+        of = default_autoguide(models.get(st.model)) if plain else st.autoguide
         upd = [gr.update(choices=model_choices(models), value=st.model if st.model in models else m),
                "any" if st.digit is None else str(st.digit), g, st.sampler, st.steps, st.eta, st.routing, str(st.seed), st.n,
-               ag, st.guide or DEFAULT_GUIDES["ddpm"]]
+               ag, st.guide or DEFAULT_GUIDES["ddpm"], of]
         upd += list(control_updates(s, st.model, st.sampler, st.routing)) + [model_cards(s.registry)]
         ax, vals = compare["axis_updates"](st.model, link.axis or "sampler")
         upd += [ax, ", ".join(link.values) if link.tab == "compare" else vals]
