@@ -57,9 +57,13 @@ Every settings JSON (Generate's, Compare's, SDEdit's) also replays on the comman
 """
 
 
+def _empty(value) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
 def _or_default(models, model, value, default):
     """An API value as given, or (None, empty) ``default(info)`` for the model."""
-    if value is None or (isinstance(value, str) and not value.strip()):
+    if _empty(value):
         return default(models.get(model if isinstance(model, str) else DEFAULTS.model))
     return value
 
@@ -103,7 +107,7 @@ def build(shared: Shared) -> None:
 
     def settings(models, model, digit, guidance, sampler, steps, eta, routing, seed, n, autoguidance=None, guide="", autoguide=""):
         guidance = _or_default(models, model, guidance, default_guidance)
-        if _or_default(models, model, autoguidance, lambda info: None) is None:  # the app's guidance without labels: weight and what it acts on
+        if _empty(autoguidance):  # the app's guidance without labels: weight and what it acts on
             autoguide = _or_default(models, model, autoguide, default_autoguide)
         autoguidance = _or_default(models, model, autoguidance, default_autoguidance)
         return s.settings(models, model, digit, guidance, sampler, steps, eta, routing, seed, n, autoguidance, guide, autoguide)

@@ -180,8 +180,11 @@ def wire(shared: Shared, flow_views: list) -> None:
 
     s.model.change(updates, [s.model, s.sampler, s.routing], outputs, api_visibility="private", queue=False)
     s.sampler.change(updates, [s.model, s.sampler, s.routing], outputs, api_visibility="private", queue=False)
-    s.model.input(lambda m: (default_guidance(s.models().get(m)), default_autoguidance(s.models().get(m)), default_autoguide(s.models().get(m))),
-                  s.model, [s.guidance, s.autoguidance, s.autoguide], api_visibility="private",
+    def model_defaults(m):
+        info = s.models().get(m)  # one look at the checkpoint folder
+        return default_guidance(info), default_autoguidance(info), default_autoguide(info)
+
+    s.model.input(model_defaults, s.model, [s.guidance, s.autoguidance, s.autoguide], api_visibility="private",
                   queue=False)  # a model picked by hand starts from its own defaults
     s.dice.click(random_seed, None, s.seed, api_visibility="private", queue=False)
     s.routing.change(lambda r, m: gr.update(info=routing_help(r, _shared_head(s.models().get(m)))), [s.routing, s.model], s.routing,
