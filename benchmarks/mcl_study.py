@@ -97,8 +97,16 @@ def training_summary(run: Path, upto: int | None = None, checkpoint: Path | None
     return out
 
 
+def row_key(settings: dict, n: int, seed: int = 0) -> str:
+    """A row's name in study.json: its routing, autoguidance, sample count (when not 1000) and seed (when not 0)."""
+    key = settings["routing"] + (f" ag={settings['autoguidance']:g}" if settings.get("autoguidance", 1) != 1 else "")
+    key += " of mixture" if settings.get("autoguide") == "mixture" else ""
+    key = key if n == 1000 else f"{key} (n={n})"  # rows at other sample counts kept apart
+    return key if seed == 0 else f"{key} seed {seed}"
+
+
 def evaluate_arm(arm: str, runs: Path, out: Path, n: int, checkpoints: Path, device: str, routings=None, diagnosis_n: int = 1000,
-                 autoguidance: tuple[float, ...] = (), ag_routings: tuple[str, ...] = (), autoguide: str = "output") -> dict:
+                 autoguidance: tuple[float, ...] = (), ag_routings: tuple[str, ...] = (), autoguide: str = "output", seed: int = 0) -> dict:
     ckpt = arm_checkpoint(runs, arm)
     if not ckpt.is_file():
         raise SystemExit(f"error: {ckpt} is missing; train the arm first: {ARMS[arm]['command']} --run-dir {arm_dir(runs, arm)} --out {ckpt}")
@@ -110,12 +118,13 @@ def evaluate_arm(arm: str, runs: Path, out: Path, n: int, checkpoints: Path, dev
         routings = ARMS[arm].get("routings") or routings or MCL_ROUTINGS
         routings = () if tuple(routings) == ("none",) else routings  # only the autoguidance rows (of --ag-routings)
         cfg = EvalConfig(models=("mcl",), routings=routings, n=n, sweep_n=0, diagnosis_n=diagnosis_n, checkpoint_dir=str(d),
-                         out_dir=str(out / arm), figures=False, device=device, batch_size=100, autoguidance=tuple(autoguidance),
-                         autoguidance_routings=tuple(ag_routings), autoguide=autoguide)
+                         out_dir=str(out / arm if seed == 0 else out / arm / f"seed{seed}"), figures=False, device=device, batch_size=100, autoguidance=tuple(autoguidance),
+                         autoguidance_routings=tuple(ag_routings), autoguide=autoguide, seed=seed)
         command = f"python benchmarks/mcl_study.py --arms {arm} --n {n} --routings {','.join(routings) or 'none'} --diagnosis-n {diagnosis_n}"
         command += f" --autoguidance {','.join(f'{w:g}' for w in autoguidance)}" if autoguidance else ""
         command += f" --ag-routings {','.join(ag_routings)}" if autoguidance and ag_routings else ""
         command += f" --autoguide {autoguide}" if autoguidance and autoguide != "output" else ""
+        command += f" --seeds {seed}" if seed else ""
         results = evaluate(cfg.validate(), command=command)
     rows = {}
     for r in results["rows"]:
@@ -123,13 +132,10 @@ def evaluate_arm(arm: str, runs: Path, out: Path, n: int, checkpoints: Path, dev
         m2 = m.get("second_classifier") or {}
         hist = m["histogram"]
         top = sorted(range(10), key=lambda c: -hist[c])[:3]
-        key = r["settings"]["routing"] + (f" ag={r['settings']['autoguidance']:g}" if r["settings"].get("autoguidance", 1) != 1 else "")
-        key += " of mixture" if r["settings"].get("autoguide") == "mixture" else ""
-        key = key if n == 1000 else f"{key} (n={n})"  # rows at other sample counts kept apart
-        rows[key] = {
+        rows[row_key(r["settings"], n, seed)] = {
             "fd_ratio": round(m["frechet_ratio"], 3), "entropy": round(m["entropy"], 4), "confident": round(m["confident"], 4),
             "fd_ratio_2": round(m2.get("frechet_ratio", float("nan")), 3), "entropy_2": round(m2.get("entropy", float("nan")), 4),
-            "confident_2": round(m2.get("confident", float("nan")), 4), "modes": m["modes_covered"],
+            "confident_2": round(m2.get("confident", float("nan")), 4), "modes": m["modes_covered"], "seed": seed,
             "top_digits": [(c, round(hist[c] / max(sum(hist), 1), 3)) for c in top], "seconds": round(r["sample_seconds"], 1), "n": n}
     diag = results.get("mcl_diagnosis") or {}
     score = diag.get("score_vs_owner") or diag.get("gate")
@@ -155,6 +161,7 @@ def study_markdown(arms: list[dict], n: int) -> str:
             head += f" {r.get('n', a.get('n', n))} |"
             lines.append(f"{head} {routing} | {_f(r['fd_ratio'])} / {_f(r['fd_ratio_2'])} | {_f(r['entropy'], '.3f')} / {_f(r['entropy_2'], '.3f')} "
                          f"| {_f(r['confident'], '.3f')} / {_f(r['confident_2'], '.3f')} |")
+    lines += seeds_markdown(arms)
     lines += ["", "Each expert alone (classifier): its three most drawn digits (share of its samples) and its confident share; "
               "the experts' shares of training wins (per step) and of the data (per example).", "",
               "| arm | expert | digits it draws | conf>0.9 | FD/floor | share of wins | share of data |", "|---|---:|---|---:|---:|---:|---:|"]
@@ -180,6 +187,33 @@ def study_markdown(arms: list[dict], n: int) -> str:
             lines.append(f"| {sig:.3g} | {s['accuracy'][i]:.3f} ({s['majority'][i]:.3f}) | {s['cross_entropy'][i]:.3f} ({s['majority_ce'][i]:.3f}) |")
         lines.append("")
     return "\n".join(lines)
+
+
+def seed_groups(rows: dict) -> dict[str, list[dict]]:
+    """The rows sampled at several seeds, by their name at seed 0: name -> [row of each seed], seed order."""
+    groups: dict[str, list[dict]] = {}
+    for key, r in rows.items():
+        base = key.rsplit(" seed ", 1)[0] if " seed " in key else key
+        groups.setdefault(base, []).append(r)
+    return {k: sorted(v, key=lambda r: r.get("seed", 0)) for k, v in groups.items() if len(v) > 1}
+
+
+def seeds_markdown(arms: list[dict]) -> list[str]:
+    """One line per row sampled at several seeds: the mean and range of each metric over them."""
+    lines = []
+    for a in arms:
+        for base, rs in seed_groups(a["rows"]).items():
+            def stat(name, spec=".2f"):
+                v = [r[name] for r in rs if r.get(name) == r.get(name)]
+                return f"{_f(sum(v) / len(v), spec)} ({_f(min(v), spec)}-{_f(max(v), spec)})" if v else "–"
+            seeds = ",".join(str(r.get("seed", 0)) for r in rs)
+            lines.append(f"| {a['arm']} | {base} | {seeds} | {stat('fd_ratio')} | {stat('fd_ratio_2')} | {stat('entropy', '.3f')} "
+                         f"| {stat('confident', '.3f')} / {stat('confident_2', '.3f')} |")
+    if not lines:
+        return []
+    return ["", "Rows sampled at several seeds: the mean over the seeds (lowest-highest).", "",
+            "| arm | row | seeds | FD/floor | FD/floor, classifier2 | entropy | conf>0.9 (classifier / classifier2) |",
+            "|---|---|---|---:|---:|---:|---:|", *lines]
 
 
 def score_trajectories(model_path: Path, png: Path, routing: str = "sampled", seeds=(0, 1, 2, 3), steps: int = 32) -> dict:
@@ -241,6 +275,8 @@ def main(argv=None):
     p.add_argument("--autoguide", choices=AUTOGUIDE_OF, default="output",
                    help="those rows compare the guide with the output, or with the experts' mixture (guidance.AutoguidanceDenoiser)")
     p.add_argument("--ag-routings", default="", help="comma-separated routings of those autoguidance rows (default: the default routing)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds: each row sampled once per seed (its reference "
+                   "subset and floor drawn from the same seed); rows of seed s > 0 are named '... seed s'")
     p.add_argument("--device", default="cpu")
     p.add_argument("--figure", default=None, metavar="ARM", help="also draw the score head along four trajectories of this arm "
                    "(<out>/fig_score_trajectories.png); with --arms '' only the figure")
@@ -249,6 +285,12 @@ def main(argv=None):
     bad = [a for a in arms if a not in ARMS]
     if bad:
         p.error(f"unknown arm(s) {bad}; expected some of {', '.join(ARMS)}")
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    if not seeds or min(seeds) < 0:
+        p.error(f"--seeds must name at least one non-negative seed, got {args.seeds!r}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     previous = json.loads((out / "study.json").read_text())["arms"] if (out / "study.json").is_file() else []
@@ -257,13 +299,15 @@ def main(argv=None):
         routings = tuple(r for r in args.routings.split(",") if r) if args.routings else None
         ag = tuple(float(w) for w in args.autoguidance.split(",") if w.strip())
         agr = tuple(r for r in args.ag_routings.split(",") if r.strip())
-        new = evaluate_arm(arm, Path(args.runs), out / f"n{args.n}", args.n, Path(args.checkpoints), args.device, routings, args.diagnosis_n, ag, agr, args.autoguide)
-        if arm in done:  # another call's rows (other routings or sample counts) are kept
-            new["rows"] = {**done[arm]["rows"], **new["rows"]}
-            if new["score"] is None:  # a call without the diagnosis keeps the earlier one
-                for k in ("score", "score_target", "diagnosis_sigmas", "owner_share_by_digit", "winner_share_by_digit"):
-                    new[k] = done[arm].get(k)
-        done[arm] = new
+        for i, seed in enumerate(seeds):
+            new = evaluate_arm(arm, Path(args.runs), out / f"n{args.n}", args.n, Path(args.checkpoints), args.device, routings,
+                               args.diagnosis_n if i == 0 else 0, ag, agr, args.autoguide, seed)
+            if arm in done:  # another call's rows (other routings, sample counts or seeds) are kept
+                new["rows"] = {**done[arm]["rows"], **new["rows"]}
+                if new["score"] is None:  # a call without the diagnosis keeps the earlier one
+                    for k in ("score", "score_target", "diagnosis_sigmas", "owner_share_by_digit", "winner_share_by_digit"):
+                        new[k] = done[arm].get(k)
+            done[arm] = new
         print(f"{arm}: " + ", ".join(f"{k} {v['fd_ratio']:.2f}x/{v['entropy']:.3f}" for k, v in done[arm]["rows"].items()), flush=True)
         (out / "study.json").write_text(json.dumps({"arms": [done[a] for a in ARMS if a in done]}, indent=1) + "\n")  # after each arm
     if args.figure:

@@ -27,7 +27,7 @@ from .mcl import ROUTINGS, routing_needs_gate
 from .models import GUIDE_KINDS, LoadedModel, load_model
 from .pipeline import guide_name
 
-DIFFUSION_MODELS = ("ddpm", "cfg", "flow", "mcl", "mcl_parts", "mcl_shared")  # what a person samples from, in menu order (others follow)
+DIFFUSION_MODELS = ("ddpm", "cfg", "flow", "mcl_parts", "mcl", "mcl_shared")  # what a person samples from, in menu order (others follow)
 AUXILIARY_MODELS = ("cold_blur_v2", "cold_blur", "gating", "classifier", "classifier2", "ddpm_weak")  # cold diffusion's restorer (Explore); MCL's gating
 # network; the metrics' classifiers; autoguidance's bad model
 SAMPLEABLE_KINDS = ("ddpm", "cfg", "flow", "mcl")  # checkpoint kinds a sampler can run

@@ -31,8 +31,8 @@ MODEL_LABELS = {
     "ddpm": "DDPM (unconditional)",
     "cfg": "CFG (choose a digit)",
     "flow": "Flow matching (choose a digit)",
-    "mcl": "MCL (ensemble of experts)",
-    "mcl_parts": "MCL, experts that own parts of the data (score head)",
+    "mcl_parts": "MCL: experts that own parts of the data (one network, score head)",
+    "mcl": "MCL: five separate expert UNets (gating network)",
     "mcl_shared": "MCL, experts on one network (2-epoch study model)",
 }
 CARD_TITLES = dict(MODEL_LABELS, cold_blur_v2="Cold diffusion (blur)", cold_blur="Cold diffusion (blur), the first restorer", gating="Gating network", classifier="Classifier", classifier2="Second classifier",
@@ -46,7 +46,8 @@ MODEL_BLURBS = {
            "each expert draws two or three digits); a router picks the expert for each image and step.",
     "mcl_parts": "Multiple Choice Learning on one network, trained by python train/mcl.py: five hypothesis heads on a shared UNet "
                  "trunk, each the owner of a part of the data (winner-takes-all per training image), and a score head that says "
-                 "which expert owns the image being drawn; six epochs from the ddpm. Its measurements are in docs/mcl.md.",
+                 "which expert owns the image being drawn; six epochs from the ddpm. The app guides it by the weak DDPM "
+                 "through the experts' mixture (autoguidance 3). Its measurements are in docs/mcl.md.",
     "mcl_shared": "Multiple Choice Learning on one network: five hypothesis heads on a shared UNet trunk, each the owner of a part "
                   "of the data (winner-takes-all per training image, over all its noise levels), and a score head that says which "
                   "expert owns the image being drawn. A study model (docs/mcl.md): its images are not yet as good as mcl's.",
