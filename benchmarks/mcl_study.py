@@ -198,17 +198,20 @@ def seed_groups(rows: dict) -> dict[str, list[dict]]:
     return {k: sorted(v, key=lambda r: r.get("seed", 0)) for k, v in groups.items() if len(v) > 1}
 
 
+def _mean_range(rows: list[dict], name: str, spec: str = ".2f") -> str:
+    """'mean (lowest-highest)' of one metric over rows, leaving out NaN."""
+    v = [r[name] for r in rows if r.get(name) == r.get(name)]
+    return f"{_f(sum(v) / len(v), spec)} ({_f(min(v), spec)}-{_f(max(v), spec)})" if v else "–"
+
+
 def seeds_markdown(arms: list[dict]) -> list[str]:
     """One line per row sampled at several seeds: the mean and range of each metric over them."""
     lines = []
     for a in arms:
         for base, rs in seed_groups(a["rows"]).items():
-            def stat(name, spec=".2f"):
-                v = [r[name] for r in rs if r.get(name) == r.get(name)]
-                return f"{_f(sum(v) / len(v), spec)} ({_f(min(v), spec)}-{_f(max(v), spec)})" if v else "–"
             seeds = ",".join(str(r.get("seed", 0)) for r in rs)
-            lines.append(f"| {a['arm']} | {base} | {seeds} | {stat('fd_ratio')} | {stat('fd_ratio_2')} | {stat('entropy', '.3f')} "
-                         f"| {stat('confident', '.3f')} / {stat('confident_2', '.3f')} |")
+            lines.append(f"| {a['arm']} | {base} | {seeds} | {_mean_range(rs, 'fd_ratio')} | {_mean_range(rs, 'fd_ratio_2')} "
+                         f"| {_mean_range(rs, 'entropy', '.3f')} | {_mean_range(rs, 'confident', '.3f')} / {_mean_range(rs, 'confident_2', '.3f')} |")
     if not lines:
         return []
     return ["", "Rows sampled at several seeds: the mean over the seeds (lowest-highest).", "",
