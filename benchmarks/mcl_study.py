@@ -193,8 +193,7 @@ def seed_groups(rows: dict) -> dict[str, list[dict]]:
     """The rows sampled at several seeds, by their name at seed 0: name -> [row of each seed], seed order."""
     groups: dict[str, list[dict]] = {}
     for key, r in rows.items():
-        base = key.rsplit(" seed ", 1)[0] if " seed " in key else key
-        groups.setdefault(base, []).append(r)
+        groups.setdefault(key.rsplit(" seed ", 1)[0], []).append(r)  # row_key's suffix, when there is one
     return {k: sorted(v, key=lambda r: r.get("seed", 0)) for k, v in groups.items() if len(v) > 1}
 
 

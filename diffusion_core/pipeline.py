@@ -37,8 +37,8 @@ DEFAULT_GUIDES = {"ddpm": "ddpm_weak", "mcl": "ddpm_weak"}
 # existed give the same images.
 APP_AUTOGUIDANCE = {"ddpm": 2.5, "mcl": 1.0}
 # A checkpoint whose own sweep chose otherwise than its kind: name -> (weight, what the guide is
-# compared with). mcl_parts guided at 3 on its experts' mixture reads an FD of 1.51 times the real
-# floor against 3.35 alone (docs/mcl.md, benchmarks/mcl_study.py).
+# compared with). mcl_parts is guided on its experts' mixture, the best of the weights swept
+# (docs/mcl.md has the measurements and benchmarks/mcl_study.py the commands).
 APP_AUTOGUIDANCE_OF_MODEL = {"mcl_parts": (3.0, "mixture")}
 
 
