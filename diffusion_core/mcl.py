@@ -8,7 +8,8 @@ name (``make_router``; ``ROUTING_HELP`` says in a sentence what each does, ``ROU
 it costs in expert evaluations per image per step):
 
 * per step, from the noise level or the noisy image: ``expert:K``, ``heuristic``, ``gated``,
-  ``soft`` (all K experts), ``sampled`` (drawn from the gate's probabilities with the seed);
+  ``soft`` (all K experts), ``sampled`` / ``sampled:T`` (drawn from the gate's probabilities with
+  the seed, at temperature T);
 * per step, from an estimate of the clean image: ``x0gate`` (the previous step's), ``scout`` (one
   expert's, at most 2 evaluations);
 * once per trajectory: ``pooled`` (uniform), ``winrate`` (in proportion to training wins),
@@ -142,23 +143,30 @@ class SoftRouter(Router):
 
 class SampledRouter(Router):
     """An expert drawn from the gating probabilities, per sample and step, with the seed's routing
-    generator (``routing_generator``): the gate's uncertainty is kept instead of its argmax."""
+    generator (``routing_generator``): the gate's uncertainty is kept instead of its argmax.
+
+    ``temperature`` T draws from the probabilities raised to 1/T and renormalised: T < 1 sharpens
+    them towards the argmax (``gated``), T > 1 flattens them towards a uniform draw per step."""
 
     name = "sampled"
     needs_gate = True
 
-    def __init__(self):
+    def __init__(self, temperature: float = 1.0):
         self.generator: torch.Generator | None = None
+        self.temperature = float(temperature)
+        if self.temperature != 1.0:
+            self.name = f"sampled:{self.temperature:g}"
 
     def reset(self, batch_size, num_experts, generator=None):
-        self.generator = routing_generator(generator, self.name)
+        self.generator = routing_generator(generator, "sampled")  # every temperature draws the same uniforms
 
     def __call__(self, x, sigma, mcl):
         if self.generator is None:
             raise RuntimeError("sampled routing needs reset(batch_size, K, generator) before sampling")
         probs = mcl.gate_probs(x, sigma)
         u = torch.rand(x.shape[0], generator=self.generator, dtype=torch.float64)
-        return Route(draw_experts(probs, u).to(x.device), probs=probs)
+        draw = probs if self.temperature == 1.0 else torch.softmax(probs.double().clamp_min(1e-300).log() / self.temperature, dim=1)
+        return Route(draw_experts(draw, u).to(x.device), probs=probs)
 
 
 class _OncePerTrajectory(Router):
@@ -309,7 +317,8 @@ ROUTING_HELP = {
     "gated": "The gating network looks at the noisy image and picks its most likely best expert, at every step.",
     "soft": "Every expert predicts at every step and the predictions are averaged with the gating network's probabilities as weights (K times the cost).",
     "pooled": "Each image gets one expert, drawn uniformly from the seed, for its whole trajectory.",
-    "sampled": "Like gated, but the expert is drawn from the gating network's probabilities (with the seed) instead of always taking the most likely one.",
+    "sampled": "Like gated, but the expert is drawn from the gating network's probabilities (with the seed) instead of always taking the most likely one "
+               "(sampled:T draws at temperature T: below 1 sharper, towards gated; above 1 flatter, towards a uniform draw).",
     "winrate": "Each image gets one expert for its whole trajectory, drawn in proportion to how often that expert won in training.",
     "guided": "Like winrate, and each image is pushed from the average of all experts towards its own expert's part of the data, as CFG does for a digit (guided:W, 1.5 by default).",
     "x0gate": "The gating network looks at the previous step's guess of the clean image rather than at the noise; the first step is served by the expert that won most in training.",
@@ -358,7 +367,7 @@ def _spec_number(spec: str, default: float, ok: Callable[[float], bool], expecte
 
 def make_router(spec: str, num_experts: int | None, win_rates=None) -> Router:
     """A router from its name: ``expert:K``, ``heuristic``, ``gated``, ``soft``, ``pooled``,
-    ``sampled``, ``winrate``, ``guided`` / ``guided:W``, ``x0gate``, ``scout`` or ``sticky`` / ``sticky:SIGMA`` (see
+    ``sampled`` / ``sampled:T``, ``winrate``, ``guided`` / ``guided:W``, ``x0gate``, ``scout`` or ``sticky`` / ``sticky:SIGMA`` (see
     ``ROUTING_HELP``). ``num_experts=None`` checks the spelling only (any K >= 0 is accepted).
     ``win_rates``: the experts' shares of training wins (``winrate``; the scout of ``x0gate`` and
     ``scout``); ``None`` means uniform."""
@@ -377,6 +386,8 @@ def make_router(spec: str, num_experts: int | None, win_rates=None) -> Router:
     if spec == "guided" or spec.startswith("guided:"):
         scale = _spec_number(spec, GUIDED_SCALE, lambda w: 0 <= w <= 10, "guided:W with W a weight from 0 to 10, e.g. guided:1.5")
         return PartGuidedRouter(scale, win_rates)
+    if spec.startswith("sampled:"):
+        return SampledRouter(_spec_number(spec, 1.0, lambda t: 0 < t <= 100, "sampled:T with T a temperature above 0 and at most 100, e.g. sampled:2"))
     if spec == "sticky" or spec.startswith("sticky:"):
         return StickyRouter(_spec_number(spec, STICKY_SIGMA, lambda s: s > 0, "sticky:SIGMA with SIGMA a positive noise level, e.g. sticky:1"))
     routers = {

@@ -68,7 +68,7 @@ class Settings:
     n: int = 1
     digit: int | None = None  # CFG: the requested digit; None cycles 0-9
     guidance: float = APP_GUIDANCE["cfg"]  # CFG scale: 0 unconditional, 1 conditional, > 1 guided; the default from the guidance sweep
-    routing: str = "sampled"  # MCL: expert:K, heuristic, gated, soft, pooled, sampled, winrate, guided[:W], x0gate, scout, sticky[:SIGMA]; the default by measurement (docs/mcl.md)
+    routing: str = "sampled"  # MCL: expert:K, heuristic, gated, soft, pooled, sampled[:T], winrate, guided[:W], x0gate, scout, sticky[:SIGMA]; the default by measurement (docs/mcl.md)
     eta: float = 0.0  # DDIM stochasticity
     autoguidance: float = 1.0  # unconditional models: D_bad + w (D - D_bad); 1 is the model alone (off), 0 the guide alone
     guide: str = ""  # the bad model of autoguidance: a checkpoint name ("": DEFAULT_GUIDES for the model's kind)

@@ -513,6 +513,36 @@ def test_sampled_same_seed_same_routes_and_needs_reset():
         mcl(toy_x(2), 1.0)
 
 
+def test_sampled_temperature_draws_from_the_tempered_probabilities():
+    p = [0.6, 0.3, 0.1]
+    n, steps = 2000, 4
+
+    def routes(spec):
+        mcl = MCLDenoiser([ToyExpert(k) for k in range(K)], make_router(spec, K), ConstGate(p))
+        mcl.reset(n, torch.Generator().manual_seed(7))
+        out = []
+        for sigma in (10.0, 1.0, 0.3, 0.05):
+            mcl(toy_x(n), sigma)
+            out.append(mcl.last_expert.clone())
+            torch.testing.assert_close(mcl.last_gate_probs, torch.tensor([p] * n))  # the chart keeps the untempered probabilities
+        return torch.stack(out)
+
+    assert torch.equal(routes("sampled:1"), routes("sampled"))  # T = 1 is sampled, draw for draw
+    for t in (0.5, 2.0):
+        q = [v ** (1 / t) for v in p]
+        q = [v / sum(q) for v in q]  # by hand: 0.5 -> 0.783, 0.196, 0.022; 2 -> 0.473, 0.334, 0.193
+        counts = torch.bincount(routes(f"sampled:{t:g}").reshape(-1), minlength=K)
+        assert all(z_ok(int(c), n * steps, want) for c, want in zip(counts, q)), (t, counts, q)
+    # a very low temperature is the argmax (gated), a very high one a uniform draw; no NaN from underflow
+    assert (routes("sampled:0.001") == 0).all()
+    counts = torch.bincount(routes("sampled:100").reshape(-1), minlength=K)
+    assert all(z_ok(int(c), n * steps, 1 / K, z=6) for c in counts), counts  # p ** 0.01 is within 2% of uniform
+    assert make_router("sampled:2", K).name == "sampled:2" and make_router("sampled:1", K).name == "sampled"
+    for bad in ("sampled:0", "sampled:-1", "sampled:abc", "sampled:inf", "sampled:nan", "sampled:101", "sampled:"):
+        with pytest.raises(ValueError, match="sampled:T"):
+            make_router(bad, K)
+
+
 def test_winrate_follows_the_given_rates_once_per_trajectory():
     rates = [0.7, 0.0, 0.3]
     mcl = MCLDenoiser([ToyExpert(k) for k in range(K)], make_router("winrate", K, rates))

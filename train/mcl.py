@@ -31,8 +31,10 @@ from diffusion_core.wta import WTA_MODES
 
 # The defaults per device (--recipe): the CPU one made the shipped mcl_parts on a 2-core CPU,
 # starting the trunk and every head from the shipped DDPM (so they inherit its objective: epsilon,
-# Min-SNR-5). Six epochs of the shared network are 2,814 steps of 128 images, 23 minutes at 131
-# images/s on a machine that reads 350 for one model (train/benchmark_loop.py); docs/mcl.md.
+# Min-SNR-5). Six epochs of the shared network are 2,814 steps of 128 images (360,192 images). The
+# shared network trains at about 75% of one model's images/s (train/benchmark_loop.py), so that is
+# about 23 minutes on a machine that reads 350 for one model, and 46 minutes on the 2-core AMD EPYC
+# that read 175 (131 for the shared network); docs/mcl.md.
 RECIPES = {
     "cpu": {"init": "ddpm", "epochs": 6, "batch_size": 128, "lr": 5e-4, "warmup_steps": 50},
     "gpu": {"epochs": 20, "batch_size": 256},
