@@ -60,6 +60,10 @@ ARMS = {
                   command="python train/mcl.py --snapshot-every 938"),
     "k1-parts": dict(what="K=1 baseline at parts' CPU time", run="mcl_k1", routings=("expert:0",),
                      command="python train/mcl.py --experts 1 --wta-scope step --name mcl_k1 --epochs 9 --max-steps 3760"),
+    # the default with hypotheses that own only the output convolution (everything else shared), at
+    # the default's steps: does a head that sees only its part of the data hold MCL back?
+    "parts-head0": dict(what="train/mcl.py's default with --head-blocks 0: each hypothesis owns only the output convolution", run="mcl_parts_hb0",
+                        command="python train/mcl.py --head-blocks 0 --name mcl_parts_hb0 --snapshot-every 938"),
 }
 MCL_ROUTINGS = ("experts", "sampled", "winrate", "pooled", "soft", "gated")
 CLASSIFIERS = ("classifier", "classifier2")

@@ -136,6 +136,40 @@ def test_compare_axis_autoguidance(registry, models):
         parse_compare(models, parse_settings(models, model="cfg"), "autoguidance", "1, 2")
 
 
+def test_compare_autoguidance_from_weight_one_keeps_what_the_guide_is_compared_with(registry, models):
+    """A base at weight 1 is unguided and keeps only autoguide=output; the rows of an autoguidance
+    comparison still compare the guide with the mixture when asked, and its JSON and link say so."""
+    from diffusion_core.ui.compare_tab import compare_share_query
+    from diffusion_core.ui.links import parse_link
+
+    base = parse_settings(models, model="mcl_shared", steps=3, seed=5, n=1, autoguidance=1, autoguide="mixture")
+    assert base.autoguide == "output"  # weight 1: nothing to compare
+    rows = parse_compare(models, base, "autoguidance", "1, 2", autoguide="mixture")
+    assert [(r.autoguidance, r.autoguide) for r in rows] == [(1.0, "output"), (2.0, "mixture")]
+    img, meta = compare(registry, rows, "autoguidance", base=base)
+    assert meta["autoguide"] == "mixture"
+    _, _, replay, _ = compare_from_json(models, compare_json(meta))
+    assert [r.autoguide for r in replay] == ["output", "mixture"]
+    assert np.array_equal(img, compare(registry, replay, "autoguidance", base=base)[0])
+    link = parse_link(models, compare_share_query(base, models["mcl_shared"], "autoguidance", rows))
+    assert [r.autoguide for r in link.rows] == ["output", "mixture"]
+    # differently guided from the rows compared with the output: the mixture is what changed
+    plain = parse_compare(models, base, "autoguidance", "1, 2")
+    assert [r.autoguide for r in plain] == ["output", "output"]
+    assert not np.array_equal(img, compare(registry, plain, "autoguidance", base=base)[0])
+    # the field only where the base cannot say it, so comparisons and links without it replay as before
+    _, meta_plain = compare(registry, plain, "autoguidance", base=base)
+    assert "autoguide" not in meta_plain and "autoguide" not in compare_share_query(base, models["mcl_shared"], "autoguidance", plain)
+    guided = parse_settings(models, model="mcl_shared", steps=3, seed=5, n=1, autoguidance=2, autoguide="mixture")
+    rows3 = parse_compare(models, guided, "autoguidance", "1, 3")
+    assert [r.autoguide for r in rows3] == ["output", "mixture"] and "autoguide" not in compare(registry, rows3, "autoguidance", base=guided)[1]
+    for bad in ({"autoguide": 3}, {"autoguide": "both"}):
+        with pytest.raises(ValueError, match="autoguide"):
+            compare_from_json(models, compare_json(dict(meta, **bad)))
+    with pytest.raises(ValueError, match="use autoguide=output"):  # a model without a mixture
+        parse_compare(models, parse_settings(models, model="ddpm", steps=3), "autoguidance", "1, 2", autoguide="mixture")
+
+
 def test_trajectory_with_autoguidance_is_deterministic(registry):
     s = Settings(model="ddpm", sampler="ddpm", steps=5, n=2, seed=4, autoguidance=2.0, guide="ddpm_weak")
     model, guide = registry.get("ddpm"), registry.get("ddpm_weak")

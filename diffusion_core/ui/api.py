@@ -136,7 +136,7 @@ def build(shared: Shared) -> None:
         comparison's settings JSON."""
         models = s.models()
         base = settings(models, model, digit, guidance, sampler, steps, eta, routing, seed, 1, autoguidance, guide, autoguide)
-        rows = parse_compare(models, base, axis, values)
+        rows = parse_compare(models, base, axis, values, autoguide)
         png, text, _, _ = compare_files(s.registry, s.files, models, base, axis, rows)
         return png, text
 

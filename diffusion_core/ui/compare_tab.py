@@ -51,12 +51,16 @@ def default_compare_values(axis: str, info: ModelInfo | None) -> str:
     return DEFAULT_GUIDANCES
 
 
-def parse_compare(models: Mapping[str, ModelInfo], base: Settings, axis, values) -> list[Settings]:
+def parse_compare(models: Mapping[str, ModelInfo], base: Settings, axis, values, autoguide=None) -> list[Settings]:
     """The rows of a comparison: ``base`` with ``axis`` (sampler, routing, guidance or eta) set to each
     of ``values`` (a list, or a comma-separated text). One image per row. Raises ``ValueError``.
 
     On the ``eta`` axis every row runs DDIM with that eta, except the values ``ddpm`` and
-    ``ddpm_nonoise``: rows of DDPM's ancestral sampler, with and without its noise, beside them."""
+    ``ddpm_nonoise``: rows of DDPM's ancestral sampler, with and without its noise, beside them.
+
+    ``autoguide`` (the autoguidance axis; None or empty: the base's): what the guided rows compare
+    the guide with. A base at weight 1 is unguided and so holds only the default, ``output``; this
+    is how the *Autoguidance acts on* control still reaches the rows."""
     axis = _name(axis, "compare axis") if axis is not None else "sampler"
     if axis not in COMPARE_AXES:
         raise ValueError(f"unknown compare axis {axis!r}; expected one of {', '.join(COMPARE_AXES)}")
@@ -81,6 +85,8 @@ def parse_compare(models: Mapping[str, ModelInfo], base: Settings, axis, values)
     rows, seen = [], set()
     fields = base.to_dict()
     fields["n"] = 1
+    if axis == "autoguidance" and autoguide not in (None, ""):
+        fields["autoguide"] = autoguide
     for v in values:
         try:
             if axis == "eta":
@@ -157,8 +163,21 @@ def compare_meta(base: Settings, axis: str, rows: list[Settings], columns: int =
     for reading, each row's full settings."""
     b = Settings(**base.to_dict())
     b.n = 1
-    return {"kind": COMPARE_KIND, "axis": axis, "values": [row_value(s, axis) for s in rows], "base": b.to_dict(),
+    meta = {"kind": COMPARE_KIND, "axis": axis, "values": [row_value(s, axis) for s in rows], "base": b.to_dict(),
             "columns": columns, "rows": [s.to_dict() for s in rows]}
+    of = rows_autoguide(base, axis, rows)
+    if of is not None:  # only where the base cannot say it: a comparison without the field replays as before
+        meta["autoguide"] = of
+    return meta
+
+
+def rows_autoguide(base: Settings, axis: str, rows: list[Settings]) -> str | None:
+    """What the guided rows of an autoguidance comparison compare the guide with, when the base
+    settings cannot say it (a base at weight 1 keeps only ``output``); None otherwise."""
+    if axis != "autoguidance":
+        return None
+    of = next((r.autoguide for r in rows if r.autoguidance != 1), base.autoguide)
+    return of if of != base.autoguide else None
 
 
 def compare_json(meta: dict) -> str:
@@ -176,7 +195,7 @@ def compare_from_json(models: Mapping[str, ModelInfo], text: str) -> tuple[Setti
 def compare_from_dict(models: Mapping[str, ModelInfo], d) -> tuple[Settings, str, list[Settings], int]:
     if not isinstance(d, dict) or d.get("kind") != COMPARE_KIND:
         raise ValueError(f"these settings are not a comparison (expected a JSON object with kind {COMPARE_KIND!r})")
-    unknown = sorted(set(d) - {"kind", "axis", "values", "base", "columns", "rows"})
+    unknown = sorted(set(d) - {"kind", "axis", "values", "base", "columns", "rows", "autoguide"})
     if unknown:
         raise ValueError(f"unknown comparison settings {unknown}")
     if not isinstance(d.get("base"), dict) or not isinstance(d.get("values"), list):
@@ -187,7 +206,10 @@ def compare_from_dict(models: Mapping[str, ModelInfo], d) -> tuple[Settings, str
     base = Settings.from_dict(d["base"])
     base = parse_settings(models, **dict(base.to_dict(), n=1))
     values = [str(v) if not isinstance(v, str) else v for v in d["values"]]
-    rows = parse_compare(models, base, d.get("axis"), values)
+    autoguide = d.get("autoguide")
+    if autoguide is not None and not isinstance(autoguide, str):
+        raise ValueError(f"autoguide must be a name (output or mixture), got {str(autoguide)[:40]!r}")
+    rows = parse_compare(models, base, d.get("axis"), values, autoguide)
     return base, _name(d.get("axis"), "compare axis"), rows, columns
 
 
@@ -196,8 +218,11 @@ def compare_share_query(base: Settings, info: ModelInfo, axis: str, rows: list[S
     b = Settings(**base.to_dict())
     b.n = 1
     q = share_query(b, info)
-    extra = urlencode([("tab", "compare"), ("axis", axis), ("values", ",".join(row_value(s, axis) for s in rows))], safe=":,")
-    return q + "&" + extra
+    extra = [("tab", "compare"), ("axis", axis), ("values", ",".join(row_value(s, axis) for s in rows))]
+    of = rows_autoguide(base, axis, rows)
+    if of is not None:  # share_query writes autoguide only beside a weight other than 1
+        extra.append(("autoguide", of))
+    return q + "&" + urlencode(extra, safe=":,")
 
 
 def compare_files(registry, files: OutputFiles, models, base: Settings, axis: str, rows: list[Settings], columns: int = COMPARE_COLUMNS):
@@ -257,7 +282,7 @@ def build(shared, tab) -> dict:
     def run(axis_value, values_text, *controls):
         models = s.models()
         base = s.settings(models, *controls[:8], 1, *controls[9:])
-        rows = parse_compare(models, base, axis_value, values_text)
+        rows = parse_compare(models, base, axis_value, values_text, autoguide=controls[-1])  # Shared.controls ends with autoguide
         png, text, js, q = compare_files(s.registry, s.files, models, base, axis_value, rows)
         return png, text, [png, js], q
 

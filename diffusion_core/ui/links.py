@@ -75,7 +75,7 @@ def parse_link(models: Mapping[str, ModelInfo], query, default_model: str | None
             if "values" not in ours:
                 raise ValueError("a compare link needs its values")
             link.axis = ours.get("axis", "sampler")
-            link.rows = parse_compare(models, base, link.axis, ours["values"])
+            link.rows = parse_compare(models, base, link.axis, ours["values"], ours.get("autoguide"))
             link.values = [row_value(s, link.axis) for s in link.rows]
         elif tab == "explore":
             if ("index" in ours) == ("drawing" in ours):

@@ -6,6 +6,7 @@ import gradio as gr
 
 from ..pipeline import DEFAULT_GUIDES, Settings
 from .common import default_autoguidance, default_autoguide, default_guidance, model_choices
+from .compare_tab import rows_autoguide
 from .controls import Shared, control_updates, visibility_outputs
 from .glue import user_errors
 from .links import Link, parse_link
@@ -61,6 +62,8 @@ def wire_load(demo: gr.Blocks, shared: Shared, tabs: gr.Tabs, generate: dict, co
         ag = default_autoguidance(models.get(st.model)) if plain else st.autoguidance
         g = default_guidance(models.get(st.model)) if plain else st.guidance
         of = default_autoguide(models.get(st.model)) if plain else st.autoguide
+        if link.tab == "compare":  # an autoguidance comparison from weight 1 says apart what its rows compare the guide with
+            of = rows_autoguide(st, link.axis, link.rows) or of
         upd = [gr.update(choices=model_choices(models), value=st.model if st.model in models else m),
                "any" if st.digit is None else str(st.digit), g, st.sampler, st.steps, st.eta, st.routing, str(st.seed), st.n,
                ag, st.guide or DEFAULT_GUIDES["ddpm"], of]
