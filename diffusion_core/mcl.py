@@ -317,8 +317,8 @@ ROUTING_HELP = {
     "gated": "The gating network looks at the noisy image and picks its most likely best expert, at every step.",
     "soft": "Every expert predicts at every step and the predictions are averaged with the gating network's probabilities as weights (K times the cost).",
     "pooled": "Each image gets one expert, drawn uniformly from the seed, for its whole trajectory.",
-    "sampled": "Like gated, but the expert is drawn from the gating network's probabilities (with the seed) instead of always taking the most likely one "
-               "(sampled:T draws at temperature T: below 1 sharper, towards gated; above 1 flatter, towards a uniform draw).",
+    "sampled": "Like gated, but the expert is drawn from the gating network's probabilities (with the seed); sampled:T draws at temperature T "
+               "(below 1 sharper, above 1 flatter).",
     "winrate": "Each image gets one expert for its whole trajectory, drawn in proportion to how often that expert won in training.",
     "guided": "Like winrate, and each image is pushed from the average of all experts towards its own expert's part of the data, as CFG does for a digit (guided:W, 1.5 by default).",
     "x0gate": "The gating network looks at the previous step's guess of the clean image rather than at the noise; the first step is served by the expert that won most in training.",
